@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ogpsa-installed
+SRCS   := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+PYTEST_ARGS ?=
+
+.PHONY: venv build test test-slow demo bench lint info clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements-dev.txt $(SRCS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+build: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/ogpsa demo
+
+bench: $(STAMP)
+	$(VENV)/bin/ogpsa bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+info: $(STAMP)
+	$(VENV)/bin/ogpsa info
+
+clean:
+	rm -rf build *.egg-info ogpsa/*.so

@@ -1,0 +1,37 @@
+"""ogpsa: Orthogonal Gradient Projection for Safety Alignment as a PyTorch package.
+
+Quick start::
+
+    import ogpsa
+    subspace = ogpsa.Subspace.from_gradients([ref_grads_1, ref_grads_2])  # {name: tensor} dicts
+    proj = ogpsa.attach(model, optimizer, subspace)  # projects before every optimizer.step()
+"""
+
+from .config import OGPSAConfig
+from .ops import (
+    BackendUnavailableError,
+    ProjectionInputError,
+    ProjectionStats,
+    backends,
+    project_,
+)
+from .projector import GradientHooks, Projector, attach, register_gradient_hooks
+from .subspace import Subspace, SubspaceMismatchError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OGPSAConfig",
+    "Subspace",
+    "SubspaceMismatchError",
+    "Projector",
+    "attach",
+    "register_gradient_hooks",
+    "GradientHooks",
+    "project_",
+    "ProjectionStats",
+    "ProjectionInputError",
+    "BackendUnavailableError",
+    "backends",
+    "__version__",
+]

@@ -1,0 +1,86 @@
+"""The ``ogpsa`` command: ``info`` and the subcommands registered in SUBCOMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from typing import Optional, Sequence
+
+# name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("ogpsa.cli", "versions, backends, CUDA/Triton presence"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def info() -> dict:
+    """Everything `ogpsa info` reports, as a dict."""
+    import torch
+
+    import ogpsa
+    from ogpsa import ops
+
+    out = {
+        "ogpsa": ogpsa.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception as exc:
+        out["triton"] = f"not importable ({type(exc).__name__})"
+    out["backends"] = {name: {"available": ok, "detail": why} for name, (ok, why) in ops.backends().items()}
+    out["selected_backend"] = ops.requested_backend()
+    for name, extra in EXTRA_INFO.items():
+        try:
+            out[name] = importlib.import_module(extra).info()
+        except Exception as exc:
+            out[name] = f"unavailable ({type(exc).__name__}: {exc})"
+    return out
+
+
+# name -> module with an info() -> dict; extensions add themselves here.
+EXTRA_INFO: dict[str, str] = {}
+
+
+def run(args: argparse.Namespace) -> int:
+    data = info()
+    if args.json:
+        import json
+
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    for key, value in data.items():
+        if key == "backends":
+            print("backends:")
+            for name, d in value.items():
+                print(f"  {name:<7} {'yes' if d['available'] else 'no ':<4} {d['detail']}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ogpsa", description="Orthogonal Gradient Projection for Safety Alignment")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        mod = sys.modules[__name__] if module == __name__ else importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""OGPSAConfig: every knob of the method, validated on construction.
+
+The defaults mirror the original work (arXiv 2602.07892): the paper's `orthogonal`
+rule, one subspace per parameter tensor, reference gradients normalised per tensor
+and orthonormalised by Gram-Schmidt, refreshed every 30 optimizer steps (SFT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+MODES = ("orthogonal", "conflict", "plane")
+SCOPES = ("tensor", "global")
+METHODS = ("gram_schmidt", "eigen")
+BASIS_DTYPES = ("float32", "bfloat16")
+BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+
+
+def _choice(field: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"OGPSAConfig.{field}={value!r} is not allowed; choose one of {allowed}")
+
+
+@dataclass
+class OGPSAConfig:
+    """Configuration of Orthogonal Gradient Projection for Safety Alignment.
+
+    Attributes:
+        mode: how a gradient is changed once its coefficients c = U g are known.
+            ``"orthogonal"`` (the paper's rule): g <- g - U^T c, the update keeps no
+            component in the capability subspace. ``"conflict"``: only components whose
+            descent would *raise* the reference loss (c_j < 0, the basis being oriented
+            along the reference gradients) are removed; components with c_j > 0 are
+            multiplied by ``aligned_scale``. ``"plane"``: g <- U^T c (keeps only the
+            subspace part; for analysis).
+        scope: ``"tensor"``: one subspace per parameter tensor (the paper).
+            ``"global"``: one whole-model subspace (c = sum_i U_i g_i).
+        rank: keep at most this many directions per subspace (None: all independent ones).
+        energy: keep the fewest leading directions whose eigenvalues hold this fraction
+            of the reference Gram spectrum (as GPM does); requires ``method="eigen"``.
+        method: ``"gram_schmidt"`` keeps the reference gradients' order (u_1 is along
+            r_1; what the original code does); ``"eigen"`` takes principal directions.
+        normalize_reference: normalise each reference gradient (per tensor for
+            ``scope="tensor"``, over the whole model for ``"global"``) before
+            orthonormalising, as the original code does.
+        rank_tol: a direction is dropped when its residual squared norm after removing
+            earlier directions (Gram-Schmidt), or its eigenvalue (eigen), is below
+            ``rank_tol`` times its own squared norm (resp. the largest eigenvalue).
+        aligned_scale: in ``"conflict"`` mode, factor applied to components aligned
+            with the reference gradient (1.0 keeps them; 0.0 equals ``"orthogonal"``).
+        refresh_every: rebuild the subspace every this many optimizer steps (0: never).
+            30 for SFT and 5 for DPO in the original work.
+        num_reference_samples: examples per reference dataset averaged into one
+            reference gradient (200 in the original work).
+        basis_dtype: ``"float32"`` or ``"bfloat16"`` storage of the basis. A bf16 basis
+            halves its memory; projection stays exact for the rows as stored, because
+            the k x k matrix U U^T corrects for their non-orthonormality.
+        basis_device: where the basis lives (None: on each parameter's device).
+        backend: ``"auto"`` picks cuda > triton > cpu > torch by device and dtype; a
+            name forces that backend (an unavailable one is an error). The environment
+            variable ``OGPSA_BACKEND`` overrides this.
+        max_norm: gradient clipping folded into the projection (None: no clipping).
+    """
+
+    mode: str = "orthogonal"
+    scope: str = "tensor"
+    rank: Optional[int] = None
+    energy: Optional[float] = None
+    method: str = "gram_schmidt"
+    normalize_reference: bool = True
+    rank_tol: float = 1e-6
+    aligned_scale: float = 1.0
+    refresh_every: int = 30
+    num_reference_samples: int = 200
+    basis_dtype: str = "float32"
+    basis_device: Optional[str] = None
+    backend: str = "auto"
+    max_norm: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _choice("scope", self.scope, SCOPES)
+        _choice("method", self.method, METHODS)
+        _choice("backend", self.backend, BACKENDS)
+        if str(self.basis_dtype).replace("torch.", "") not in BASIS_DTYPES:
+            raise ValueError(
+                f"OGPSAConfig.basis_dtype={self.basis_dtype!r} is not allowed; choose one of {BASIS_DTYPES}"
+            )
+        self.basis_dtype = str(self.basis_dtype).replace("torch.", "")
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise ValueError(f"OGPSAConfig.rank={self.rank!r} must be None or an integer >= 1")
+        if self.energy is not None:
+            if not (0.0 < float(self.energy) <= 1.0):
+                raise ValueError(f"OGPSAConfig.energy={self.energy!r} must be None or in (0, 1]")
+            if self.method != "eigen":
+                raise ValueError(
+                    f"OGPSAConfig.energy={self.energy!r} selects directions by eigenvalue and needs "
+                    f"method='eigen' (got method={self.method!r})"
+                )
+        if not (0.0 <= float(self.rank_tol) < 1.0):
+            raise ValueError(f"OGPSAConfig.rank_tol={self.rank_tol!r} must be in [0, 1)")
+        if not (float(self.aligned_scale) >= 0.0):
+            raise ValueError(f"OGPSAConfig.aligned_scale={self.aligned_scale!r} must be >= 0")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+            raise ValueError(f"OGPSAConfig.refresh_every={self.refresh_every!r} must be an integer >= 0")
+        if not isinstance(self.num_reference_samples, int) or self.num_reference_samples < 1:
+            raise ValueError(
+                f"OGPSAConfig.num_reference_samples={self.num_reference_samples!r} must be an integer >= 1"
+            )
+        if self.max_norm is not None and not (float(self.max_norm) > 0.0):
+            raise ValueError(f"OGPSAConfig.max_norm={self.max_norm!r} must be None or > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OGPSAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"OGPSAConfig got unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "OGPSAConfig":
+        return dataclasses.replace(self, **changes)
