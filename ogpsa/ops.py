@@ -174,7 +174,9 @@ def _padded_grams(bases: Sequence[Tensor], k_max: int, device, grams: Optional[S
         if k:
             sel = (ks == k).nonzero().flatten().to(device)
             block = m[sel, :k, :k].double()
-            m_inv[sel, :k, :k] = torch.linalg.inv(block).float()
+            # pinv: rows that are (numerically) dependent still give the projection onto their span;
+            # global-scope slices are singular per tensor and their inverse is never used
+            m_inv[sel, :k, :k] = torch.linalg.pinv(block, hermitian=True).float()
     return m, m_inv
 
 
@@ -221,7 +223,7 @@ def plan_projection(
                 f"expected [k, {g.numel()}]")
         if u.shape[0] > MAX_RANK:
             raise ProjectionInputError(f"{what}: basis rank k={u.shape[0]} exceeds the maximum {MAX_RANK}")
-        if u.shape[0] > g.numel():
+        if scope == "tensor" and u.shape[0] > g.numel():  # global slices may be wider than tall
             raise ProjectionInputError(f"{what}: basis rank k={u.shape[0]} exceeds numel={g.numel()}")
         if u.device != g.device:
             raise ProjectionInputError(f"{what}: basis is on {u.device} but gradient is on {g.device}")

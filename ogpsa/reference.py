@@ -54,9 +54,10 @@ def gram_matrices(refs: Sequence[Tensor]) -> list[Tensor]:
 
 def valid_directions(gram: Tensor) -> Tensor:
     """Reference gradients that can give a direction: finite and non-zero."""
+    # r_j holds a NaN/Inf exactly when ||r_j||^2 does; its row and column of the Gram matrix
+    # are then non-finite too and get zeroed, so only the diagonal needs checking
     diag = torch.diagonal(gram)
-    finite_rows = torch.isfinite(gram).all(dim=1) & torch.isfinite(gram).all(dim=0)
-    return finite_rows & (diag > 0)
+    return torch.isfinite(diag) & (diag > 0)
 
 
 def basis_coefficients(
@@ -205,7 +206,7 @@ def project_(
     ``total_norm`` (post-projection, pre-clip, as clip_grad_norm_ returns) and ``clip_coef``.
     """
     flat = [g.view(-1) for g in grads]
-    us = [u.reshape(u.shape[0], -1).float() for u in bases]
+    us = [u.reshape(u.shape[0], g.numel()).float() for u, g in zip(bases, flat)]
     cs = [u @ g.float() for u, g in zip(us, flat)]
     ms = [u @ u.T for u in us]
     sq_before = torch.stack([g.float().dot(g.float()) for g in flat]) if flat else torch.zeros(0)
@@ -213,8 +214,13 @@ def project_(
     if scope == "tensor":
         weights = [mode_weights(c, torch.linalg.inv(m.double()).float(), mode, aligned_scale) for c, m in zip(cs, ms)]
     elif scope == "global":
-        w, kappa = mode_weights(sum(cs), torch.linalg.inv(sum(ms).double()).float(), mode, aligned_scale)
-        weights = [(w, kappa)] * len(flat)
+        # one subspace for the whole model: sum the coefficients of the tensors that have a
+        # slice of it (a tensor without one has no rows and is left as is, kappa = 1)
+        k = max(u.shape[0] for u in us)
+        c = sum(c for c in cs if c.numel() == k)
+        m = sum(m for m in ms if m.shape[0] == k)
+        w, kappa = mode_weights(c, torch.linalg.inv(m.double()).float(), mode, aligned_scale)
+        weights = [(w, kappa) if u.shape[0] == k else (torch.zeros(0), 1.0) for u in us]
     else:
         raise ValueError(f"scope={scope!r} is not one of ('tensor', 'global')")
 

@@ -71,7 +71,7 @@ def float64_project(grads, bases, mode="orthogonal", scope="tensor", max_norm=No
     Projects onto the orthogonal complement of the row space of each basis *as stored*
     (exactly: uses (U U^T)^{-1}), applies the mode rule, then clip_grad_norm_'s rule."""
     gs = [g.detach().double().cpu().numpy().reshape(-1) for g in grads]
-    us = [u.detach().double().cpu().numpy().reshape(u.shape[0], -1) for u in bases]
+    us = [u.detach().double().cpu().numpy().reshape(u.shape[0], g.numel()) for u, g in zip(bases, grads)]
 
     def weights(c, m):
         w = np.linalg.solve(m, c) if c.size else c
