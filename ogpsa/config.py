@@ -120,12 +120,12 @@ class OGPSAConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "OGPSAConfig":
+    def from_dict(cls, data: dict) -> OGPSAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"OGPSAConfig got unknown fields {unknown}; known fields are {sorted(known)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "OGPSAConfig":
+    def replace(self, **changes: Any) -> OGPSAConfig:
         return dataclasses.replace(self, **changes)

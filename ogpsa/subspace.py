@@ -55,7 +55,7 @@ class Subspace:
 
     @classmethod
     def from_gradients(cls, grads: Sequence[Mapping[str, Optional[Tensor]]], config: Optional[OGPSAConfig] = None,
-                       *, backend: Optional[str] = None) -> "Subspace":
+                       *, backend: Optional[str] = None) -> Subspace:
         """Build bases from m reference gradients, each a ``{param_name: tensor}`` dict.
 
         A parameter absent (or None) in some reference gradient counts as a zero gradient
@@ -91,7 +91,7 @@ class Subspace:
 
     @classmethod
     def from_reference_rows(cls, names: Sequence[str], shapes: Sequence[Sequence[int]], refs: Sequence[Tensor],
-                            config: Optional[OGPSAConfig] = None, *, backend: Optional[str] = None) -> "Subspace":
+                            config: Optional[OGPSAConfig] = None, *, backend: Optional[str] = None) -> Subspace:
         """Build from per-tensor stacked reference gradients ``refs[i]: [m, N_i]`` (float32)."""
         config = config or OGPSAConfig()
         kw = dict(method=config.method, rank=config.rank, energy=config.energy,
@@ -140,7 +140,7 @@ class Subspace:
 
     # -- movement -------------------------------------------------------------------------
 
-    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "Subspace":
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> Subspace:
         """A copy on ``device`` and/or in basis ``dtype`` (float32 or bfloat16).
 
         Changing the dtype recomputes M = U U^T for the rounded basis."""
@@ -193,7 +193,7 @@ class Subspace:
         save_file(tensors, path, metadata=metadata)
 
     @classmethod
-    def load(cls, path: str, device: Union[str, torch.device, None] = None) -> "Subspace":
+    def load(cls, path: str, device: Union[str, torch.device, None] = None) -> Subspace:
         """Read a file written by :meth:`save` (bit-identical bases)."""
         from safetensors import safe_open
 
@@ -212,7 +212,7 @@ class Subspace:
         config = OGPSAConfig.from_dict(json.loads(meta["config"]))
         return cls(names, shapes, bases, config, grams, int(meta.get("num_references", 0)))
 
-    def equal(self, other: "Subspace") -> bool:
+    def equal(self, other: Subspace) -> bool:
         """Bit-identical bases, names and shapes."""
         return (self.names == other.names and self.shapes == other.shapes
                 and all(a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()) for a, b in zip(self.bases, other.bases)))
