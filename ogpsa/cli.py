@@ -74,12 +74,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ogpsa", description="Orthogonal Gradient Projection for Safety Alignment")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        mod = sys.modules[__name__] if module == __name__ else importlib.import_module(module)
         p = sub.add_parser(name, help=help_text)
+        try:
+            mod = sys.modules[__name__] if module == __name__ else importlib.import_module(module)
+        except ImportError as exc:
+            # one subcommand missing an optional dependency (e.g. trl) must not break the others
+            p.set_defaults(_run=_unavailable(name, exc))
+            continue
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
     return int(args._run(args) or 0)
+
+
+def _unavailable(name: str, exc: Exception):
+    def run(args: argparse.Namespace) -> int:
+        print(f"ogpsa {name} is unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+    return run
 
 
 if __name__ == "__main__":
