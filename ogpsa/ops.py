@@ -135,6 +135,7 @@ class _Group:
     k_max: int
     gram: Tensor  # [T, K, K] float32, M_i = U_i U_i^T (zero padded)
     gram_inv: Tensor  # [T, K, K] float32, M_i^{-1} on the k_i block (zero padded)
+    positions: Tensor  # int64 [T] on the plan's home device: where each row goes in the stats
 
 
 @dataclass
@@ -243,7 +244,8 @@ def plan_projection(
         k_max = k_all if scope == "global" else max(1, max(ks[i] for i in idx))
         gb = [bases[i] for i in idx]
         m, m_inv = _padded_grams(gb, k_max, device, [grams[i] for i in idx] if grams is not None else None)
-        groups.append(_Group(be, idx, [grads[i] for i in idx], gb, k_max, m, m_inv))
+        positions = torch.tensor(idx, dtype=torch.int64, device=grads[0].device)
+        groups.append(_Group(be, idx, [grads[i] for i in idx], gb, k_max, m, m_inv, positions))
     return ProjectionPlan(groups, len(grads), ks, list(names) if names is not None else None, _grad_key(grads))
 
 
@@ -382,7 +384,7 @@ def execute(
     def gather(j: int) -> Tensor:
         out = torch.empty(plan.count, dtype=torch.float32, device=home)
         for grp, vals in zip(plan.groups, per_group):
-            out[torch.tensor(grp.index, device=home)] = vals[j].to(home)
+            out[grp.positions] = vals[j].to(home)
         return out
 
     return ProjectionStats(gather(1), gather(2), gather(3), total_norm, clip_coef, plan.names,
