@@ -50,7 +50,7 @@ def info() -> dict:
 
 
 # name -> module with an info() -> dict; extensions add themselves here.
-EXTRA_INFO: dict[str, str] = {}
+EXTRA_INFO: dict[str, str] = {"extension": "ogpsa.backends.cext"}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ BASIS_DTYPES = (torch.float32, torch.bfloat16)
 # name -> "module:Class"; order is the "auto" preference.
 _REGISTRY: dict[str, str] = {
     "torch": "ogpsa.backends.torch_backend:TorchBackend",
+    "cuda": "ogpsa.backends.cext:CudaBackend",
+    "cpu": "ogpsa.backends.cext:CpuBackend",
 }
 _PREFERENCE = ("cuda", "triton", "cpu", "torch")
 _instances: dict[str, Optional[Backend]] = {}
