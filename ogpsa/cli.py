@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 # name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ogpsa.cli", "versions, backends, CUDA/Triton presence"),
+    "bench": ("ogpsa.bench", "time projection + clipping: reference, pure PyTorch, authors' hooks, backends, copy"),
 }
 
 
