@@ -1,0 +1,430 @@
+"""Reference-gradient collection: the mean loss gradient over a small reference set.
+
+OGPSA's capability subspace is spanned by reference gradients: for every reference dataset,
+the mean gradient of the loss over its first ``num_samples`` examples (the original work:
+200 examples from each of two general-ability sets for SFT, one preference set for DPO).
+
+:func:`collect_reference_gradients` computes them in micro-batches with float32
+accumulation, with any attached :class:`~ogpsa.Projector` paused, and leaves the model's
+existing ``.grad`` tensors exactly as they were (the same tensor objects, untouched), so it
+can run in the middle of gradient accumulation. :func:`build_subspace` turns them into a
+:class:`~ogpsa.Subspace`.
+
+Datasets. Each reference dataset is a sequence (list, tuple, ``datasets.Dataset``, or any
+iterable) of examples. With the default loss an example is one of:
+
+* a string: tokenized with ``tokenizer``; loss on every token;
+* a list / 1-D tensor of token ids; loss on every token;
+* a dict (a ``datasets.Dataset`` row) with, by priority:
+
+  - ``input_ids`` (and optionally ``labels``, -100 = ignored, or ``completion_mask``);
+  - ``prompt`` + ``chosen`` + ``rejected`` (a preference pair, as for DPO): two sequences,
+    prompt+chosen and prompt+rejected, loss on the chosen/rejected tokens; the example's
+    loss is the mean of the two (the original DPO reference loss: plain LM loss on chosen
+    and rejected together);
+  - ``prompt`` + ``completion``: loss on the completion tokens only;
+  - ``messages``: a conversation rendered with the tokenizer's chat template; loss on
+    every token;
+  - ``text``: as a string.
+
+  Prompts/completions may be strings or, conversationally, lists of ``{"role", "content"}``
+  messages (rendered with the chat template).
+
+The default loss of one sequence is its mean token cross-entropy (next-token prediction),
+an example's loss is the mean over its sequences, and the reference gradient is the
+gradient of the mean over examples, so the result does not depend on ``batch_size``.
+With ``loss_fn(model, examples) -> scalar`` you supply the mean loss of a list of raw
+examples yourself (anything the function understands).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import OGPSAConfig
+from .subspace import Subspace
+
+LossFn = Callable[[torch.nn.Module, list], Tensor]
+
+_SEQ = tuple[list[int], list[int]]  # (input ids, labels with -100 where no loss)
+
+
+@dataclass
+class DatasetInfo:
+    """What was collected from one reference dataset."""
+
+    num_examples: int
+    num_sequences: int = 0
+    num_loss_tokens: int = 0
+    mean_loss: float = float("nan")
+    seconds: float = 0.0
+
+
+@dataclass
+class CollectInfo:
+    """Timing and sizes of one :func:`collect_reference_gradients` call."""
+
+    seconds: float = 0.0
+    num_tensors: int = 0
+    num_elements: int = 0
+    datasets: list[DatasetInfo] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        parts = [f"{d.num_examples} ex / {d.num_loss_tokens} tok, loss {d.mean_loss:.4f}" for d in self.datasets]
+        return (f"collected {len(self.datasets)} reference gradient(s) over {self.num_tensors} tensors "
+                f"({self.num_elements:,} elements) in {self.seconds:.2f}s: " + "; ".join(parts))
+
+
+# -- examples -> token sequences ----------------------------------------------------------
+
+
+def _first(dataset: Any, n: int) -> list:
+    if hasattr(dataset, "select") and hasattr(dataset, "__len__"):  # datasets.Dataset: avoid a full scan
+        return [dataset[i] for i in range(min(n, len(dataset)))]
+    if isinstance(dataset, (str, bytes)) or isinstance(dataset, dict):
+        raise TypeError(f"a reference dataset must be a sequence of examples, got a {type(dataset).__name__}; "
+                        "wrap a single example in a list")
+    return list(itertools.islice(iter(dataset), n))
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def _need_tokenizer(tokenizer: Any, what: str) -> None:
+    if tokenizer is None:
+        raise ValueError(f"reference example holds {what}: pass tokenizer= (or token ids, or loss_fn=)")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render_pair(tokenizer: Any, prompt: Any, completion: Any) -> _SEQ:
+    """Tokens of prompt+completion with the loss on the completion only."""
+    if _is_chat(prompt) or _is_chat(completion):
+        _need_tokenizer(tokenizer, "a conversation")
+        prompt_msgs = list(prompt) if _is_chat(prompt) else [{"role": "user", "content": str(prompt)}]
+        completion_msgs = list(completion) if _is_chat(completion) else [{"role": "assistant", "content": str(completion)}]
+        head = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
+        if not full.startswith(head):  # templates that rewrite earlier turns: fall back to no prefix masking
+            ids = _encode(tokenizer, full)
+            return ids, list(ids)
+        p, c = _encode(tokenizer, head), _encode(tokenizer, full[len(head):])
+    else:
+        _need_tokenizer(tokenizer, "text")
+        p, c = _encode(tokenizer, str(prompt)), _encode(tokenizer, str(completion))
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None:  # as TRL does for prompt/completion data: the completion ends with EOS
+            c = c + [int(eos)]
+    return p + c, [-100] * len(p) + c
+
+
+def _to_ids(value: Any, where: str) -> list[int]:
+    if isinstance(value, Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{where}: token ids must be 1-D, got shape {tuple(value.shape)}")
+        return [int(v) for v in value.tolist()]
+    ids = list(value)
+    if not all(isinstance(v, int) or (hasattr(v, "__index__") and not isinstance(v, bool)) for v in ids):
+        raise ValueError(f"{where}: expected a list of integer token ids")
+    return [int(v) for v in ids]
+
+
+def example_to_sequences(example: Any, tokenizer: Any = None, where: str = "example") -> list[_SEQ]:
+    """The ``(input_ids, labels)`` sequences of one reference example (see the module docs)."""
+    if isinstance(example, str):
+        _need_tokenizer(tokenizer, "text")
+        ids = _encode(tokenizer, example)
+        return [(ids, list(ids))]
+    if isinstance(example, Tensor) or (isinstance(example, (list, tuple)) and example
+                                       and not isinstance(example[0], dict)):
+        ids = _to_ids(example, where)
+        return [(ids, list(ids))]
+    if isinstance(example, dict):
+        if "input_ids" in example:
+            ids = _to_ids(example["input_ids"], f"{where}['input_ids']")
+            if example.get("labels") is not None:
+                labels = _to_ids(example["labels"], f"{where}['labels']")
+            elif example.get("completion_mask") is not None:
+                mask = _to_ids(example["completion_mask"], f"{where}['completion_mask']")
+                labels = [t if m else -100 for t, m in zip(ids, mask)]
+            else:
+                labels = list(ids)
+            if len(labels) != len(ids):
+                raise ValueError(f"{where}: labels ({len(labels)}) and input_ids ({len(ids)}) differ in length")
+            return [(ids, labels)]
+        if "chosen" in example and "rejected" in example:
+            prompt = example.get("prompt", "")
+            return [_render_pair(tokenizer, prompt, example["chosen"]),
+                    _render_pair(tokenizer, prompt, example["rejected"])]
+        if "prompt" in example and "completion" in example:
+            return [_render_pair(tokenizer, example["prompt"], example["completion"])]
+        if "messages" in example:
+            _need_tokenizer(tokenizer, "a conversation")
+            ids = _encode(tokenizer, tokenizer.apply_chat_template(example["messages"], tokenize=False))
+            return [(ids, list(ids))]
+        if "text" in example:
+            return example_to_sequences(str(example["text"]), tokenizer, where)
+        raise ValueError(f"{where}: a dict example needs one of 'input_ids', 'prompt'+'chosen'+'rejected', "
+                         f"'prompt'+'completion', 'messages' or 'text'; got keys {sorted(example)}")
+    raise TypeError(f"{where}: unsupported example type {type(example).__name__} "
+                    "(use a string, token ids, a dict, or pass loss_fn=)")
+
+
+def _pad(seqs: Sequence[_SEQ], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (i, lab) in enumerate(seqs):
+        ids[row, :len(i)] = torch.tensor(i, dtype=torch.long)
+        labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[row, :len(i)] = 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def lm_loss_per_sequence(model: torch.nn.Module, seqs: Sequence[_SEQ], pad_id: int = 0,
+                         device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+    """Mean next-token cross-entropy of each sequence (right-padded batch), and its loss-token counts."""
+    device = device or next(model.parameters()).device
+    ids, labels, mask = _pad(seqs, pad_id, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="none").view(shift_labels.shape)
+    counts = (shift_labels != -100).sum(1)
+    return tok.sum(1) / counts.clamp_min(1), counts
+
+
+# -- collection ---------------------------------------------------------------------------
+
+
+def _params(model: torch.nn.Module, names: Optional[Iterable[str]]) -> list[tuple[str, torch.nn.Parameter]]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if names is None:
+        return params
+    wanted = list(names)
+    have = {n for n, _ in params}
+    missing = [n for n in wanted if n not in have]
+    if missing:
+        raise ValueError(f"names= lists parameters that are not trainable parameters of the model: {missing[:5]}"
+                         + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    keep = set(wanted)
+    return [(n, p) for n, p in params if n in keep]
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but never fail a collection for a progress bar
+        return None
+    return tqdm(total=total, desc=desc, unit="ex", leave=False)
+
+
+def collect_reference_gradients(
+    model: torch.nn.Module,
+    datasets: Sequence[Any],
+    *,
+    num_samples: int = 200,
+    batch_size: int = 8,
+    loss_fn: Optional[LossFn] = None,
+    tokenizer: Any = None,
+    max_length: Optional[int] = 1024,
+    names: Optional[Iterable[str]] = None,
+    projector: Any = None,
+    eval_mode: bool = True,
+    progress: bool = True,
+    device: Union[str, torch.device, None] = None,
+) -> tuple[list[dict[str, Tensor]], CollectInfo]:
+    """One mean-loss gradient per reference dataset, as ``{param_name: float32 tensor}`` dicts.
+
+    Args:
+        model: the model being trained (any ``nn.Module``; with the default loss, a causal
+            LM whose forward takes ``input_ids``/``attention_mask`` and returns ``.logits``).
+        datasets: a list of reference datasets (see the module docs for example formats).
+            A single dataset must still be wrapped in a list.
+        num_samples: the first this many examples of each dataset are averaged (fewer if
+            the dataset is smaller).
+        batch_size: examples per forward/backward micro-batch.
+        loss_fn: ``loss_fn(model, examples) -> scalar``: the *mean* loss over a list of raw
+            examples. Default: next-token cross-entropy (see the module docs).
+        tokenizer: turns text examples into ids (the default loss only); its
+            ``pad_token_id`` pads batches (0 if it has none).
+        max_length: truncate sequences to this many tokens (default loss; None: no limit).
+        names: restrict to these parameter names (default: every parameter with
+            ``requires_grad``). Parameters that receive no gradient are left out of the dicts.
+        projector: a :class:`~ogpsa.Projector` to pause while collecting.
+        eval_mode: run the model in ``eval()`` mode (no dropout), restoring its mode after.
+        progress: show a tqdm progress bar.
+        device: where to put the input ids (default: the device of the first parameter).
+
+    Returns:
+        ``(grads, info)``: ``grads[j]`` is dataset j's mean gradient (float32, detached,
+        same device as the parameter); ``info`` a :class:`CollectInfo` (timing, tokens, loss).
+
+    The model's ``.grad`` tensors are restored afterwards to the very same tensor objects,
+    unmodified, including parameters outside ``names``.
+    """
+    if isinstance(datasets, dict) or isinstance(datasets, str) or not isinstance(datasets, (list, tuple)):
+        raise TypeError("datasets must be a list of reference datasets (wrap a single dataset in a list), "
+                        f"got {type(datasets).__name__}")
+    if not datasets:
+        raise ValueError("datasets is empty: give at least one reference dataset")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if getattr(model, "is_deepspeed_enabled", False) or type(model).__name__ == "DeepSpeedEngine":
+        raise NotImplementedError("collect_reference_gradients does not support DeepSpeed engines yet")
+    params = _params(model, names)
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True) to collect gradients for")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+
+    # Validate and tokenize everything before any gradient is touched.
+    examples: list[list] = []
+    encoded: list[Optional[list[list[_SEQ]]]] = []
+    for j, ds in enumerate(datasets):
+        ex = _first(ds, num_samples)
+        if not ex:
+            raise ValueError(f"reference dataset {j} is empty")
+        examples.append(ex)
+        if loss_fn is None:
+            seqs = []
+            for i, e in enumerate(ex):
+                s = example_to_sequences(e, tokenizer, where=f"reference dataset {j}, example {i}")
+                if max_length is not None:
+                    s = [(ids[:max_length], lab[:max_length]) for ids, lab in s]
+                if any(len(ids) == 0 for ids, _ in s):
+                    raise ValueError(f"reference dataset {j}, example {i} tokenizes to an empty sequence")
+                seqs.append(s)
+            encoded.append(seqs)
+        else:
+            encoded.append(None)
+
+    all_params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in all_params]
+    wanted = {id(p) for _, p in params}
+    was_training = model.training
+    pause = projector.paused() if projector is not None else contextlib.nullcontext()
+    info = CollectInfo()
+    out: list[dict[str, Tensor]] = []
+    bar = _progress(sum(len(e) for e in examples), progress, "ogpsa reference gradients")
+    t_start = time.perf_counter()
+    try:
+        with pause:
+            if eval_mode:
+                model.eval()
+            for j, ex in enumerate(examples):
+                t0 = time.perf_counter()
+                for p in all_params:
+                    p.grad = None
+                acc: dict[int, Tensor] = {}
+                total = len(ex)
+                dinfo = DatasetInfo(num_examples=total)
+                loss_sum = 0.0
+                for start in range(0, total, batch_size):
+                    chunk = ex[start:start + batch_size]
+                    if loss_fn is None:
+                        seq_lists = encoded[j][start:start + batch_size]
+                        flat = [s for lst in seq_lists for s in lst]
+                        per_seq, counts = lm_loss_per_sequence(model, flat, pad_id, dev)
+                        # Example loss = mean over its sequences; weight 1/total per example.
+                        weights = torch.tensor([1.0 / (len(lst) * total) for lst in seq_lists for _ in lst],
+                                               device=per_seq.device, dtype=per_seq.dtype)
+                        loss = (per_seq * weights).sum()
+                        dinfo.num_sequences += len(flat)
+                        dinfo.num_loss_tokens += int(counts.sum())
+                    else:
+                        mean = loss_fn(model, list(chunk))
+                        if not isinstance(mean, Tensor) or mean.numel() != 1:
+                            raise TypeError("loss_fn(model, examples) must return a scalar tensor (the mean loss)")
+                        loss = mean.reshape(()) * (len(chunk) / total)
+                    loss_sum += float(loss.detach())
+                    loss.backward()
+                    for _, p in params:
+                        g = p.grad
+                        if g is None:
+                            continue
+                        if g.dtype == torch.float32:
+                            # fp32 .grad already holds the running sum (autograd accumulates into it)
+                            acc[id(p)] = g
+                        else:
+                            if id(p) in acc:
+                                acc[id(p)].add_(g.float())
+                            else:
+                                acc[id(p)] = g.float()
+                            p.grad = None
+                    for p in all_params:  # parameters outside `names` must not accumulate
+                        if id(p) not in wanted:
+                            p.grad = None
+                    if bar is not None:
+                        bar.update(len(chunk))
+                grads = {n: acc[id(p)].detach() for n, p in params if id(p) in acc}
+                for p in all_params:
+                    p.grad = None
+                dinfo.mean_loss = loss_sum
+                dinfo.seconds = time.perf_counter() - t0
+                if not math.isfinite(loss_sum):
+                    warnings.warn(f"reference dataset {j} has a non-finite loss ({loss_sum}); its gradient "
+                                  "gives no subspace direction", stacklevel=2)
+                info.datasets.append(dinfo)
+                out.append(grads)
+    finally:
+        for p, g in zip(all_params, saved):
+            p.grad = g
+        if eval_mode:
+            model.train(was_training)
+        if bar is not None:
+            bar.close()
+    info.seconds = time.perf_counter() - t_start
+    seen = {n for d in out for n in d}
+    info.num_tensors = len(seen)
+    info.num_elements = sum(p.numel() for n, p in params if n in seen)
+    return out, info
+
+
+def build_subspace(
+    model: torch.nn.Module,
+    datasets: Sequence[Any],
+    config: Optional[OGPSAConfig] = None,
+    *,
+    num_samples: Optional[int] = None,
+    return_info: bool = False,
+    **kwargs: Any,
+) -> Union[Subspace, tuple[Subspace, CollectInfo]]:
+    """Collect reference gradients (:func:`collect_reference_gradients`) and build a :class:`Subspace`.
+
+    ``num_samples`` defaults to ``config.num_reference_samples``; other keyword arguments go
+    to :func:`collect_reference_gradients`. Parameters whose reference gradients are all
+    zero (e.g. LoRA ``A`` while ``B`` is still zero) get an empty basis: no direction, no
+    projection. With ``return_info`` returns ``(subspace, info)``.
+    """
+    config = config or OGPSAConfig()
+    n = config.num_reference_samples if num_samples is None else num_samples
+    grads, info = collect_reference_gradients(model, datasets, num_samples=n, **kwargs)
+    if not any(grads):
+        raise ValueError("no trainable parameter received a reference gradient; check the loss and requires_grad")
+    # Subspace.from_gradients keeps a parameter only if some reference dict has it.
+    sub = Subspace.from_gradients(grads, config)
+    return (sub, info) if return_info else sub
