@@ -34,6 +34,7 @@ BASIS_DTYPES = (torch.float32, torch.bfloat16)
 # name -> "module:Class"; order is the "auto" preference.
 _REGISTRY: dict[str, str] = {
     "torch": "ogpsa.backends.torch_backend:TorchBackend",
+    "triton": "ogpsa.backends.triton_backend:TritonBackend",
     "cuda": "ogpsa.backends.cext:CudaBackend",
     "cpu": "ogpsa.backends.cext:CpuBackend",
 }
