@@ -170,7 +170,18 @@ def attach(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], s
     ``config`` defaults to the subspace's config (mode, scope, backend, max_norm...).
     Pass ``optimizer=None`` to call :meth:`Projector.project` or
     :meth:`Projector.clip_grad_norm_` yourself.
+
+    Under DDP this projects the averaged gradient (the step runs after DDP's all-reduce).
+    A model with DTensor parameters (FSDP2 ``fully_shard``) gets a
+    :class:`ogpsa.distributed.ShardedProjector`: each rank projects its own gradient shards
+    with its slice of the basis, with one all_reduce per projection.
     """
+    from .distributed import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        from .distributed import attach_fsdp
+
+        return attach_fsdp(model, optimizer, subspace, config)
     return Projector(model, optimizer, subspace, config)
 
 

@@ -1,0 +1,192 @@
+"""OGPSA under DDP, FSDP2 and DeepSpeed ZeRO-2 equals single-process projection.
+
+The multi-process checks run once per session in tests/dist_worker.py (2 ranks, gloo on
+127.0.0.1, torch.multiprocessing.spawn; about a minute on 2 shared cores), each rank
+comparing with the single-process result it computes itself; the tests below assert on
+what the ranks report. Fast single-process unit tests of the slicing and error paths follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ogpsa
+from ogpsa.distributed import LocalSlice, ShardedSubspace, attach_deepspeed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOL = 1e-6  # fp32, relative, against the single-process projection
+TIMEOUT = 280
+
+
+def _launch(outdir: str, scenarios: str, env=None) -> dict:
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dist_worker.py"), outdir, scenarios],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env, cwd=os.path.dirname(HERE))
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and its ranks only
+        log, _ = proc.communicate()
+        pytest.fail(f"distributed worker timed out after {TIMEOUT}s:\n{log.decode(errors='replace')[-4000:]}")
+    results = {}
+    for name in scenarios.split(","):
+        ranks = []
+        for r in range(2):
+            path = os.path.join(outdir, f"{name}.rank{r}.json")
+            if not os.path.exists(path):
+                ranks.append({"error": f"no result from rank {r}; worker exit {proc.returncode}:\n"
+                                       f"{log.decode(errors='replace')[-4000:]}"})
+                continue
+            with open(path) as f:
+                ranks.append(json.load(f))
+        results[name] = ranks
+    return results
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    return _launch(str(tmp_path_factory.mktemp("dist")), "ddp,fsdp,zero_fake")
+
+
+def _ranks(dist_results, name):
+    ranks = dist_results[name]
+    for r, out in enumerate(ranks):
+        assert "error" not in out, f"rank {r} failed in {name}:\n{out['error']}"
+    return ranks
+
+
+def test_ddp_projects_the_averaged_gradient(dist_results):
+    for out in _ranks(dist_results, "ddp"):
+        assert out["type"] == "Projector"
+        assert out["grad_rel"] <= TOL and out["update_rel"] <= TOL, out
+        assert out["clipped"] and out["total_norm_rel"] <= TOL
+        assert out["changed"] > 0.1  # projection + clipping really changed the gradient
+
+
+def test_fsdp2_tensor_scope_equals_single_process_with_one_collective(dist_results):
+    for out in _ranks(dist_results, "fsdp"):
+        t = out["tensor"]
+        assert t["type"] == "ShardedProjector"  # ogpsa.attach picked it for the DTensor model
+        assert t["grad_rel"] <= TOL and t["update_rel"] <= TOL, t
+        assert t["clipped"] and t["total_norm_rel"] <= TOL  # the clip norm is the global one
+        assert t["collectives"] == ["c10d::allreduce_"], t["collectives"]
+
+
+def test_fsdp2_global_scope_conflict_mode(dist_results):
+    for out in _ranks(dist_results, "fsdp"):
+        g = out["global"]
+        assert g["grad_rel"] <= TOL and g["update_rel"] <= TOL, g
+        assert g["clipped"] and g["removed_rel"] <= 1e-5
+        assert g["collectives"] == ["c10d::allreduce_"], g["collectives"]
+
+
+def test_fsdp2_sharded_reference_gradients_build_the_sharded_basis(dist_results):
+    fractions = []
+    for out in _ranks(dist_results, "fsdp"):
+        b = out["sharded_build"]
+        assert b["ranks_equal"]
+        assert b["basis_rel"] <= 1e-5 and b["gram_err"] <= 1e-5, b
+        assert b["update_rel"] <= 1e-5, b
+        fractions.append(b["local_fraction"])
+    # each rank holds only its shards, and the shards are uneven (37 and 45 rows over 2 ranks)
+    assert abs(sum(fractions) - 1) < 1e-12 and fractions[0] != fractions[1]
+
+
+def test_sharded_basis_save_load_round_trip(dist_results):
+    for out in _ranks(dist_results, "fsdp"):
+        assert all(out["roundtrip"].values()), out["roundtrip"]
+
+
+def test_zero2_partition_projection_emulated_engine(dist_results):
+    for out in _ranks(dist_results, "zero_fake"):
+        assert out["type"] == "ZeroProjector"
+        assert out["split_params"], "the emulated partition should cut a parameter"
+        assert out["grad_rel"] <= TOL and out["update_rel"] <= TOL, out
+        assert out["collectives"] == ["c10d::allreduce_"], out["collectives"]
+        assert out["wrapped_projections"] == 2 and out["restored"]
+
+
+def _deepspeed_importable() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not installed")
+def test_deepspeed_zero2_real_engine_on_cpu(tmp_path):
+    """The real DeepSpeed ZeRO-2 engine (CPU accelerator, gloo): ~1 minute, JIT-builds a DeepSpeed op."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for out in _launch(str(tmp_path), "deepspeed", env=env)["deepspeed"]:
+        assert "error" not in out, out["error"]
+        assert out["type"] == "ZeroProjector" and out["stage"] == 2 and out["projections"] == 1
+        assert out["update_rel"] <= TOL, out
+        assert out["unprojected_rel"] > 0.1, out
+
+
+# ----------------------------------------------------------------------------------------
+# single-process unit tests
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,dim", [("dim", 0), ("dim", 1), ("flat", 0)])
+def test_local_slices_cover_the_full_basis(kind, dim):
+    shape, world = (7, 5), 3
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 35, generator=gen)
+    size = shape[dim] if kind == "dim" else 35
+    chunk = -(-size // world)
+    full = torch.full_like(u, float("nan"))  # poison: every column must be written
+    for r in range(world):
+        start = min(size, r * chunk)
+        sl = LocalSlice(shape, kind, dim, start, max(0, min(size, start + chunk) - start))
+        piece = sl.take_rows(u)
+        assert piece.shape == (2, sl.numel) and piece.is_contiguous()
+        sl.put_rows(full, piece)
+    assert torch.equal(full, u)
+
+
+def test_sharded_subspace_from_subspace_checks_names_and_shapes():
+    u = torch.linalg.qr(torch.randn(12, 2, dtype=torch.float64))[0].T.float().contiguous()
+    sub = ogpsa.Subspace(["w"], [(4, 3)], [u])
+    sl = LocalSlice((4, 3), "dim", 0, 2, 2)
+    sharded = ShardedSubspace.from_subspace(sub, {"w": sl})
+    assert torch.equal(sharded.basis("w"), u[:, 6:])
+    assert torch.equal(sharded.gram("w"), sub.gram("w"))
+    with pytest.raises(ogpsa.SubspaceMismatchError, match="'w'.*shape"):
+        ShardedSubspace.from_subspace(sub, {"w": LocalSlice((3, 4), "dim", 0, 0, 2)})
+    with pytest.raises(ogpsa.SubspaceMismatchError, match="'w'"):
+        ShardedSubspace.from_subspace(sub, {})
+
+
+def test_attach_without_dtensors_is_the_plain_projector():
+    model = torch.nn.Linear(3, 2)
+    g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    proj = ogpsa.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), ogpsa.Subspace.from_gradients([g]))
+    assert type(proj) is ogpsa.Projector
+
+
+def test_attach_deepspeed_rejects_unsupported_stages():
+    model = torch.nn.Linear(3, 2)
+    sub = ogpsa.Subspace.from_gradients([{n: torch.randn_like(p) for n, p in model.named_parameters()}])
+    engine = SimpleNamespace(module=model, optimizer=object(), zero_optimization_stage=lambda: 3)
+    with pytest.raises(NotImplementedError, match="stage 3"):
+        attach_deepspeed(engine, sub)
+    engine.zero_optimization_stage = lambda: 0
+    with pytest.raises(NotImplementedError, match="stage 1 or 2"):
+        attach_deepspeed(engine, sub)
+    engine.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert type(attach_deepspeed(engine, sub)) is ogpsa.Projector  # stage 0: gradients already all-reduced
+    engine.zero_optimization_stage = lambda: 2
+    with pytest.raises(NotImplementedError, match="partitions"):
+        attach_deepspeed(engine, sub)
