@@ -327,6 +327,27 @@ def _copy_lists(grads: Sequence[Tensor], bases: Sequence[Tensor]) -> tuple[list[
     return dsts, srcs
 
 
+def _authors_contender(grads: list[Tensor], bases: list[Tensor], names: Optional[Sequence[str]],
+                       k_max: int) -> Contender:
+    label = "authors' per-hook scheme"
+    mod, where = load_authors_scheme()
+    if mod is None:
+        return Contender("authors-hooks", label, skip=where)
+    if k_max > 2:
+        return Contender("authors-hooks", label,
+                         skip="the original code handles one or two reference gradients (k <= 2) only")
+    scheme = mod.AuthorsHookScheme(names or [f"t{i}" for i in range(len(grads))], grads, bases,
+                                   device=grads[0].device)
+    params = _clip_params(grads)
+
+    def authors_step():
+        scheme.step(grads, micro_batches=MICRO_BATCHES)
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+
+    return Contender("authors-hooks", label, authors_step,
+                     note=f"{MICRO_BATCHES} micro-batches of hooks + clip_grad_norm_; basis on CPU")
+
+
 def build_contenders(grads: list[Tensor], bases: list[Tensor], names: Optional[Sequence[str]] = None,
                      only: Optional[Sequence[str]] = None) -> list[Contender]:
     """Every contender for these tensors, in a fixed order; ``only`` filters by name prefix."""
@@ -335,31 +356,23 @@ def build_contenders(grads: list[Tensor], bases: list[Tensor], names: Optional[S
     k_max = max(int(u.shape[0]) for u in bases)
     out: list[Contender] = []
 
-    out.append(Contender("reference", "reference (per-tensor loop)",
-                         lambda: reference.project_(grads, bases, max_norm=MAX_NORM)))
+    def wanted(name: str) -> bool:
+        return not only or any(name.startswith(o) for o in only)
 
-    fp = ForeachProjector(grads, bases)
-    out.append(Contender("torch-foreach", "best pure PyTorch (foreach + addmv_)", lambda: fp.step(MAX_NORM)))
+    if wanted("reference"):
+        out.append(Contender("reference", "reference (per-tensor loop)",
+                             lambda: reference.project_(grads, bases, max_norm=MAX_NORM)))
+    if wanted("torch-foreach"):
+        fp = ForeachProjector(grads, bases)
+        out.append(Contender("torch-foreach", "best pure PyTorch (foreach + addmv_)", lambda: fp.step(MAX_NORM)))
 
-    mod, where = load_authors_scheme()
-    if mod is None:
-        out.append(Contender("authors-hooks", "authors' per-hook scheme", skip=where))
-    elif k_max > 2:
-        out.append(Contender("authors-hooks", "authors' per-hook scheme",
-                             skip="the original code handles one or two reference gradients (k <= 2) only"))
-    else:
-        scheme = mod.AuthorsHookScheme(names or [f"t{i}" for i in range(len(grads))], grads, bases, device=device)
-        params = _clip_params(grads)
-
-        def authors_step():
-            scheme.step(grads, micro_batches=MICRO_BATCHES)
-            torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
-
-        out.append(Contender("authors-hooks", "authors' per-hook scheme", authors_step,
-                             note=f"{MICRO_BATCHES} micro-batches of hooks + clip_grad_norm_; basis on CPU"))
+    if wanted("authors-hooks"):
+        out.append(_authors_contender(grads, bases, names, k_max))
 
     for name, (ok, why) in ops.backends().items():
         cname = f"ogpsa:{name}"
+        if not wanted(cname):
+            continue
         if not ok:
             out.append(Contender(cname, f"ogpsa {name} backend", skip=why))
             continue
@@ -384,14 +397,14 @@ def build_contenders(grads: list[Tensor], bases: list[Tensor], names: Optional[S
                              (lambda plan=plan: ops.execute(plan, grads, max_norm=MAX_NORM)),
                              note="execute() on a cached plan (as the Projector runs each step)", plan_ms=plan_ms))
 
-    params = _clip_params(grads)
-    out.append(Contender("clip_grad_norm_", "torch clip_grad_norm_ alone",
-                         lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)))
-    dsts, srcs = _copy_lists(grads, bases)
-    out.append(Contender("copy", "copy of the same bytes", lambda: torch._foreach_copy_(dsts, srcs),
-                         note="reads every gradient and basis byte once, writes as many"))
-    if only:
-        out = [c for c in out if any(c.name.startswith(o) for o in only)]
+    if wanted("clip_grad_norm_"):
+        params = _clip_params(grads)
+        out.append(Contender("clip_grad_norm_", "torch clip_grad_norm_ alone",
+                             lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)))
+    if wanted("copy"):
+        dsts, srcs = _copy_lists(grads, bases)
+        out.append(Contender("copy", "copy of the same bytes", lambda: torch._foreach_copy_(dsts, srcs),
+                             note="reads every gradient and basis byte once, writes as many"))
     return out
 
 
@@ -507,7 +520,8 @@ def suite(name: str, device: torch.device, memory_budget: Optional[int] = None) 
 
     ``cpu`` (the default on a CPU): LoRA and 125M lists for k in {1,2,4,8} with fp32
     gradients and basis, then k=2 with bf16/bf16 and bf16/fp32, then one Llama-3.1-8B layer
-    at k=2 (fp32). Sized to finish in under 10 minutes on 2 cores.
+    at k=2 (fp32). Sized to finish in under 10 minutes on 2 idle cores; ``max_minutes``
+    stops it early on a busy machine (what was not run is listed as such).
     ``gpu``: all three workloads x k in {1,2,4,8} x (fp32/fp32, bf16/bf16, bf16/fp32), the
     Llama list scaled to as many layers as fit ``memory_budget`` bytes at k=8.
     ``smoke``: one tiny case per contender.
@@ -517,7 +531,8 @@ def suite(name: str, device: torch.device, memory_budget: Optional[int] = None) 
     pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")]
     if name == "cpu":
         wl = {"lora": lora_workload(), "125m": gpt2_125m_workload(), "llama8b": llama8b_workload(1)}
-        cfgs = [Config(w, k, "fp32", "fp32") for w in ("lora", "125m") for k in KS]
+        # the README's k=2 cases first, so that a run cut short by --max-minutes still has them
+        cfgs = [Config(w, k, "fp32", "fp32") for w in ("lora", "125m") for k in (2, 1, 4, 8)]
         cfgs += [Config(w, 2, g, u) for w in ("lora", "125m") for g, u in pairs[1:]]
         cfgs.append(Config("llama8b", 2, "fp32", "fp32"))
         return wl, cfgs
@@ -610,7 +625,7 @@ def peak_copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 def run_config(cfg: Config, wl: Workload, grads: list[Tensor], bases: list[Tensor], device: torch.device, *,
                budget_s: float, measure_memory: bool, only: Optional[Sequence[str]] = None,
-               log=print) -> list[dict]:
+               deadline: Optional[float] = None, log=print) -> list[dict]:
     """Time every contender on one case; returns one row per contender."""
     names = [n for n, _ in wl.shapes]
     counts = byte_counts(grads, bases)
@@ -619,6 +634,8 @@ def run_config(cfg: Config, wl: Workload, grads: list[Tensor], bases: list[Tenso
         row = {"workload": cfg.workload, "k": cfg.k, "grad_dtype": cfg.grad_dtype, "basis_dtype": cfg.basis_dtype,
                "contender": c.name, "label": c.label, "note": c.note, "numel": wl.numel, "tensors": wl.tensors,
                **counts}
+        if c.skip is None and deadline is not None and time.perf_counter() > deadline:
+            c.skip = "time budget of the run spent before this contender"
         if c.skip:
             row.update(status="skipped", reason=c.skip)
             rows.append(row)
@@ -709,7 +726,7 @@ def run_bench(suite_name: str, device: torch.device, out_dir: Path, *, only: Opt
             f"({wls[cfg.workload].tensors} tensors, {wls[cfg.workload].numel / 1e6:.1f}M elements)")
         measure = device.type == "cuda" or cfg.k == 2
         data["results"] += run_config(cfg, wls[cfg.workload], grads, bases, device, budget_s=budget_s,
-                                      measure_memory=measure, only=only, log=log)
+                                      measure_memory=measure, only=only, deadline=start + 60 * max_minutes, log=log)
         write_results(data, out_dir, plot=False)
     cache.clear()
     if hasattr(os, "getloadavg"):

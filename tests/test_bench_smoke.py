@@ -1,0 +1,172 @@
+"""Smoke tests for ``ogpsa bench``: every contender on one tiny case, checked for what it
+computes (not for speed), the authors' hook scheme against real autograd hooks, the byte
+accounting, the result files, and the README table against its committed result file."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from oracle import float64_project, make_case, rel_err, tolerance
+
+from ogpsa import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+def _flat_err(got, want) -> float:
+    return rel_err(list(got), [w.reshape(-1) for w in want])
+
+
+@pytest.mark.parametrize("gdt,udt", PAIRS)
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+def test_foreach_projector_matches_float64(gdt, udt, max_norm):
+    grads, bases = make_case(11, [7, 33, 4097, 1, 300], 3, gdt, udt)  # mixed k_i, k_i = 0 included
+    want, _ = float64_project(grads, bases, max_norm=max_norm)
+    total = bench.ForeachProjector(grads, bases).step(max_norm)
+    assert _flat_err(grads, want) <= tolerance(gdt, udt)
+    assert math.isfinite(total) and total > 0
+
+
+def test_foreach_projector_rejects_mismatched_basis_before_touching_grads():
+    grads, bases = make_case(1, [10, 20], 2)
+    before = [g.clone() for g in grads]
+    with pytest.raises(ValueError, match="tensor 1"):
+        bench.ForeachProjector(grads, [bases[0], bases[1][:, :5].contiguous()])
+    assert all(torch.equal(a, b) for a, b in zip(before, grads))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_authors_hooks_on_real_autograd_equal_projection_of_accumulated_gradient(k):
+    """The re-implementation, registered with Tensor.register_hook and run over 8
+    micro-batches, gives the projection of the accumulated gradient (projection is linear)."""
+    mod, where = bench.load_authors_scheme()
+    assert mod is not None, where
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5))
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(3)
+    bases = [bench.make_tensors(bench.Workload("p", "", [("p", tuple(p.shape))]), k, torch.float32, torch.float32,
+                                torch.device("cpu"), seed=i)[1][0] for i, p in enumerate(params)]
+    batches = [torch.randn(4, 13, generator=gen) for _ in range(bench.MICRO_BATCHES)]
+
+    for x in batches:  # plain accumulation, for the expected result
+        model(x).pow(2).sum().backward()
+    plain = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    scheme = mod.AuthorsHookScheme([f"p{i}" for i in range(len(params))], [p.detach() for p in params], bases)
+    handles = scheme.register(params)
+    for x in batches:
+        model(x).pow(2).sum().backward()
+    for h in handles:
+        h.remove()
+    want, _ = float64_project(plain, bases)
+    assert _flat_err([p.grad for p in params], want) <= 1e-5
+
+
+def test_authors_scheme_refuses_k_above_two():
+    mod, _ = bench.load_authors_scheme()
+    grads, bases = make_case(2, [50], 3)
+    with pytest.raises(ValueError, match="one or two reference gradients"):
+        mod.AuthorsHookScheme(["w"], grads, bases)
+
+
+def test_every_contender_on_a_tiny_case_computes_what_it_claims():
+    wl = bench.tiny_workload()
+    grads, bases = bench.make_tensors(wl, 2, torch.float32, torch.float32, torch.device("cpu"))
+    original = [g.clone() for g in grads]
+    contenders = bench.build_contenders(grads, bases, [n for n, _ in wl.shapes])
+    names = [c.name for c in contenders]
+    assert names[:3] == ["reference", "torch-foreach", "authors-hooks"]
+    assert names[-2:] == ["clip_grad_norm_", "copy"]
+    assert {f"ogpsa:{n}" for n in bench.ops.backends()} <= set(names)
+    want, _ = float64_project(original, bases, max_norm=bench.MAX_NORM)
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in original))
+    clipped = [g.double().numpy().reshape(-1) * min(1.0, bench.MAX_NORM / (norm + 1e-6)) for g in original]
+    ran = []
+    for c in contenders:
+        for g, o in zip(grads, original):
+            g.copy_(o)
+        if c.skip:
+            assert c.skip.strip(), c.name
+            if c.name == "ogpsa:triton":
+                assert "interpreter" in c.skip or "GPU" in c.skip or "not part" in c.skip
+            continue
+        c.fn()
+        ran.append(c.name)
+        if c.name == "clip_grad_norm_":
+            assert _flat_err(grads, clipped) <= 1e-6
+        elif c.name == "copy":
+            assert all(torch.equal(g, o) for g, o in zip(grads, original))  # reads only
+        else:
+            assert _flat_err(grads, want) <= 1e-5, c.name
+    assert {"reference", "torch-foreach", "authors-hooks", "ogpsa:torch", "clip_grad_norm_", "copy"} <= set(ran)
+
+
+def test_copy_contender_moves_every_byte():
+    wl = bench.tiny_workload()
+    grads, bases = bench.make_tensors(wl, 2, torch.bfloat16, torch.float32, torch.device("cpu"))
+    dsts, srcs = bench._copy_lists(grads, bases)
+    assert len(srcs) == len(grads) + sum(u.shape[0] for u in bases)
+    assert sum(s.numel() * s.element_size() for s in srcs) == bench.byte_counts(grads, bases)["bytes_copy"] // 2
+    torch._foreach_copy_(dsts[-1:], srcs[-1:])
+    assert torch.equal(dsts[-1], srcs[-1])
+
+
+def test_byte_counts_formula():
+    grads = [torch.ones(10), torch.ones(3, 2, dtype=torch.bfloat16)]
+    bases = [torch.ones(2, 10), torch.ones(2, 6, dtype=torch.bfloat16)]
+    b = bench.byte_counts(grads, bases)
+    b_g, kb_u = 10 * 4 + 6 * 2, 2 * 10 * 4 + 2 * 6 * 2
+    assert b == {"bytes_g": b_g, "bytes_kU": kb_u, "bytes_floor": 3 * b_g + 2 * kb_u,
+                 "bytes_one_pass": 2 * b_g + kb_u, "bytes_copy": 2 * (b_g + kb_u)}
+
+
+def test_workload_shapes():
+    assert bench.lora_workload().tensors == 448
+    assert abs(bench.llama8b_full_numel() - 8.03e9) < 0.01e9
+    assert abs(bench.gpt2_125m_workload().numel - 124.4e6) < 0.1e6
+    assert bench.llama8b_workload(2).numel == 2 * bench.llama8b_workload(1).numel
+
+
+def test_missing_benchmarks_dir_skips_authors_scheme_with_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("OGPSA_BENCHMARKS_DIR", str(tmp_path))
+    grads, bases = make_case(4, [20, 30], 2)
+    c = {c.name: c for c in bench.build_contenders(grads, bases)}["authors-hooks"]
+    assert c.fn is None and "benchmarks/" in c.skip
+
+
+def test_cli_smoke_suite_writes_json_markdown_and_png(tmp_path):
+    from ogpsa.cli import main
+
+    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), "--budget-s", "0.05"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    for key in ("hardware", "torch", "triton", "git_commit", "date"):
+        assert data["env"][key]
+    rows = {r["contender"]: r for r in data["results"]}
+    assert {"reference", "torch-foreach", "authors-hooks", "clip_grad_norm_", "copy"} <= set(rows)
+    ref = rows["reference"]
+    assert ref["status"] == "ok" and ref["median_ms"] > 0 and ref["x_reference"] == pytest.approx(1.0)
+    assert ref["eff_gbps"] == pytest.approx(ref["bytes_floor"] / (ref["median_ms"] * 1e-3) / 1e9)
+    md = (tmp_path / "results.md").read_text()
+    assert "| reference |" in md and "3*B_g + 2*k*B_u" in md
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_table_equals_the_committed_result_file():
+    """The README's benchmark block is exactly what ``ogpsa bench --readme <file>`` prints
+    for the result file it names, and that file is in the repository."""
+    text = (ROOT / "README.md").read_text()
+    assert bench.README_START in text and bench.README_END in text, "README has no benchmark block"
+    block = bench.README_START + text.split(bench.README_START, 1)[1].split(bench.README_END, 1)[0] + bench.README_END
+    m = re.search(r"Source: \[`([^`]+/results\.json)`\]", block)
+    assert m, "the README block does not name its result file"
+    src = ROOT / m.group(1)
+    assert src.is_file(), f"{src} is not in the repository"
+    assert block == bench.readme_block(src, ROOT)
