@@ -140,7 +140,7 @@ def cmdclass() -> dict:
 
 
 setup(
-    packages=["ogpsa", "ogpsa.backends", "ogpsa.integrations", "ogpsa.kernels"],
+    packages=["ogpsa", "ogpsa.backends", "ogpsa.integrations", "ogpsa.kernels", "ogpsa.demo"],
     ext_modules=ext_modules(),
     cmdclass=cmdclass(),
 )

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ogpsa.cli", "versions, backends, CUDA/Triton presence"),
     "bench": ("ogpsa.bench", "time projection + clipping: reference, pure PyTorch, authors' hooks, backends, copy"),
+    "demo": ("ogpsa.demo", "offline forgetting experiment: safety-tuning with and without OGPSA (table + plot)"),
 }
 
 
