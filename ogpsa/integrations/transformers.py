@@ -1,0 +1,127 @@
+"""OGPSA for plain ``transformers.Trainer`` users: :class:`OGPSACallback`.
+
+::
+
+    from ogpsa.integrations.transformers import OGPSACallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[OGPSACallback(reference_datasets=[general_a, general_b], tokenizer=tok)])
+    trainer.train()
+
+Limitation: a callback never gets the Trainer and runs after the Trainer has clipped the
+gradients, so the callback projects in the optimizer's step pre-hook: clip -> project ->
+step. The update is still exactly orthogonal to the subspace (with SGD), but the clipping
+threshold applies to the gradient *before* projection, so steps can be shorter than
+``max_grad_norm`` allows. For the exact order project -> clip -> step use
+:class:`ogpsa.integrations.trl.OGPSATrainerMixin` (or the TRL trainers built on it), which
+projects inside the Trainer's clipping method.
+
+Otherwise the callback does what the trainers do: builds the subspace before the first
+optimizer step, refreshes it every ``refresh_every`` optimizer steps, adds ``ogpsa/*``
+metrics to the training logs, writes ``ogpsa_subspace.safetensors`` into every checkpoint
+and, when training resumes from a checkpoint, restores it bit-identically.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+from ..config import OGPSAConfig
+from ..subspace import Subspace
+from .common import SFT_REFRESH_EVERY, OGPSAEngine, tokenizer_of, unwrap_optimizer
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("ogpsa.integrations.transformers needs transformers: pip install 'ogpsa[trl]'") from exc
+
+
+class OGPSACallback(TrainerCallback):
+    """Adds OGPSA to any ``transformers.Trainer`` (see the module docs for the clipping caveat).
+
+    Args:
+        config: projection settings (default ``OGPSAConfig()``; ``max_norm`` must be None).
+        reference_datasets: general-capability datasets, one reference gradient each (formats:
+            :mod:`ogpsa.collect`).
+        refresh_every: rebuild every this many optimizer steps (default: ``config.refresh_every``
+            if a config is given, else 30; 0: never).
+        subspace: start from this subspace (object, file or directory) instead of building one.
+        tokenizer: for text reference examples (default: the Trainer's ``processing_class``).
+        loss_fn, batch_size, num_samples, progress: passed to
+            :func:`~ogpsa.collect.collect_reference_gradients`.
+        resume_from_checkpoint: directory to restore the basis from; default: when the run
+            resumes (``global_step > 0`` at train begin), ``output_dir/checkpoint-<step>``.
+    """
+
+    def __init__(self, config: Optional[OGPSAConfig] = None, reference_datasets: Optional[Sequence[Any]] = None, *,
+                 refresh_every: Optional[int] = None, subspace: Union[Subspace, str, os.PathLike, None] = None,
+                 tokenizer: Any = None, loss_fn: Optional[Callable] = None, batch_size: int = 8,
+                 num_samples: Optional[int] = None, progress: bool = False,
+                 resume_from_checkpoint: Optional[str] = None):
+        if refresh_every is None:
+            refresh_every = config.refresh_every if config is not None else SFT_REFRESH_EVERY
+        if config is not None and not isinstance(config, OGPSAConfig):
+            raise TypeError(f"config must be an ogpsa.OGPSAConfig, got {type(config).__name__}")
+        config = (config or OGPSAConfig()).replace(refresh_every=refresh_every)
+        self.engine = OGPSAEngine(config, reference_datasets, refresh_every=refresh_every, subspace=subspace,
+                                  tokenizer=tokenizer, loss_fn=loss_fn, batch_size=batch_size,
+                                  num_samples=num_samples, progress=progress)
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self._seen_projections = 0
+
+    @property
+    def projector(self):
+        return self.engine.projector
+
+    @property
+    def subspace(self) -> Optional[Subspace]:
+        return self.engine.subspace
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
+        if getattr(getattr(args, "deepspeed_plugin", None), "deepspeed_config", None) or getattr(args, "deepspeed", None):
+            raise NotImplementedError("OGPSACallback does not support DeepSpeed yet (its engine clips and steps)")
+        if model is None:
+            raise RuntimeError("OGPSACallback.on_train_begin got no model from the Trainer")
+        if unwrap_optimizer(optimizer) is None:
+            raise RuntimeError("OGPSACallback needs a torch.optim.Optimizer to hook its step "
+                               f"(got {type(optimizer).__name__}); use OGPSATrainerMixin instead")
+        if self.engine.tokenizer is None:
+            self.engine.tokenizer = tokenizer_of(processing_class)
+        resume = self.resume_from_checkpoint
+        if resume is None and state.global_step > 0:
+            candidate = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            resume = candidate if os.path.isdir(candidate) else None
+        self.engine.setup(model, optimizer, step=state.global_step, resume_dir=resume)
+        self._seen_projections = self.engine.projector.num_projections
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.engine.maybe_refresh(state.global_step)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        proj = self.engine.projector
+        if proj is not None and proj.num_projections > self._seen_projections:
+            self._seen_projections = proj.num_projections
+            self.engine.record(proj.last_stats)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        metrics = self.engine.pop_metrics()
+        logs.update(metrics)
+        # The Trainer appended its copy of `logs` to the history before calling us.
+        if state.log_history and state.log_history[-1].get("loss") == logs.get("loss"):
+            state.log_history[-1].update(metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.engine.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def save(self, directory: str) -> None:
+        """Write the current basis (``ogpsa_subspace.safetensors``) into ``directory``."""
+        self.engine.save(directory)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine.projector is not None:
+            # Leave the optimizer unhooked so later manual steps are not silently projected.
+            self.engine.projector.remove()

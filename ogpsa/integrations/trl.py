@@ -1,0 +1,243 @@
+"""OGPSA trainers for TRL: :class:`OGPSASFTTrainer` and :class:`OGPSADPOTrainer`.
+
+Drop-in subclasses of TRL's ``SFTTrainer`` / ``DPOTrainer`` that take an
+:class:`~ogpsa.OGPSAConfig` and reference datasets::
+
+    from ogpsa.integrations.trl import OGPSASFTTrainer
+
+    trainer = OGPSASFTTrainer(model=model, args=SFTConfig(...), train_dataset=safety_data,
+                              processing_class=tokenizer,
+                              reference_datasets=[general_a, general_b])   # OGPSA
+    trainer.train()
+
+What they add (all in :class:`OGPSATrainerMixin`, usable with any ``transformers.Trainer``
+subclass):
+
+* Before the first optimizer step, the capability subspace is built from the reference
+  gradients of the model being trained (after TRL wrapped it with PEFT: only trainable
+  parameters get bases), and rebuilt every ``refresh_every`` optimizer steps (defaults from
+  the original work: 30 for SFT, 5 for DPO).
+* The projection runs inside the Trainer's gradient-clipping method, on the fully
+  accumulated gradient, fused with the clipping: project -> clip -> optimizer step. With
+  ``max_grad_norm=0`` it still projects (without clipping).
+* ``ogpsa/removed_fraction`` (fraction of the gradient's squared norm removed),
+  ``ogpsa/cosine`` (mean over projected tensors of ||removed part|| / ||gradient||: in
+  ``orthogonal`` mode, the cosine between the raw gradient, i.e. the update without OGPSA,
+  and the subspace), ``ogpsa/refresh_seconds`` and ``ogpsa/refreshes`` are logged with the
+  trainer's usual logs.
+* ``save_model`` (and so every checkpoint) writes ``ogpsa_subspace.safetensors`` and
+  ``ogpsa_state.json``; ``train(resume_from_checkpoint=...)`` restores the basis
+  bit-identically and keeps the refresh schedule.
+* SFT -> DPO: pass ``subspace=<SFT output dir or file>`` to the DPO trainer to start from
+  the SFT stage's basis; it keeps refreshing every ``refresh_every`` steps.
+
+DeepSpeed runs clipping and the optimizer step inside its engine, so these trainers raise
+``NotImplementedError`` under DeepSpeed for now.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from ..config import OGPSAConfig
+from ..subspace import Subspace
+from .common import (
+    DPO_REFRESH_EVERY,
+    SFT_REFRESH_EVERY,
+    OGPSAEngine,
+    tokenizer_of,
+)
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("ogpsa.integrations.trl needs transformers and trl: pip install 'ogpsa[trl]'") from exc
+
+
+class _EngineCallback(TrainerCallback):
+    """Internal: gives the mixin the Trainer's train-begin and step-begin events."""
+
+    def __init__(self, trainer: OGPSATrainerMixin):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._ogpsa_setup()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._ogpsa_engine.maybe_refresh(state.global_step)
+
+
+class OGPSATrainerMixin:
+    """Adds OGPSA to a ``transformers.Trainer`` subclass: put it first in the bases.
+
+    Call :meth:`_ogpsa_prepare` in ``__init__`` before the Trainer's own ``__init__`` and
+    :meth:`_ogpsa_finish` after it (see :class:`OGPSASFTTrainer`).
+    """
+
+    ogpsa_default_refresh_every = SFT_REFRESH_EVERY
+
+    def _ogpsa_prepare(self, ogpsa_config: Optional[OGPSAConfig], reference_datasets: Optional[Sequence[Any]],
+                       refresh_every: Optional[int], subspace: Union[Subspace, str, os.PathLike, None],
+                       reference_loss_fn: Optional[Callable], reference_batch_size: Optional[int],
+                       reference_num_samples: Optional[int], reference_progress: bool) -> None:
+        """Validate the OGPSA arguments (before the Trainer's slow dataset preparation)."""
+        if ogpsa_config is not None and not isinstance(ogpsa_config, OGPSAConfig):
+            raise TypeError(f"ogpsa_config must be an ogpsa.OGPSAConfig, got {type(ogpsa_config).__name__}")
+        if refresh_every is None:
+            refresh_every = ogpsa_config.refresh_every if ogpsa_config is not None else self.ogpsa_default_refresh_every
+        config = (ogpsa_config or OGPSAConfig()).replace(refresh_every=refresh_every)
+        self._ogpsa_engine = OGPSAEngine(
+            config, reference_datasets, refresh_every=refresh_every, subspace=subspace, loss_fn=reference_loss_fn,
+            batch_size=reference_batch_size or 1, num_samples=reference_num_samples, progress=reference_progress)
+        self._ogpsa_batch_size = reference_batch_size
+        self._ogpsa_resume_dir: Optional[str] = None
+        self._ogpsa_clipped = False
+
+    def _ogpsa_finish(self) -> None:
+        """After the Trainer's __init__: check the setup and register the step events."""
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                "OGPSA trainers do not support DeepSpeed yet: DeepSpeed clips gradients and steps the optimizer "
+                "inside its engine, so the projection cannot run between accumulation and the step")
+        if not hasattr(type(self), "_clip_grad_norm") or not hasattr(type(self), "_get_grad_norm"):
+            warnings.warn("this transformers version has no overridable Trainer._clip_grad_norm: OGPSA projects in "
+                          "the optimizer's step pre-hook, i.e. after gradient clipping", stacklevel=3)
+        engine = self._ogpsa_engine
+        engine.tokenizer = tokenizer_of(getattr(self, "processing_class", None))
+        engine.batch_size = self._ogpsa_batch_size or self.args.per_device_train_batch_size
+        self.add_callback(_EngineCallback(self))
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def ogpsa(self) -> OGPSAEngine:
+        """The engine: ``.subspace``, ``.projector``, ``.refresh_steps``, ``.last_collect``."""
+        return self._ogpsa_engine
+
+    @property
+    def ogpsa_projector(self):
+        return self._ogpsa_engine.projector
+
+    # -- Trainer hooks ----------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            last = get_last_checkpoint(self.args.output_dir)
+            # Resolve here so we know which directory's basis to restore; the Trainer does the same.
+            resume_from_checkpoint = last if last is not None else resume_from_checkpoint
+        self._ogpsa_resume_dir = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _ogpsa_setup(self) -> None:
+        # After TRL's PEFT wrapping and accelerate's prepare: self.model holds the final parameters.
+        self._ogpsa_engine.setup(self.model, self.optimizer, step=self.state.global_step,
+                                 resume_dir=self._ogpsa_resume_dir)
+
+    def _clip_grad_norm(self, model):
+        proj = self._ogpsa_engine.projector
+        if proj is None:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # AMP fp16: project and clip the true gradients
+        norm = proj.clip_grad_norm_(self.args.max_grad_norm)
+        self._ogpsa_engine.record(proj.last_stats)
+        self._ogpsa_clipped = True
+        return norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        proj = self._ogpsa_engine.projector
+        if proj is not None and not self._ogpsa_clipped:
+            # max_grad_norm <= 0: the Trainer skipped clipping; project anyway, before the step.
+            self.accelerator.unscale_gradients()
+            self._ogpsa_engine.record(proj.project(max_norm=None))
+            if grad_norm is None:
+                # The base method would unscale again (an error under fp16 AMP): report the norm here.
+                params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")) if params else torch.zeros(())
+        self._ogpsa_clipped = False
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # training logs only; evaluation logs keep their own keys
+            logs.update(self._ogpsa_engine.pop_metrics())
+        return super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save and self._ogpsa_engine.subspace is not None:
+            self._ogpsa_engine.save(output_dir or self.args.output_dir)
+
+
+def _load_trl():
+    try:
+        import trl
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("ogpsa.integrations.trl needs trl: pip install 'ogpsa[trl]'") from exc
+    return trl
+
+
+_trl = _load_trl()
+
+
+class OGPSASFTTrainer(OGPSATrainerMixin, _trl.SFTTrainer):
+    """TRL ``SFTTrainer`` with OGPSA. Takes every ``SFTTrainer`` argument, plus:
+
+    Args:
+        ogpsa_config: projection settings (mode, scope, rank, basis dtype, backend...);
+            default ``OGPSAConfig()``. Its ``max_norm`` must be None: clipping is
+            ``args.max_grad_norm``.
+        reference_datasets: a list of general-capability datasets, one reference gradient
+            each (the original work: two sets, 200 examples each). Formats: see
+            :mod:`ogpsa.collect` (text, prompt/completion, messages, preference pairs, ids).
+        refresh_every: rebuild the subspace every this many optimizer steps (0: never).
+            Default: ``ogpsa_config.refresh_every`` if a config is given, else 30.
+        subspace: start from this subspace (object, file, or directory with
+            ``ogpsa_subspace.safetensors``) instead of building one at step 0.
+        reference_loss_fn: ``fn(model, examples) -> mean loss``; default next-token loss.
+        reference_batch_size: micro-batch size of the collection (default: the train batch size).
+        reference_num_samples: examples per reference set (default ``ogpsa_config.num_reference_samples``).
+        reference_progress: show a progress bar while collecting.
+    """
+
+    ogpsa_default_refresh_every = SFT_REFRESH_EVERY
+
+    def __init__(self, *args: Any, ogpsa_config: Optional[OGPSAConfig] = None,
+                 reference_datasets: Optional[Sequence[Any]] = None, refresh_every: Optional[int] = None,
+                 subspace: Union[Subspace, str, os.PathLike, None] = None,
+                 reference_loss_fn: Optional[Callable] = None, reference_batch_size: Optional[int] = None,
+                 reference_num_samples: Optional[int] = None, reference_progress: bool = False, **kwargs: Any):
+        self._ogpsa_prepare(ogpsa_config, reference_datasets, refresh_every, subspace, reference_loss_fn,
+                            reference_batch_size, reference_num_samples, reference_progress)
+        super().__init__(*args, **kwargs)
+        self._ogpsa_finish()
+
+
+class OGPSADPOTrainer(OGPSATrainerMixin, _trl.DPOTrainer):
+    """TRL ``DPOTrainer`` with OGPSA. Same extra arguments as :class:`OGPSASFTTrainer`;
+    ``refresh_every`` defaults to 5 (the original work's DPO setting) when no config is given.
+
+    The original DPO reference set is one set of preference pairs whose reference loss is
+    the plain LM loss on the chosen and rejected sequences together: pass preference
+    examples (``prompt``/``chosen``/``rejected``) in ``reference_datasets`` for that.
+    On CPU (and whenever the policy is not a PEFT model and ``ref_model`` cannot be
+    reloaded from a hub id) pass ``ref_model=`` explicitly.
+    """
+
+    ogpsa_default_refresh_every = DPO_REFRESH_EVERY
+
+    def __init__(self, *args: Any, ogpsa_config: Optional[OGPSAConfig] = None,
+                 reference_datasets: Optional[Sequence[Any]] = None, refresh_every: Optional[int] = None,
+                 subspace: Union[Subspace, str, os.PathLike, None] = None,
+                 reference_loss_fn: Optional[Callable] = None, reference_batch_size: Optional[int] = None,
+                 reference_num_samples: Optional[int] = None, reference_progress: bool = False, **kwargs: Any):
+        self._ogpsa_prepare(ogpsa_config, reference_datasets, refresh_every, subspace, reference_loss_fn,
+                            reference_batch_size, reference_num_samples, reference_progress)
+        super().__init__(*args, **kwargs)
+        self._ogpsa_finish()
+
+
+__all__ = ["OGPSATrainerMixin", "OGPSASFTTrainer", "OGPSADPOTrainer"]
