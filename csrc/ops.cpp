@@ -5,7 +5,7 @@
 //   update_(grads!, bases, weights, kappa, scale)       g_i <- scale_i * (kappa g_i - U_i^T w_i)
 //   gram(refs) -> [T, m, m] fp64                        R_i R_i^T
 //   combine(refs, coefficients, ks, out_dtype)          U_i = A_i[:k_i] R_i
-//   fused_project_(grads!, bases, gram_inv, mode, aligned_scale) -> [T, k_max+1] fp32
+//   fused_project_(grads!, bases, gram_inv, rule, aligned_scale) -> [T, k_max+1] fp32
 //       per-tensor scope without clipping: dots, the k x k mode step and the subtraction,
 //       with each small tensor still in cache between its dots and its update.
 //
@@ -525,7 +525,9 @@ TORCH_LIBRARY(ogpsa, m) {
   m.def("update_(Tensor(a!)[] grads, Tensor[] bases, Tensor weights, float kappa, Tensor scale) -> ()");
   m.def("gram(Tensor[] refs) -> Tensor");
   m.def("combine(Tensor[] refs, Tensor coefficients, int[] ks, ScalarType out_dtype) -> Tensor[]");
-  m.def("fused_project_(Tensor(a!)[] grads, Tensor[] bases, Tensor gram_inv, str mode, float aligned_scale) -> Tensor");
+  // `rule` is the projection mode; an argument named `mode` collides with torch's FakeTensor-mode
+  // redirection (opcheck fails with "got multiple values for argument 'mode'")
+  m.def("fused_project_(Tensor(a!)[] grads, Tensor[] bases, Tensor gram_inv, str rule, float aligned_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ogpsa, CPU, m) {

@@ -341,7 +341,14 @@ def execute(
     if not plan.matches(grads):
         raise ProjectionInputError("the gradients changed since the plan was built; build a new plan")
     home = plan.groups[0].grads[0].device
-    partials = [grp.backend.dots(grp.grads, grp.bases, grp.k_max) for grp in plan.groups]
+    # Single-pass path: a backend with `fused_project_` projects each tensor right after its dots
+    # (small tensors still in cache) using the same w = M^-1 c and mode rule as below. Only when
+    # nothing global is pending between the passes: per-tensor scope, no clip, no all_reduce.
+    # It returns the pass-1 table, so the statistics below are computed exactly as on the 2-pass path.
+    fusable = scope == "tensor" and max_norm is None and process_group is None
+    fused = [fusable and hasattr(grp.backend, "fused_project_") for grp in plan.groups]
+    partials = [grp.backend.fused_project_(grp.grads, grp.bases, grp.gram_inv, mode, aligned_scale) if f
+                else grp.backend.dots(grp.grads, grp.bases, grp.k_max) for grp, f in zip(plan.groups, fused)]
     if process_group is not None:
         import torch.distributed as dist
 
@@ -380,7 +387,9 @@ def execute(
         clip_coef = (max_norm / (total_norm + CLIP_EPS)).clamp(max=1.0)
     else:
         clip_coef = torch.ones((), device=home)
-    for grp, (w, _, _, _) in zip(plan.groups, per_group):
+    for grp, (w, _, _, _), f in zip(plan.groups, per_group, fused):
+        if f:
+            continue  # already projected by fused_project_
         scale = clip_coef.to(w.device).expand(len(grp.grads)).contiguous()
         grp.backend.update_(grp.grads, grp.bases, w, kappa, scale)
 

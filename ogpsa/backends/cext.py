@@ -92,7 +92,7 @@ if _C is not None:
         return [r.new_empty((k, r.shape[1]), dtype=out_dtype) for r, k in zip(refs, ks)]
 
     @torch.library.register_fake("ogpsa::fused_project_")
-    def _fused_fake(grads, bases, gram_inv, mode, aligned_scale):
+    def _fused_fake(grads, bases, gram_inv, rule, aligned_scale):
         return grads[0].new_empty((len(grads), gram_inv.shape[1] + 1), dtype=torch.float32)
 
 
