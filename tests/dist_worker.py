@@ -10,7 +10,8 @@ relative errors and collective counts that the test asserts on. Scenarios:
   conflict mode + clipping in the step hook, sharded reference gradients -> sharded
   basis, sharded save/load round trips; collectives counted per projection.
 * ``zero_fake``: the ZeRO-2 partition logic against an emulated engine (no DeepSpeed).
-* ``deepspeed``: the real DeepSpeed ZeRO-2 engine on the CPU (only if importable).
+* ``deepspeed`` / ``deepspeed_stage1``: the real DeepSpeed ZeRO-2 / ZeRO-1 engine on the
+  CPU (DeepSpeed's CPU accelerator, gloo; only if deepspeed is importable).
 """
 
 from __future__ import annotations
@@ -389,7 +390,7 @@ def scenario_zero_fake(rank, out):
                restored="step" not in zopt.__dict__)
 
 
-def scenario_deepspeed(rank, out):
+def scenario_deepspeed(rank, out, stage=2):
     import deepspeed
 
     import ogpsa
@@ -401,7 +402,7 @@ def scenario_deepspeed(rank, out):
     model = tiny_llama()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ds_config = {"train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": 2, "reduce_bucket_size": 500, "allgather_bucket_size": 500},
+                 "zero_optimization": {"stage": stage, "reduce_bucket_size": 500, "allgather_bucket_size": 500},
                  "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
     plain = tiny_llama()  # the same step without projection, to show the projection matters
     plain_before = {n: p.detach().clone() for n, p in plain.named_parameters()}
@@ -422,14 +423,15 @@ def scenario_deepspeed(rank, out):
 
 
 SCENARIOS = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "zero_fake": scenario_zero_fake,
-             "deepspeed": scenario_deepspeed}
+             "deepspeed": scenario_deepspeed,
+             "deepspeed_stage1": lambda rank, out: scenario_deepspeed(rank, out, stage=1)}
 
 
 def run(rank, port, outdir, names):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    if "deepspeed" in names:
+    if any(n.startswith("deepspeed") for n in names):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 

@@ -125,13 +125,17 @@ def _deepspeed_importable() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not installed")
 def test_deepspeed_zero2_real_engine_on_cpu(tmp_path):
-    """The real DeepSpeed ZeRO-2 engine (CPU accelerator, gloo): ~1 minute, JIT-builds a DeepSpeed op."""
+    """The real DeepSpeed ZeRO-2 and ZeRO-1 engines (CPU accelerator, gloo): ~1 minute, and
+    DeepSpeed JIT-builds an op on first use."""
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    for out in _launch(str(tmp_path), "deepspeed", env=env)["deepspeed"]:
-        assert "error" not in out, out["error"]
-        assert out["type"] == "ZeroProjector" and out["stage"] == 2 and out["projections"] == 1
-        assert out["update_rel"] <= TOL, out
-        assert out["unprojected_rel"] > 0.1, out
+    results = _launch(str(tmp_path), "deepspeed,deepspeed_stage1", env=env)
+    for stage, name in ((2, "deepspeed"), (1, "deepspeed_stage1")):
+        for out in results[name]:
+            assert "error" not in out, out["error"]
+            assert out["type"] == "ZeroProjector" and out["stage"] == stage and out["projections"] == 1
+            assert out["split_params"], "the partition should cut a parameter"
+            assert out["update_rel"] <= TOL, out
+            assert out["unprojected_rel"] > 0.02, out  # the projection really changed the step
 
 
 # ----------------------------------------------------------------------------------------
