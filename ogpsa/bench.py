@@ -156,7 +156,7 @@ def tiny_workload() -> Workload:
                     [("a", (33, 7)), ("b", (4097,)), ("c", (3, 5, 11)), ("d", (1000,)), ("e", (129, 65))])
 
 
-def _fill_basis(u: Tensor, gen: torch.Generator) -> None:
+def _fill_basis(u: Tensor, gen: torch.Generator, cpu_gen: torch.Generator) -> None:
     """Random rows, orthonormal exactly for small tensors and approximately for large ones.
 
     A float64 QR of a [N, k] matrix is cheap below ~65k elements; above, normalised Gaussian
@@ -165,12 +165,11 @@ def _fill_basis(u: Tensor, gen: torch.Generator) -> None:
     timing does not depend on exact orthonormality."""
     k, n = u.shape
     if n <= 65536:
-        q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+        q, _ = torch.linalg.qr(torch.randn(n, k, generator=cpu_gen, dtype=torch.float64))
         u.copy_(q.T)
         return
-    # generate in float32 chunks on the CPU generator, normalise, cast on the way in
-    for j in range(k):
-        row = torch.empty(n, dtype=torch.float32)
+    for j in range(k):  # one float32 row at a time: no k x N float32 temporary next to u
+        row = torch.empty(n, dtype=torch.float32, device=u.device)
         row.normal_(generator=gen)
         row.div_(row.norm())
         u[j].copy_(row)
@@ -178,19 +177,21 @@ def _fill_basis(u: Tensor, gen: torch.Generator) -> None:
 
 def make_tensors(workload: Workload, k: int, grad_dtype: torch.dtype, basis_dtype: torch.dtype,
                  device: torch.device, seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
-    """Seeded random gradients (never zeros) and bases ``[min(k, N_i), N_i]`` for a workload."""
-    gen = torch.Generator().manual_seed(seed)
+    """Seeded random gradients (never zeros) and bases ``[min(k, N_i), N_i]`` for a workload,
+    generated on the device (a CPU generator would take minutes for a GPU-sized list)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cpu_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(seed)
     grads, bases = [], []
     for _, shape in workload.shapes:
         n = math.prod(shape)
-        g = torch.empty(shape, dtype=torch.float32)
+        g = torch.empty(shape, dtype=torch.float32, device=device)
         g.normal_(generator=gen)
-        grads.append(g.to(device=device, dtype=grad_dtype))
+        grads.append(g.to(grad_dtype))
         del g
-        u = torch.empty(min(k, n), n, dtype=torch.float32)
-        _fill_basis(u, gen)
-        bases.append(u.to(device=device, dtype=basis_dtype))
-        del u
+        u = torch.empty(min(k, n), n, dtype=basis_dtype, device=device)
+        _fill_basis(u, gen, cpu_gen)
+        bases.append(u)
     return grads, bases
 
 
