@@ -7,7 +7,7 @@ SRCS   := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 PYTEST_ARGS ?=
 
-.PHONY: venv build test test-slow demo bench lint info clean
+.PHONY: venv build test test-slow demo bench bench-pytest lint info clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/ogpsa bench
+
+# pytest-benchmark over the same contenders (OGPSA_BENCH_WORKLOADS, OGPSA_BENCH_K, ... in benchmarks/)
+bench-pytest: $(STAMP)
+	$(PY) -m pytest -q benchmarks $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
