@@ -609,7 +609,7 @@ def environment(device: torch.device) -> dict:
         except Exception:
             env["driver"] = "unknown"
     if hasattr(os, "getloadavg"):
-        env["loadavg_start"] = list(os.getloadavg())
+        env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     env["backends"] = {n: {"available": ok, "detail": why} for n, (ok, why) in ops.backends().items()}
     return env
 
@@ -629,7 +629,8 @@ def peak_copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 def run_config(cfg: Config, wl: Workload, grads: list[Tensor], bases: list[Tensor], device: torch.device, *,
                budget_s: float, measure_memory: bool, only: Optional[Sequence[str]] = None,
-               deadline: Optional[float] = None, log=print) -> list[dict]:
+               deadline: Optional[float] = None, peak_copy_gbps: Optional[float] = None,
+               log=print) -> list[dict]:
     """Time every contender on one case; returns one row per contender."""
     names = [n for n, _ in wl.shapes]
     counts = byte_counts(grads, bases)
@@ -661,15 +662,18 @@ def run_config(cfg: Config, wl: Workload, grads: list[Tensor], bases: list[Tenso
         rows.append(row)
         log(f"  {c.name:<16} " + (f"{row['median_ms']:10.3f} ms" if row.get("status") == "ok" else row["status"] + ": "
                                   + row.get("reason", "")))
-    _derive(rows, wl)
+    _derive(rows, wl, peak_copy_gbps)
     return rows
 
 
-def _derive(rows: list[dict], wl: Workload) -> None:
+def _derive(rows: list[dict], wl: Workload, peak_copy_gbps: Optional[float] = None) -> None:
     """Bandwidth, % of copy, speed-ups and extrapolation for the rows of one case."""
     by = {r["contender"]: r for r in rows if r.get("status") == "ok"}
     copy = by.get("copy")
     copy_gbps = copy["bytes_copy"] / (copy["median_ms"] * 1e-3) / 1e9 if copy else None
+    # the ceiling is the better of this list's copy and one large copy, so that a copy slowed
+    # by many small tensors (or by a noisy neighbour) cannot inflate the percentages
+    ceiling = max(x for x in (copy_gbps, peak_copy_gbps) if x) if (copy_gbps or peak_copy_gbps) else None
     for r in rows:
         if r.get("status") != "ok":
             continue
@@ -679,7 +683,8 @@ def _derive(rows: list[dict], wl: Workload) -> None:
             moved = 3 * r["bytes_g"]  # clipping alone: read for the norm, read + write to scale
         r["eff_gbps"] = moved / t / 1e9
         r["copy_gbps"] = copy_gbps
-        r["pct_copy"] = 100 * r["eff_gbps"] / copy_gbps if copy_gbps else None
+        r["ceiling_gbps"] = ceiling
+        r["pct_copy"] = 100 * r["eff_gbps"] / ceiling if ceiling else None
         r["ns_per_elem"] = r["median_ms"] * 1e6 / r["numel"]
         if wl.full_numel:
             r["full_numel"] = wl.full_numel
@@ -734,11 +739,12 @@ def run_bench(suite_name: str, device: torch.device, out_dir: Path, *, only: Opt
             f"({wls[cfg.workload].tensors} tensors, {wls[cfg.workload].numel / 1e6:.1f}M elements)")
         measure = device.type == "cuda" or cfg.k == 2
         data["results"] += run_config(cfg, wls[cfg.workload], grads, bases, device, budget_s=budget_s,
-                                      measure_memory=measure, only=only, deadline=start + 60 * max_minutes, log=log)
+                                      measure_memory=measure, only=only, deadline=start + 60 * max_minutes,
+                                      peak_copy_gbps=data.get("peak_copy_gbps"), log=log)
         write_results(data, out_dir, plot=False)
     cache.clear()
     if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = list(os.getloadavg())
+        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     env["wall_s"] = time.perf_counter() - start
     data["targets"] = targets(data)
     write_results(data, out_dir, plot=plot)
@@ -759,7 +765,7 @@ FORMULA = {
     "bytes_one_pass": "2*B_g + k*B_u: each input read once, g written once (what a one-pass kernel moves)",
     "bytes_copy": "2*(B_g + k*B_u): the copy contender reads every gradient and basis byte once and writes as many",
     "eff_gbps": "bytes_floor / median time (copy: bytes_copy / time; clip_grad_norm_: 3*B_g / time)",
-    "pct_copy": "eff_gbps / copy_gbps of the same case",
+    "pct_copy": "eff_gbps / ceiling_gbps, the higher of the same case's copy and one large contiguous copy",
     "time": "median over repetitions; CPU: perf_counter after one warm-up call; CUDA: events after a warm-up, "
             "L2 flushed before each sample",
     "per_step": "every projection contender also clips to max_norm=1.0; authors-hooks = 8 micro-batches of hooks "
@@ -836,40 +842,49 @@ def markdown(data: dict) -> str:
     return "\n".join(out)
 
 
+def _best_ours(data: dict) -> list[dict]:
+    """Per case, the fastest ``ogpsa:*`` row (what a user with the auto backend would get)."""
+    best: dict = {}
+    for r in data["results"]:
+        if r.get("status") == "ok" and r["contender"].startswith("ogpsa:"):
+            key = (r["workload"], r["k"], r["grad_dtype"], r["basis_dtype"])
+            if key not in best or r["median_ms"] < best[key]["median_ms"]:
+                best[key] = r
+    return list(best.values())
+
+
 def targets(data: dict) -> list[str]:
-    """The issue's targets, each stated with the measured ratio (or why it cannot be)."""
-    ok = [r for r in data["results"] if r.get("status") == "ok"]
-    ours = [r for r in ok if r["contender"].startswith("ogpsa:")]
+    """The issue's targets, each stated as the measured range over cases of the fastest
+    ogpsa backend per case (or why it cannot be measured here)."""
+    ours = _best_ours(data)
     device = data["env"]["device"]
     out = []
 
-    def best(rows, key, pick=max):
-        vals = [r for r in rows if r.get(key) is not None]
-        return pick(vals, key=lambda r: r[key]) if vals else None
+    def case(r):
+        return f"{r['contender']}, {r['workload']} k={r['k']} {r['grad_dtype']}/{r['basis_dtype']}"
 
-    b = best(ours, "pct_copy")
-    if b:
-        out.append(f"fused projection at % of copy bandwidth (target >= 90% on H100): best {b['pct_copy']:.0f}% "
-                   f"({b['contender']}, {b['workload']} k={b['k']} {b['grad_dtype']}/{b['basis_dtype']}) on {device}")
+    def span(rows, key, unit="x", spec=".2f"):
+        rows = [r for r in rows if r.get(key) is not None]
+        if not rows:
+            return None
+        lo, hi = min(rows, key=lambda r: r[key]), max(rows, key=lambda r: r[key])
+        if lo is hi:
+            return f"{format(lo[key], spec)}{unit} ({case(lo)})"
+        return f"{format(lo[key], spec)}{unit} ({case(lo)}) to {format(hi[key], spec)}{unit} ({case(hi)})"
+
+    checks = [("fused projection, % of copy bandwidth (target >= 90% on H100)", ours, "pct_copy", "%", ".0f")]
     for wl, goal in (("llama8b", 5), ("125m", 5), ("lora", 20)):
-        b = best([r for r in ours if r["workload"] == wl], "x_reference")
-        if b:
-            out.append(f"{wl}: best ogpsa backend vs reference (target >= {goal}x): {b['x_reference']:.2f}x "
-                       f"({b['contender']}, k={b['k']} {b['grad_dtype']}/{b['basis_dtype']})")
-    b = best(ours, "x_authors", pick=min)
-    if b:
-        out.append(f"vs the authors' scheme per optimizer step (target >= 100x): at least {b['x_authors']:.1f}x "
-                   f"(worst case: {b['contender']}, {b['workload']} k={b['k']} {b['grad_dtype']}/{b['basis_dtype']})")
-    b = best(ours, "over_clip", pick=min)
-    if b:
-        out.append(f"projection + clipping over clipping alone (target <= 1.15x): best {b['over_clip']:.2f}x "
-                   f"({b['contender']}, {b['workload']} k={b['k']} {b['grad_dtype']}/{b['basis_dtype']})")
-    cpu_ext = [r for r in ok if r["contender"] == "ogpsa:cpu"]
-    if cpu_ext:
-        lo = min(cpu_ext, key=lambda r: r["x_reference"] or 0)
-        hi = max(cpu_ext, key=lambda r: r["x_reference"] or 0)
-        out.append(f"CPU extension vs reference (target >= 1.5x on 2 cores): {lo['x_reference']:.2f}x "
-                   f"({lo['workload']} k={lo['k']}) to {hi['x_reference']:.2f}x ({hi['workload']} k={hi['k']})")
+        checks.append((f"{wl}: vs the reference (target >= {goal}x)", [r for r in ours if r["workload"] == wl],
+                       "x_reference", "x", ".2f"))
+    checks += [("vs the authors' scheme per optimizer step (target >= 100x)", ours, "x_authors", "x", ".1f"),
+               ("projection + clipping over clipping alone (target <= 1.15x)", ours, "over_clip", "x", ".2f"),
+               ("CPU extension vs the reference (target >= 1.5x on 2 cores)",
+                [r for r in data["results"] if r.get("status") == "ok" and r["contender"] == "ogpsa:cpu"],
+                "x_reference", "x", ".2f")]
+    for text, rows, key, unit, spec in checks:
+        got = span(rows, key, unit, spec)
+        if got:
+            out.append(f"{text}: {got}")
     if device == "cpu":
         out.append("GPU targets (H100 bandwidth, CUDA/Triton kernels) await a GPU run of benchmarks/gpu_check.sh")
     return out
@@ -944,7 +959,8 @@ def readme_block(results_json: Path, repo_root: Path = REPO_ROOT) -> str:
            f"load average {env.get('loadavg_start')} at the start (a shared machine: expect noise). "
            f"Peak copy bandwidth {_fmt(data.get('peak_copy_gbps'), '.1f')} GB/s. One optimizer step's work each "
            f"(projection + clipping to 1.0; the authors' scheme: {data['micro_batches']} micro-batches of hooks "
-           "+ clip_grad_norm_); GB/s by the byte floor 3·B_g + 2·k·B_u.", ""]
+           "+ clip_grad_norm_); GB/s by the byte floor 3·B_g + 2·k·B_u; % of copy: of the higher of the list's copy "
+           "and one large copy.", ""]
     for wl in dict.fromkeys(r["workload"] for r in ok):
         rows = [r for r in data["results"] if r["workload"] == wl and r["k"] == 2
                 and (r["grad_dtype"], r["basis_dtype"]) == pair]
