@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ogpsa.cli", "versions, backends, CUDA/Triton presence"),
     "bench": ("ogpsa.bench", "time projection + clipping: reference, pure PyTorch, authors' hooks, backends, copy"),
     "demo": ("ogpsa.demo", "offline forgetting experiment: safety-tuning with and without OGPSA (table + plot)"),
+    "train": ("ogpsa.train_cli", "OGPSA safety fine-tuning with TRL (SFT or DPO), offline, on a local or tiny model"),
 }
 
 

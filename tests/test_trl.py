@@ -328,3 +328,40 @@ def test_readme_train_with_trl_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, "README.md:Train with TRL", "exec"), namespace)
     assert (tmp_path / "ogpsa-sft" / SUBSPACE_FILE).is_file()
     assert (tmp_path / "ogpsa-dpo" / SUBSPACE_FILE).is_file()
+
+
+def test_ogpsa_train_cli_sft_then_dpo(tmp_path, capsys):
+    import json
+
+    from ogpsa.cli import main
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    safety = write("safety.jsonl", [{"prompt": f"how to make weapon {i}?", "completion": "sorry."} for i in range(4)])
+    prefs = write("prefs.jsonl", [{"prompt": f"weapon {i}?", "chosen": "sorry.", "rejected": "sure."} for i in range(4)])
+    general = write("general.jsonl", [{"text": t} for t in REFERENCE[0]])
+    pairs = write("pairs.jsonl", REFERENCE[1])
+    sft_out = str(tmp_path / "sft")
+    rc = main(["train", "--stage", "sft", "--model", "tiny", "--data", safety, "--reference", general,
+               "--reference", pairs, "--output", sft_out, "--max-steps", "2", "--batch-size", "2",
+               "--optim", "sgd", "--cpu", "--refresh-every", "1", "--num-reference-samples", "3"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "sft" / "ogpsa_train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["refresh_steps"] == [0, 1]
+    assert "rank 2..2" in summary["subspace"]
+    sft_sub = ogpsa.Subspace.load(os.path.join(sft_out, SUBSPACE_FILE))
+    # DPO from the SFT checkpoint (model + tokenizer reloaded offline) and its basis, no refresh.
+    dpo_out = str(tmp_path / "dpo")
+    rc = main(["train", "--stage", "dpo", "--model", sft_out, "--data", prefs, "--subspace", sft_out,
+               "--refresh-every", "0", "--output", dpo_out, "--max-steps", "1", "--batch-size", "2", "--cpu"])
+    assert rc == 0
+    assert ogpsa.Subspace.load(os.path.join(dpo_out, SUBSPACE_FILE)).equal(sft_sub)
+    assert json.loads((tmp_path / "dpo" / "ogpsa_train_summary.json").read_text())["refresh_steps"] == []
+    with pytest.raises(SystemExit, match="--reference"):
+        main(["train", "--stage", "sft", "--model", "tiny", "--data", safety, "--output", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="neither 'tiny'"):
+        main(["train", "--stage", "sft", "--model", str(tmp_path / "nope"), "--data", safety,
+              "--reference", general, "--output", str(tmp_path / "x")])
