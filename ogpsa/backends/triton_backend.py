@@ -16,6 +16,7 @@ for testing, far slower than the ``cpu``/``torch`` backends.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -35,6 +36,11 @@ _BASIS_DTYPES = (torch.float32, torch.bfloat16)
 #: Fill every buffer this backend allocates with NaN first (tests use it to prove each
 #: output element is written by a kernel, not inherited from the allocator).
 POISON_NEW_BUFFERS = False
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the *current* CUDA device, not the one the tables point into
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _new(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -93,15 +99,17 @@ class TritonBackend(Backend):
         device = grads[0].device
         partials = _new((table.num_chunks, k_max + 1), torch.float32, device)
         out = _new((len(grads), k_max + 1), torch.float32, device)
-        return _projection.dots(table, grads, bases, k_max, out, partials)
+        with _on_device(device):
+            return _projection.dots(table, grads, bases, k_max, out, partials)
 
     def update_(self, grads: Sequence[Tensor], bases: Sequence[Tensor], weights: Tensor, kappa: float,
                 scale: Tensor) -> None:
         table = self._projection_table(grads, bases)
         weights = weights if weights.is_contiguous() else weights.contiguous()
         scale = scale if scale.is_contiguous() else scale.contiguous()
-        _projection.update_(table, grads, bases, weights, kappa, scale,
-                            make_table=lambda g, u: _make_projection_table(g, u, _projection.CHUNK))
+        with _on_device(grads[0].device):
+            _projection.update_(table, grads, bases, weights, kappa, scale,
+                                make_table=lambda g, u: _make_projection_table(g, u, _projection.CHUNK))
 
     # -- basis building ---------------------------------------------------------------
 
@@ -118,7 +126,8 @@ class TritonBackend(Backend):
                                                      seg_tb=_common.SEG_TB))
         partials = _new((table.num_chunks, m * m), torch.float32, device)
         out = _new((len(refs), m, m), torch.float64, device)
-        return _basis.gram(table, refs, m, partials, out)
+        with _on_device(device):
+            return _basis.gram(table, refs, m, partials, out)
 
     def combine(self, refs: Sequence[Tensor], coefficients: Tensor, ks: Sequence[int],
                 out_dtype: torch.dtype) -> list[Tensor]:
@@ -135,7 +144,8 @@ class TritonBackend(Backend):
                              [o.data_ptr() if k else r.data_ptr() for o, r, k in zip(outs, refs, ks)]],
                             [r.shape[1] for r in refs], ks, _basis.CHUNK, device, seg_tb=_common.SEG_TB)
         coefficients = coefficients.to(device=device, dtype=torch.float32).contiguous()
-        _basis.combine(table, refs, coefficients, outs)
+        with _on_device(device):
+            _basis.combine(table, refs, coefficients, outs)
         return outs
 
 
