@@ -11,6 +11,7 @@
 #   tests      pytest -m "not slow" on the CUDA-relevant test files, then every gpu-marked
 #              test; tests needing trl skip cleanly when trl is absent
 #   sanitizer  compute-sanitizer memcheck on benchmarks/gpu_sanitize_case.py
+#   deepspeed  benchmarks/gpu_deepspeed_check.py (real ZeRO-2 engine; skips without deepspeed)
 #   bench      ogpsa bench --suite gpu (JSON + markdown + PNG)
 # Every stage runs even when an earlier one failed; each stage's status and time go to
 # stages.tsv; the script exits 1 if any stage failed. The whole run is held to
@@ -160,7 +161,12 @@ sanitize() {
     compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" benchmarks/gpu_sanitize_case.py
 }
 export -f sanitize
-RESERVE=150 run_stage sanitizer 80 sanitize
+RESERVE=170 run_stage sanitizer 80 sanitize
+
+# ---- DeepSpeed ZeRO-2 on the GPU (exits 0 with status "skipped" when deepspeed is absent) -----
+if [[ -f benchmarks/gpu_deepspeed_check.py ]]; then
+    RESERVE=150 run_stage deepspeed 60 "$PY" benchmarks/gpu_deepspeed_check.py
+fi
 
 # ---- benchmark ----------------------------------------------------------------------------
 LEFT=$(( $(remaining) - 15 ))
