@@ -736,6 +736,7 @@ def run_bench(suite_name: str, device: torch.device, out_dir: Path, *, only: Opt
             continue
         key = (cfg.workload, cfg.grad_dtype, cfg.basis_dtype)
         if cache.get("key") != key:
+            grads = bases = None  # drop the previous case's tensors before making the next ones
             cache.clear()
             _free(device)
             k_max = max(c.k for c in cfgs if (c.workload, c.grad_dtype, c.basis_dtype) == key)
