@@ -1,11 +1,13 @@
 """Multi-tensor addressing: int64 pointer tables and per-chunk metadata.
 
-One kernel launch covers every tensor of a group. Program ``p`` handles one chunk of
-consecutive elements of one tensor: ``chunk_tensor[p]`` says which, ``chunk_start[p]``
-where in it (chunks are ``CHUNK`` elements, longer in very large tensors). Tensor ``t`` owns chunks ``seg[t]..seg[t+1]`` (contiguous, in order), which
-is what the deterministic segment sum reduces over. Tables are built on the host once
-and copied to the device; :class:`TableCache` keeps them keyed by (data_ptr, shape, dtype)
-of every tensor, so a training loop whose gradient buffers stay put never rebuilds them.
+One kernel launch covers every tensor of a group. Chunk ``c`` is a run of consecutive
+elements of one tensor: ``chunk_tensor[c]`` says which, ``chunk_start[c]`` where in it
+(``chunk_len[t]`` elements: ``CHUNK``, longer in very large tensors). A program handles
+``rows`` consecutive chunks (1 on a GPU). Tensor ``t`` owns chunks ``seg[t]..seg[t+1]``
+(contiguous, in order), which is what the deterministic segment sum reduces over. Tables
+are built on the host once and copied to the device; :class:`TableCache` keeps them keyed
+by (data_ptr, shape, dtype) of every tensor, so a training loop whose gradient buffers
+stay put never rebuilds them.
 """
 
 from __future__ import annotations
