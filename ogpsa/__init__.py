@@ -7,6 +7,7 @@ Quick start::
     proj = ogpsa.attach(model, optimizer, subspace)  # projects before every optimizer.step()
 """
 
+from .collect import build_subspace, collect_reference_gradients
 from .config import OGPSAConfig
 from .ops import (
     BackendUnavailableError,
@@ -28,6 +29,8 @@ __all__ = [
     "attach",
     "register_gradient_hooks",
     "GradientHooks",
+    "collect_reference_gradients",
+    "build_subspace",
     "project_",
     "ProjectionStats",
     "ProjectionInputError",

@@ -21,7 +21,7 @@ import torch
 from ..collect import CollectInfo, collect_reference_gradients
 from ..config import OGPSAConfig
 from ..ops import ProjectionStats
-from ..projector import Projector
+from ..projector import Projector, attach
 from ..subspace import Subspace
 
 logger = logging.getLogger("ogpsa")
@@ -149,7 +149,7 @@ class OGPSAEngine:
         sub.check_model(model)
         if self.projector is not None:
             self.projector.remove()
-        self.projector = Projector(model, unwrap_optimizer(optimizer), sub, self.config)
+        self.projector = attach(model, unwrap_optimizer(optimizer), sub, self.config)
         return self.projector
 
     def refresh_due(self, step: int) -> bool:

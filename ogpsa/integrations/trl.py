@@ -103,7 +103,13 @@ class OGPSATrainerMixin:
         if getattr(self, "is_deepspeed_enabled", False):
             raise NotImplementedError(
                 "OGPSA trainers do not support DeepSpeed yet: DeepSpeed clips gradients and steps the optimizer "
-                "inside its engine, so the projection cannot run between accumulation and the step")
+                "inside its engine, so the projection cannot run between accumulation and the step; see "
+                "ogpsa.distributed.attach_deepspeed for a hand-written loop")
+        if getattr(self, "is_fsdp_enabled", False):
+            raise NotImplementedError(
+                "OGPSA trainers do not support FSDP yet: the reference-gradient collection and the Trainer's "
+                "clipping path need the sharded projector; see ogpsa.distributed (README, Multi-GPU) for a "
+                "hand-written FSDP2 loop. DDP works unchanged")
         if not hasattr(type(self), "_clip_grad_norm") or not hasattr(type(self), "_get_grad_norm"):
             warnings.warn("this transformers version has no overridable Trainer._clip_grad_norm: OGPSA projects in "
                           "the optimizer's step pre-hook, i.e. after gradient clipping", stacklevel=3)
