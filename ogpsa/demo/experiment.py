@@ -74,6 +74,7 @@ class DemoConfig:
     max_grad_norm: float = 1.0
     # OGPSA (mirrors the original: 2 reference sets x 200 for SFT, 1 set for DPO)
     reference_sets: int = 2
+    reference_split: str = "mixed"       # or "task": one reference set (direction) per general task
     reference_size: int = 200
     sft_refresh_every: int = 30
     dpo_refresh_every: int = 5
@@ -105,6 +106,8 @@ class DemoConfig:
         for name in ("pretrain_lr", "sft_lr", "dpo_lr", "dpo_beta", "max_grad_norm"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} must be > 0")
+        if self.reference_split not in ("mixed", "task"):
+            raise ValueError(f"DemoConfig.reference_split={self.reference_split!r} must be 'mixed' or 'task'")
         if not 0.0 <= self.harmful_fraction < 1.0:
             raise ValueError(f"DemoConfig.harmful_fraction={self.harmful_fraction!r} must be in [0, 1)")
 
@@ -478,7 +481,8 @@ def run_experiment(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[
     for seed in range(cfg.seeds):
         t_seed = time.perf_counter()
         data = tasks.make_data(seed, eval_per_task=cfg.eval_per_task, reference_sets=cfg.reference_sets,
-                               reference_size=cfg.reference_size, eval_harmful=cfg.eval_harmful)
+                               reference_size=cfg.reference_size, eval_harmful=cfg.eval_harmful,
+                               reference_split=cfg.reference_split)
         if cfg.model:
             model, codec = load_checkpoint(cfg.model)
             torch.manual_seed(seed)

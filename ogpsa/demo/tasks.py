@@ -179,8 +179,15 @@ class DemoData:
 
 
 def make_data(seed: int, eval_per_task: int = 100, reference_sets: int = 2, reference_size: int = 200,
-              eval_harmful: int = 100) -> DemoData:
-    """Evaluation and reference sets for ``seed`` (prompts of the two never overlap)."""
+              eval_harmful: int = 100, reference_split: str = "mixed") -> DemoData:
+    """Evaluation and reference sets for ``seed`` (prompts of the two never overlap).
+
+    ``reference_split="mixed"``: ``reference_sets`` sets, each a sample of the whole general
+    mix (as the original work's general-ability sets). ``"task"``: one set per general task
+    (``reference_sets`` is ignored), so the subspace gets one direction per capability.
+    """
+    if reference_split not in ("mixed", "task"):
+        raise ValueError(f"reference_split={reference_split!r} must be 'mixed' or 'task'")
     for name, v in (("eval_per_task", eval_per_task), ("reference_sets", reference_sets),
                     ("reference_size", reference_size), ("eval_harmful", eval_harmful)):
         if not isinstance(v, int) or v < 1:
@@ -191,9 +198,13 @@ def make_data(seed: int, eval_per_task: int = 100, reference_sets: int = 2, refe
                     for t in GENERAL_TASKS}
     exclude = {e.prompt for exs in eval_general.values() for e in exs}
     refs = []
-    for _ in range(reference_sets):
-        refs.append([distinct(GENERATORS[GENERAL_TASKS[i % len(GENERAL_TASKS)]], rng, 1, exclude)[0]
-                     for i in range(reference_size)])
+    if reference_split == "task":
+        for t in GENERAL_TASKS:
+            refs.append([distinct(GENERATORS[t], rng, 1, exclude)[0] for _ in range(reference_size)])
+    else:
+        for _ in range(reference_sets):
+            refs.append([distinct(GENERATORS[GENERAL_TASKS[i % len(GENERAL_TASKS)]], rng, 1, exclude)[0]
+                         for i in range(reference_size)])
     eval_h = [harmful_refusal(rng, "heldout") for _ in range(eval_harmful)]
     return DemoData(eval_general, eval_h, refs, seed, exclude)
 
