@@ -365,3 +365,37 @@ def test_ogpsa_train_cli_sft_then_dpo(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="neither 'tiny'"):
         main(["train", "--stage", "sft", "--model", str(tmp_path / "nope"), "--data", safety,
               "--reference", general, "--output", str(tmp_path / "x")])
+
+
+def test_mixin_projects_before_clipping_and_callback_after(tok, tmp_path):
+    """With a tiny max_grad_norm the mixin's update has norm exactly lr * max_norm (clip after
+    projection); the callback clips first, so its projected update is shorter."""
+    from ogpsa.integrations.trl import OGPSATrainerMixin
+
+    class MixedTrainer(OGPSATrainerMixin, Trainer):
+        pass
+
+    texts = [f"general text number {i:02d}." for i in range(4)]
+    ids = [tok(t).input_ids for t in texts]
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    lr, max_norm = 100.0, 1e-3  # a large lr keeps the update far above fp32 rounding of the weights
+    norms = {}
+    for kind in ("mixin", "callback"):
+        kw = common_args(tmp_path / kind, max_steps=1, max_grad_norm=max_norm, learning_rate=lr)
+        args = TrainingArguments(**kw)
+        if kind == "mixin":
+            rec = UpdateRecorder()
+            trainer = MixedTrainer(model=model_for(tok, seed=6), args=args, train_dataset=data, processing_class=tok,
+                                   reference_datasets=REFERENCE, callbacks=[rec])
+            rec.trainer = trainer
+            assert trainer.ogpsa.refresh_every == 30
+        else:
+            cb = OGPSACallback(reference_datasets=REFERENCE, batch_size=2)
+            rec = UpdateRecorder(subspace_fn=lambda cb=cb: cb.subspace)
+            trainer = Trainer(model=model_for(tok, seed=6), args=args, train_dataset=data, processing_class=tok,
+                              callbacks=[cb, rec])
+        trainer.train()
+        assert rec.ratios[0] <= TOL and rec.worst_tensor[0] <= 1.0
+        norms[kind] = float(torch.cat([d.double().reshape(-1) for d in rec.deltas[0].values()]).norm())
+    assert norms["mixin"] == pytest.approx(lr * max_norm, rel=1e-4)
+    assert norms["callback"] < 0.999 * lr * max_norm

@@ -73,13 +73,28 @@ class _EngineCallback(TrainerCallback):
 
 
 class OGPSATrainerMixin:
-    """Adds OGPSA to a ``transformers.Trainer`` subclass: put it first in the bases.
+    """Adds OGPSA to any ``transformers.Trainer`` subclass: put it first in the bases::
 
-    Call :meth:`_ogpsa_prepare` in ``__init__`` before the Trainer's own ``__init__`` and
-    :meth:`_ogpsa_finish` after it (see :class:`OGPSASFTTrainer`).
+        class MyTrainer(OGPSATrainerMixin, Trainer):
+            pass
+
+        MyTrainer(model=..., args=..., train_dataset=..., reference_datasets=[...], ogpsa_config=...)
+
+    Keyword arguments: see :class:`OGPSASFTTrainer`. ``refresh_every`` defaults to
+    :attr:`ogpsa_default_refresh_every` (30) when no config is given.
     """
 
     ogpsa_default_refresh_every = SFT_REFRESH_EVERY
+
+    def __init__(self, *args: Any, ogpsa_config: Optional[OGPSAConfig] = None,
+                 reference_datasets: Optional[Sequence[Any]] = None, refresh_every: Optional[int] = None,
+                 subspace: Union[Subspace, str, os.PathLike, None] = None,
+                 reference_loss_fn: Optional[Callable] = None, reference_batch_size: Optional[int] = None,
+                 reference_num_samples: Optional[int] = None, reference_progress: bool = False, **kwargs: Any):
+        self._ogpsa_prepare(ogpsa_config, reference_datasets, refresh_every, subspace, reference_loss_fn,
+                            reference_batch_size, reference_num_samples, reference_progress)
+        super().__init__(*args, **kwargs)
+        self._ogpsa_finish()
 
     def _ogpsa_prepare(self, ogpsa_config: Optional[OGPSAConfig], reference_datasets: Optional[Sequence[Any]],
                        refresh_every: Optional[int], subspace: Union[Subspace, str, os.PathLike, None],
@@ -211,16 +226,6 @@ class OGPSASFTTrainer(OGPSATrainerMixin, _trl.SFTTrainer):
 
     ogpsa_default_refresh_every = SFT_REFRESH_EVERY
 
-    def __init__(self, *args: Any, ogpsa_config: Optional[OGPSAConfig] = None,
-                 reference_datasets: Optional[Sequence[Any]] = None, refresh_every: Optional[int] = None,
-                 subspace: Union[Subspace, str, os.PathLike, None] = None,
-                 reference_loss_fn: Optional[Callable] = None, reference_batch_size: Optional[int] = None,
-                 reference_num_samples: Optional[int] = None, reference_progress: bool = False, **kwargs: Any):
-        self._ogpsa_prepare(ogpsa_config, reference_datasets, refresh_every, subspace, reference_loss_fn,
-                            reference_batch_size, reference_num_samples, reference_progress)
-        super().__init__(*args, **kwargs)
-        self._ogpsa_finish()
-
 
 class OGPSADPOTrainer(OGPSATrainerMixin, _trl.DPOTrainer):
     """TRL ``DPOTrainer`` with OGPSA. Same extra arguments as :class:`OGPSASFTTrainer`;
@@ -234,16 +239,6 @@ class OGPSADPOTrainer(OGPSATrainerMixin, _trl.DPOTrainer):
     """
 
     ogpsa_default_refresh_every = DPO_REFRESH_EVERY
-
-    def __init__(self, *args: Any, ogpsa_config: Optional[OGPSAConfig] = None,
-                 reference_datasets: Optional[Sequence[Any]] = None, refresh_every: Optional[int] = None,
-                 subspace: Union[Subspace, str, os.PathLike, None] = None,
-                 reference_loss_fn: Optional[Callable] = None, reference_batch_size: Optional[int] = None,
-                 reference_num_samples: Optional[int] = None, reference_progress: bool = False, **kwargs: Any):
-        self._ogpsa_prepare(ogpsa_config, reference_datasets, refresh_every, subspace, reference_loss_fn,
-                            reference_batch_size, reference_num_samples, reference_progress)
-        super().__init__(*args, **kwargs)
-        self._ogpsa_finish()
 
 
 __all__ = ["OGPSATrainerMixin", "OGPSASFTTrainer", "OGPSADPOTrainer"]
