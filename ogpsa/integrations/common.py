@@ -170,8 +170,8 @@ class OGPSAEngine:
 
     def _reset_metrics(self) -> None:
         self._n = 0
-        self._removed = 0.0
-        self._cosine = 0.0
+        self._removed: Any = 0.0  # device tensors between logs: no host sync on the training step
+        self._cosine: Any = 0.0
         self._refresh_seconds = 0.0
         self._refreshes = 0
 
@@ -179,16 +179,24 @@ class OGPSAEngine:
         """Accumulate one projection's statistics until the next :meth:`pop_metrics`."""
         if stats is None or self.projector is None:
             return
-        ranks = self.projector.subspace.ranks()
         names = stats.names or []
-        mask = torch.tensor([ranks.get(n, 0) > 0 for n in names], dtype=torch.bool, device=stats.sq_before.device)
+        key = tuple(names)
+        if getattr(self, "_mask_key", None) != (key, id(self.projector.subspace)):
+            ranks = self.projector.subspace.ranks()
+            self._mask = torch.tensor([ranks.get(n, 0) > 0 for n in names], dtype=torch.bool,
+                                      device=stats.sq_before.device)
+            self._mask_key = (key, id(self.projector.subspace))
         before = stats.sq_before.float()
         removed = stats.removed_sq.float()
         total = before.sum()
-        self._removed += float(removed.sum() / total) if float(total) > 0 else 0.0
-        if mask.numel() == before.numel() and bool(mask.any()):
-            cos = (removed[mask] / before[mask].clamp_min(1e-30)).clamp(0, 1).sqrt()
-            self._cosine += float(cos.mean())
+        self._removed = self._removed + torch.where(total > 0, removed.sum() / total.clamp_min(1e-30),
+                                                    torch.zeros_like(total))
+        mask = self._mask
+        if mask.numel() == before.numel():
+            cos = (removed / before.clamp_min(1e-30)).clamp(0, 1).sqrt()
+            count = mask.sum()
+            self._cosine = self._cosine + torch.where(count > 0, (cos * mask).sum() / count.clamp_min(1),
+                                                      torch.zeros_like(total))
         self._n += 1
 
     def pop_metrics(self) -> dict[str, float]:
@@ -196,8 +204,8 @@ class OGPSAEngine:
         call, plus the refresh time and count; resets the accumulators."""
         out: dict[str, float] = {}
         if self._n:
-            out["ogpsa/removed_fraction"] = self._removed / self._n
-            out["ogpsa/cosine"] = self._cosine / self._n
+            out["ogpsa/removed_fraction"] = float(self._removed) / self._n
+            out["ogpsa/cosine"] = float(self._cosine) / self._n
         if self._refreshes or self._n:
             out["ogpsa/refresh_seconds"] = self._refresh_seconds
             out["ogpsa/refreshes"] = float(self._refreshes)
