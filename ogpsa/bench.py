@@ -617,6 +617,8 @@ def environment(device: torch.device) -> dict:
                                            capture_output=True, text=True, timeout=20).stdout.strip()
         except Exception:
             env["driver"] = "unknown"
+    env["env_vars"] = {v: os.environ[v] for v in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                  "OGPSA_BACKEND", "TRITON_INTERPRET") if v in os.environ}
     if hasattr(os, "getloadavg"):
         env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     env["backends"] = {n: {"available": ok, "detail": why} for n, (ok, why) in ops.backends().items()}
@@ -826,7 +828,8 @@ def markdown(data: dict) -> str:
     out = [f"# ogpsa bench: {env['hardware']} ({data['suite']} suite)", "",
            f"- date {env['date']}, git {env['git_commit']}, torch {env['torch']}, triton {env['triton']}, "
            f"python {env['python']}, {env['torch_threads']} torch threads on {env['cpu_count']} CPUs",
-           f"- device {env['device']}" + (f", driver {env.get('driver')}" if env.get("driver") else ""),
+           f"- device {env['device']}" + (f", driver {env.get('driver')}" if env.get("driver") else "")
+           + f", environment {env.get('env_vars') or '{}'}",
            f"- load average at start/end: {env.get('loadavg_start')} / {env.get('loadavg_end')} "
            "(the CPU may be shared: timings include that noise)",
            f"- peak copy bandwidth (one large copy, read + write): {_fmt(data.get('peak_copy_gbps'), '.1f')} GB/s",
@@ -966,6 +969,7 @@ def readme_block(results_json: Path, repo_root: Path = REPO_ROOT) -> str:
     out = [README_START, f"Source: [`{rel}`]({rel}) (full tables: [`{folder}/results.md`]({folder}/results.md)), "
            f"written by `{env['command']}` on {env['date'][:10]}, git `{env['git_commit'][:12]}`: "
            f"{env['hardware']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
+           f"environment {env.get('env_vars') or '{}'}, "
            f"load average {env.get('loadavg_start')} at the start (a shared machine: expect noise). "
            f"Peak copy bandwidth {_fmt(data.get('peak_copy_gbps'), '.1f')} GB/s. One optimizer step's work each "
            f"(projection + clipping to 1.0; the authors' scheme: {data['micro_batches']} micro-batches of hooks "
