@@ -124,7 +124,11 @@ def cmdclass() -> dict:
             strict = os.environ.get("OGPSA_BUILD_CUDA", "").strip() == "1"
             if any(s.endswith(".cu") for e in self.extensions for s in e.sources) and not strict:
                 _log(f"CUDA kernels failed to build ({type(failed).__name__}: {failed}); building CPU-only ogpsa._C")
-                self.extensions = [_extension(False)]  # fresh: BuildExtension adds its flags again
+                cpu = _extension(False)  # fresh: BuildExtension adds its flags again
+                for attr, value in vars(self.extensions[0]).items():
+                    if attr.startswith("_") and not hasattr(cpu, attr):  # set by build_ext.finalize_options
+                        setattr(cpu, attr, value)
+                self.extensions = [cpu]
                 try:
                     return super().build_extensions()
                 except Exception as exc:

@@ -161,6 +161,7 @@ void check_pairs(at::TensorList grads, at::TensorList bases, const char* op, c10
                 " has dtypes (", g.scalar_type(), ", ", u.scalar_type(), "); every tensor must share (", gdt, ", ",
                 udt, ")");
     TORCH_CHECK(g.is_contiguous() && u.is_contiguous(), "ogpsa::", op, ": tensor ", i, " is not contiguous");
+    TORCH_CHECK(g.numel() >= 1, "ogpsa::", op, ": grads[", i, "] has no elements");
     TORCH_CHECK(u.dim() == 2 && u.size(1) == g.numel(), "ogpsa::", op, ": bases[", i, "] has shape ", u.sizes(),
                 ", expected [k, ", g.numel(), "]");
     TORCH_CHECK(u.size(0) <= kMaxRank, "ogpsa::", op, ": bases[", i, "] has k=", u.size(0), " > ", kMaxRank);

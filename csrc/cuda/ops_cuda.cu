@@ -191,6 +191,8 @@ void collect(at::TensorList grads, at::TensorList bases, std::vector<const void*
     TORCH_CHECK(g.scalar_type() == grads[0].scalar_type() && u.scalar_type() == bases[0].scalar_type(), "ogpsa::", op,
                 ": tensor ", i, " has a different dtype from tensor 0");
     TORCH_CHECK(g.is_contiguous() && u.is_contiguous(), "ogpsa::", op, ": tensor ", i, " is not contiguous");
+    // an empty tensor has no chunk, and the launch loop flushes a table on a tensor's last chunk
+    TORCH_CHECK(g.numel() >= 1, "ogpsa::", op, ": grads[", i, "] has no elements");
     TORCH_CHECK(u.dim() == 2 && u.size(1) == g.numel() && u.size(0) <= kMaxRank, "ogpsa::", op, ": bases[", i,
                 "] has shape ", u.sizes(), ", expected [k<=", kMaxRank, ", ", g.numel(), "]");
     a.push_back(g.data_ptr());
