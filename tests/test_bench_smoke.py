@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,16 @@ def test_cli_smoke_suite_writes_json_markdown_and_png(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| reference |" in md and "3*B_g + 2*k*B_u" in md
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_table_equals_the_committed_result_file():
+    """The README's benchmark block is exactly what ``ogpsa bench --readme <file>`` prints
+    for the result file it names, and that file is in the repository."""
+    text = (ROOT / "README.md").read_text()
+    assert bench.README_START in text and bench.README_END in text, "README has no benchmark block"
+    block = bench.README_START + text.split(bench.README_START, 1)[1].split(bench.README_END, 1)[0] + bench.README_END
+    m = re.search(r"Source: \[`([^`]+/results\.json)`\]", block)
+    assert m, "the README block does not name its result file"
+    src = ROOT / m.group(1)
+    assert src.is_file(), f"{src} is not in the repository"
+    assert block == bench.readme_block(src, ROOT)
