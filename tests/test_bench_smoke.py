@@ -128,6 +128,23 @@ def test_byte_counts_formula():
                  "bytes_one_pass": 2 * b_g + kb_u, "bytes_copy": 2 * (b_g + kb_u)}
 
 
+def test_derived_metrics_and_per_element_extrapolation():
+    wl = bench.Workload("w", "", [("a", (1000,))], full_numel=8_000)
+    base = {"workload": "w", "k": 2, "grad_dtype": "fp32", "basis_dtype": "fp32", "numel": 1000, "status": "ok",
+            **bench.byte_counts([torch.ones(1000)], [torch.ones(2, 1000)])}
+    rows = [dict(base, contender="reference", median_ms=4.0), dict(base, contender="ogpsa:cpu", median_ms=1.0),
+            dict(base, contender="authors-hooks", median_ms=200.0), dict(base, contender="clip_grad_norm_", median_ms=0.5),
+            dict(base, contender="copy", median_ms=2.0)]
+    bench._derive(rows, wl, peak_copy_gbps=None)
+    r = rows[1]
+    assert r["x_reference"] == 4.0 and r["x_authors"] == 200.0 and r["over_clip"] == 2.0
+    assert r["eff_gbps"] == pytest.approx((3 * 4000 + 2 * 8000) / 1e-3 / 1e9)
+    assert r["pct_copy"] == pytest.approx(100 * r["eff_gbps"] / (2 * (4000 + 8000) / 2e-3 / 1e9))
+    assert r["extrapolated_full_ms"] == pytest.approx(8.0)  # 1 ms for 1000 elements -> 8000 elements
+    bench._derive(rows, wl, peak_copy_gbps=1e6)  # a faster measured ceiling lowers the percentage
+    assert rows[1]["pct_copy"] == pytest.approx(100 * rows[1]["eff_gbps"] / 1e6)
+
+
 def test_workload_shapes():
     assert bench.lora_workload().tensors == 448
     assert abs(bench.llama8b_full_numel() - 8.03e9) < 0.01e9
