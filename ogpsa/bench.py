@@ -529,8 +529,8 @@ def suite(name: str, device: torch.device, memory_budget: Optional[int] = None) 
 
     ``cpu`` (the default on a CPU): LoRA and 125M lists for k in {1,2,4,8} with fp32
     gradients and basis, then k=2 with bf16/bf16 and bf16/fp32, then one Llama-3.1-8B layer
-    at k=2 (fp32). Sized to finish in under 10 minutes on 2 idle cores; ``max_minutes``
-    stops it early on a busy machine (what was not run is listed as such).
+    at k=2 (fp32), most important first; ``max_minutes`` stops it from starting new cases
+    (on a busy machine the tail is listed as not run).
     ``gpu``: all three workloads x k in {1,2,4,8} x (fp32/fp32, bf16/bf16, bf16/fp32), the
     Llama list scaled to as many layers as fit ``memory_budget`` bytes at k=8.
     ``smoke``: one tiny case per contender.
