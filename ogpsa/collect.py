@@ -253,6 +253,7 @@ def collect_reference_gradients(
     eval_mode: bool = True,
     progress: bool = True,
     device: Union[str, torch.device, None] = None,
+    grad_mode: str = "backward",
 ) -> tuple[list[dict[str, Tensor]], CollectInfo]:
     """One mean-loss gradient per reference dataset, as ``{param_name: float32 tensor}`` dicts.
 
@@ -275,6 +276,12 @@ def collect_reference_gradients(
         eval_mode: run the model in ``eval()`` mode (no dropout), restoring its mode after.
         progress: show a tqdm progress bar.
         device: where to put the input ids (default: the device of the first parameter).
+        grad_mode: ``"backward"`` (default) accumulates through ``loss.backward()`` and
+            ``.grad``; needed under FSDP2, where ``torch.autograd.grad`` returns None.
+            ``"autograd"`` takes ``torch.autograd.grad(loss, params)`` and never touches
+            ``.grad``, so hooks that fire when a gradient is accumulated into ``.grad`` stay
+            silent: use it on a DeepSpeed ZeRO-1/2 engine's ``module``, whose post-accumulate
+            hooks would otherwise reduce the reference gradients into the training partition.
 
     Returns:
         ``(grads, info)``: ``grads[j]`` is dataset j's mean gradient (float32, detached,
@@ -292,8 +299,12 @@ def collect_reference_gradients(
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if grad_mode not in ("backward", "autograd"):
+        raise ValueError(f"grad_mode={grad_mode!r} must be 'backward' or 'autograd'")
     if getattr(model, "is_deepspeed_enabled", False) or type(model).__name__ == "DeepSpeedEngine":
-        raise NotImplementedError("collect_reference_gradients does not support DeepSpeed engines yet")
+        raise TypeError("collect_reference_gradients got a DeepSpeed engine: pass its .module with "
+                        "grad_mode='autograd' (ZeRO-1/2; the engine's gradient hooks must not see the reference "
+                        "gradients)")
     params = _params(model, names)
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True) to collect gradients for")
@@ -337,7 +348,7 @@ def collect_reference_gradients(
                 model.eval()
             for j, ex in enumerate(examples):
                 t0 = time.perf_counter()
-                for p in all_params:
+                for p in (all_params if grad_mode == "backward" else ()):
                     p.grad = None
                 acc: dict[int, Tensor] = {}
                 total = len(ex)
@@ -361,6 +372,20 @@ def collect_reference_gradients(
                             raise TypeError("loss_fn(model, examples) must return a scalar tensor (the mean loss)")
                         loss = mean.reshape(()) * (len(chunk) / total)
                     loss_sum += float(loss.detach())
+                    if grad_mode == "autograd":
+                        # No AccumulateGrad node runs, so no post-accumulate hook (DeepSpeed's
+                        # reduce-into-partition) fires and .grad is never written.
+                        got = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+                        for (_, p), g in zip(params, got):
+                            if g is None:
+                                continue
+                            if id(p) in acc:
+                                acc[id(p)].add_(g.float())
+                            else:  # a private copy: g may be an expanded or shared view
+                                acc[id(p)] = g.detach().to(torch.float32, copy=True)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                        continue
                     loss.backward()
                     for _, p in params:
                         g = p.grad
@@ -381,7 +406,7 @@ def collect_reference_gradients(
                     if bar is not None:
                         bar.update(len(chunk))
                 grads = {n: acc[id(p)].detach() for n, p in params if id(p) in acc}
-                for p in all_params:
+                for p in (all_params if grad_mode == "backward" else ()):
                     p.grad = None
                 dinfo.mean_loss = loss_sum
                 dinfo.seconds = time.perf_counter() - t0
@@ -391,8 +416,9 @@ def collect_reference_gradients(
                 info.datasets.append(dinfo)
                 out.append(grads)
     finally:
-        for p, g in zip(all_params, saved):
-            p.grad = g
+        if grad_mode == "backward":
+            for p, g in zip(all_params, saved):
+                p.grad = g
         if eval_mode:
             model.train(was_training)
         if bar is not None:

@@ -100,6 +100,7 @@ class OGPSAEngine:
         self.batch_size = batch_size
         self.num_samples = config.num_reference_samples if num_samples is None else num_samples
         self.progress = progress
+        self.grad_mode = "backward"  # "autograd" under DeepSpeed ZeRO-1/2 (see collect_reference_gradients)
         self.projector: Optional[Projector] = None
         self.model: Optional[torch.nn.Module] = None
         self.built_at: Optional[int] = None
@@ -116,7 +117,8 @@ class OGPSAEngine:
         t0 = time.perf_counter()
         grads, info = collect_reference_gradients(
             model, self.reference_datasets, num_samples=self.num_samples, batch_size=self.batch_size,
-            loss_fn=self.loss_fn, tokenizer=self.tokenizer, projector=self.projector, progress=self.progress)
+            loss_fn=self.loss_fn, tokenizer=self.tokenizer, projector=self.projector, progress=self.progress,
+            grad_mode=self.grad_mode)
         if not any(grads):
             raise ValueError("no trainable parameter received a reference gradient; check the reference data")
         sub = Subspace.from_gradients(grads, self.config)
@@ -130,11 +132,14 @@ class OGPSAEngine:
         return sub
 
     def setup(self, model: torch.nn.Module, optimizer: Any, step: int = 0,
-              resume_dir: Optional[str] = None) -> Projector:
+              resume_dir: Optional[str] = None,
+              attach_fn: Optional[Callable[[Subspace], Projector]] = None) -> Projector:
         """Before the first optimizer step: restore (resume), take the initial subspace, or build one.
 
         Attaches a projector to the innermost torch optimizer (its step pre-hook projects
-        only if the trainer has not already projected this step), or to none."""
+        only if the trainer has not already projected this step), or to none; or, with
+        ``attach_fn``, whatever ``attach_fn(subspace)`` returns (e.g. a DeepSpeed
+        :class:`~ogpsa.distributed.ZeroProjector`)."""
         self.model = model
         sub = None
         if resume_dir is not None:
@@ -149,7 +154,10 @@ class OGPSAEngine:
         sub.check_model(model)
         if self.projector is not None:
             self.projector.remove()
-        self.projector = attach(model, unwrap_optimizer(optimizer), sub, self.config)
+        if attach_fn is not None:
+            self.projector = attach_fn(sub)
+        else:
+            self.projector = attach(model, unwrap_optimizer(optimizer), sub, self.config)
         return self.projector
 
     def refresh_due(self, step: int) -> bool:

@@ -31,8 +31,19 @@ subclass):
 * SFT -> DPO: pass ``subspace=<SFT output dir or file>`` to the DPO trainer to start from
   the SFT stage's basis; it keeps refreshing every ``refresh_every`` steps.
 
-DeepSpeed runs clipping and the optimizer step inside its engine, so these trainers raise
-``NotImplementedError`` under DeepSpeed for now.
+Multi-GPU (README, Multi-GPU):
+
+* DDP (``accelerate launch`` / ``torchrun``): nothing changes; the Trainer's clipping step
+  runs on the averaged gradient, so every rank projects the same gradient.
+* DeepSpeed ZeRO-1/2: the engine reduces, clips and steps inside ``accelerator.backward``.
+  The mixin attaches :func:`ogpsa.distributed.attach_deepspeed` to the engine, whose
+  wrapped ZeRO optimizer step projects each rank's reduced gradient partition before
+  DeepSpeed clips it (``gradient_clipping``, set from ``max_grad_norm``) and steps; the
+  Trainer's own clipping method is left alone. Reference gradients are collected on the
+  engine's module with ``torch.autograd.grad`` (DeepSpeed's post-accumulate gradient hooks
+  would reduce ``backward`` gradients into the training partition). ZeRO-3: a clear error.
+* FSDP: not supported by the trainers (a clear error); use a hand-written FSDP2 loop with
+  :mod:`ogpsa.distributed`, or DDP / DeepSpeed ZeRO-2.
 """
 
 from __future__ import annotations
@@ -112,19 +123,25 @@ class OGPSATrainerMixin:
         self._ogpsa_batch_size = reference_batch_size
         self._ogpsa_resume_dir: Optional[str] = None
         self._ogpsa_clipped = False
+        self._ogpsa_deepspeed = False
+        self._ogpsa_seen = 0  # projections already recorded (DeepSpeed projects inside the engine)
 
     def _ogpsa_finish(self) -> None:
         """After the Trainer's __init__: check the setup and register the step events."""
         if getattr(self, "is_deepspeed_enabled", False):
-            raise NotImplementedError(
-                "OGPSA trainers do not support DeepSpeed yet: DeepSpeed clips gradients and steps the optimizer "
-                "inside its engine, so the projection cannot run between accumulation and the step; see "
-                "ogpsa.distributed.attach_deepspeed for a hand-written loop")
+            stage = getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None)
+            if stage == 3:
+                raise NotImplementedError(
+                    "OGPSA trainers support DeepSpeed ZeRO stage 1 and 2, not stage 3 (ZeRO-3 partitions the "
+                    "parameters, so the reference gradients and the basis would have to be sharded): set "
+                    "zero_optimization.stage to 2 in the DeepSpeed config, or use DDP")
+            self._ogpsa_deepspeed = True
+            self._ogpsa_engine.grad_mode = "autograd"
         if getattr(self, "is_fsdp_enabled", False):
             raise NotImplementedError(
-                "OGPSA trainers do not support FSDP yet: the reference-gradient collection and the Trainer's "
-                "clipping path need the sharded projector; see ogpsa.distributed (README, Multi-GPU) for a "
-                "hand-written FSDP2 loop. DDP works unchanged")
+                "OGPSA trainers do not support FSDP: the Trainer's FSDP path is not wired to OGPSA's sharded "
+                "projector. Use DDP or DeepSpeed ZeRO-2 with these trainers, or a hand-written FSDP2 loop with "
+                "ogpsa.distributed (README, Multi-GPU)")
         if not hasattr(type(self), "_clip_grad_norm") or not hasattr(type(self), "_get_grad_norm"):
             warnings.warn("this transformers version has no overridable Trainer._clip_grad_norm: OGPSA projects in "
                           "the optimizer's step pre-hook, i.e. after gradient clipping", stacklevel=3)
@@ -156,12 +173,32 @@ class OGPSATrainerMixin:
 
     def _ogpsa_setup(self) -> None:
         # After TRL's PEFT wrapping and accelerate's prepare: self.model holds the final parameters.
-        self._ogpsa_engine.setup(self.model, self.optimizer, step=self.state.global_step,
-                                 resume_dir=self._ogpsa_resume_dir)
+        engine = self._ogpsa_engine
+        if self._ogpsa_deepspeed:
+            from ..distributed import attach_deepspeed
+
+            ds_engine = self.model_wrapped
+            if not hasattr(ds_engine, "zero_optimization_stage"):
+                raise RuntimeError(f"DeepSpeed is enabled but the prepared model is a {type(ds_engine).__name__}, "
+                                   "not a DeepSpeed engine")
+            config = engine.config
+            engine.setup(ds_engine.module, None, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir,
+                         attach_fn=lambda sub: attach_deepspeed(ds_engine, sub, config))
+            self._ogpsa_seen = engine.projector.num_projections
+            return
+        engine.setup(self.model, self.optimizer, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir)
+
+    def _ogpsa_record_engine_projection(self) -> None:
+        """DeepSpeed projected inside its step (during ``accelerator.backward``): log it once."""
+        proj = self._ogpsa_engine.projector
+        if proj is not None and proj.num_projections != self._ogpsa_seen:
+            self._ogpsa_seen = proj.num_projections
+            self._ogpsa_engine.record(proj.last_stats)
 
     def _clip_grad_norm(self, model):
         proj = self._ogpsa_engine.projector
-        if proj is None:
+        if proj is None or self._ogpsa_deepspeed:
+            # DeepSpeed: the step already ran (projected, then clipped by the engine); this only reads its norm.
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # AMP fp16: project and clip the true gradients
         norm = proj.clip_grad_norm_(self.args.max_grad_norm)
@@ -171,6 +208,9 @@ class OGPSATrainerMixin:
 
     def _get_grad_norm(self, model, grad_norm=None):
         proj = self._ogpsa_engine.projector
+        if self._ogpsa_deepspeed:
+            self._ogpsa_record_engine_projection()
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
         if proj is not None and not self._ogpsa_clipped:
             # max_grad_norm <= 0: the Trainer skipped clipping; project anyway, before the step.
             self.accelerator.unscale_gradients()

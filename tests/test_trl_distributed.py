@@ -1,0 +1,255 @@
+"""OGPSA TRL trainers under DDP (accelerate, gloo) and DeepSpeed ZeRO-2, against one process.
+
+Each case starts this file as a script twice (``python tests/test_trl_distributed.py OUT CASE
+RANK PORT``), one process per rank on 127.0.0.1, with the environment variables ``accelerate
+launch`` sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): the Trainer's accelerate state
+then runs multi-process (DDP over gloo on the CPU, or DeepSpeed's CPU accelerator). Every
+rank trains :class:`OGPSASFTTrainer` for a few SGD steps on 2 examples per step and writes
+its final trainable weights; the test compares them with a single-process run on the same
+global batches (4 examples per step). Sequences all have the same length, so the token-mean
+loss of 4 examples equals the mean of two 2-example means, and the sampler is sequential,
+so rank r's step-s batch is examples [4s + 2r, 4s + 2r + 2) of the single run's batch s.
+Clipping is active (max_grad_norm below the gradient norm) and the subspace is refreshed
+mid-run, so projecting per-rank gradients or clipping per rank would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD = 2
+PER_RANK = 2
+STEPS = 3
+TOL = 1e-5
+TIMEOUT = 85  # seconds for the 2-rank launch (the worker's whole session is killed after it)
+REFERENCE = [["the cat sat on the mat.", "2+3=5", "hello world", "abc def"],
+             [{"prompt": "copy: xyz -> ", "completion": "xyz"}, {"prompt": "7*6=", "completion": "42"}]]
+DS_CONFIG = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+             "zero_optimization": {"stage": 2, "reduce_bucket_size": 500, "allgather_bucket_size": 500},
+             "zero_allow_untested_optimizer": True}
+
+
+def sft_data(n: int = 16):
+    # every text has the same length (two-digit i): equal token counts on every rank
+    return datasets.Dataset.from_dict(
+        {"text": [f"user: how to make thing {i:02d}? assistant: sorry, i cannot help." for i in range(n)]})
+
+
+def make_trainer(out: str, batch: int, ogpsa: bool = True, **extra):
+    """The trainer of every run: SGD (no momentum), clipping on, refresh at step 2, fp32."""
+    from ogpsa.integrations.trl import OGPSASFTTrainer
+    from ogpsa.tiny import char_tokenizer, tiny_llama
+
+    class SequentialSFT(OGPSASFTTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    tok = char_tokenizer()
+    args = trl.SFTConfig(output_dir=out, max_steps=STEPS, per_device_train_batch_size=batch, learning_rate=0.5,
+                         optim="sgd", weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1,
+                         report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, max_grad_norm=0.3,
+                         seed=0, data_seed=0, bf16=False, fp16=False, dataloader_drop_last=True, **extra)
+    kw = dict(reference_datasets=REFERENCE, refresh_every=2) if ogpsa else dict(reference_datasets=REFERENCE,
+                                                                                 refresh_every=0)
+    trainer = SequentialSFT(model=tiny_llama(tok, hidden=32, layers=2, seed=0), args=args, train_dataset=sft_data(),
+                            processing_class=tok, **kw)
+    if not ogpsa:  # the same trainer class, projection removed after setup: the "without OGPSA" run
+        trainer._ogpsa_setup = lambda: None
+    return trainer
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------
+# the 2-rank worker (runs when this file is executed as a script)
+# ----------------------------------------------------------------------------------------
+
+
+def _rank(rank: int, outdir: str, case: str) -> None:
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        extra = {}
+        if case == "deepspeed":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            extra = dict(deepspeed=dict(DS_CONFIG))
+        else:
+            extra = dict(ddp_backend="gloo")
+        logs: list = []
+        trainer = make_trainer(os.path.join(outdir, f"run{rank}"), PER_RANK, **extra)
+        trainer.add_callback(_LogCatcher(logs))
+        trainer.train()
+        proj = trainer.ogpsa_projector
+        model = trainer.model_wrapped.module if case == "deepspeed" else trainer.model
+        torch.save(trainable(model), os.path.join(outdir, f"{case}.rank{rank}.pt"))
+        split = [n for n, p in model.named_parameters() if getattr(p, "_hp_mapping", None) is not None
+                 and p._hp_mapping.lp_fragment_address.numel < p.numel()]
+        result.update(world=torch.distributed.get_world_size(), projector=type(proj).__name__,
+                      projections=proj.num_projections, refresh_steps=trainer.ogpsa.refresh_steps,
+                      removed=[lg.get("ogpsa/removed_fraction") for lg in logs if "loss" in lg],
+                      distributed_type=str(trainer.accelerator.distributed_type), split_params=split)
+    except Exception:
+        import traceback
+
+        result["error"] = traceback.format_exc()
+    with open(os.path.join(outdir, f"{case}.rank{rank}.json"), "w") as f:
+        json.dump(result, f, default=str)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+try:
+    from transformers import TrainerCallback
+
+    class _LogCatcher(TrainerCallback):
+        def __init__(self, logs: list):
+            self.logs = logs
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+except ImportError:  # pragma: no cover - transformers comes with trl
+    pass
+
+
+# ----------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------
+
+
+def _launch(outdir: str, case: str, env: dict) -> list[dict]:
+    port = str(_free_port())
+    procs, logs = [], []
+    for r in range(WORLD):
+        rank_env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(r), WORLD_SIZE=str(WORLD),
+                        LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+        log = open(os.path.join(outdir, f"{case}.rank{r}.log"), "wb")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), outdir, case, str(r)],
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=rank_env,
+                                      cwd=os.path.dirname(HERE)))
+    deadline = time.monotonic() + TIMEOUT
+    timed_out = False
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # each rank runs in its own session: only what we started
+            p.wait()
+    for log in logs:
+        log.close()
+
+    def tail(r: int) -> str:
+        with open(os.path.join(outdir, f"{case}.rank{r}.log"), "rb") as f:
+            return f.read().decode(errors="replace")[-3000:]
+
+    if timed_out:
+        pytest.fail(f"{case}: the ranks did not finish in {TIMEOUT}s:\n" + "\n".join(tail(r) for r in range(WORLD)))
+    ranks = []
+    for r in range(WORLD):
+        path = os.path.join(outdir, f"{case}.rank{r}.json")
+        if not os.path.exists(path):
+            pytest.fail(f"no result from rank {r} (exit {procs[r].returncode}):\n{tail(r)}")
+        with open(path) as f:
+            out = json.load(f)
+        assert "error" not in out, f"rank {r} failed:\n{out['error']}"
+        out["weights"] = torch.load(os.path.join(outdir, f"{case}.rank{r}.pt"))
+        ranks.append(out)
+    return ranks
+
+
+def _rel_update(a: dict, b: dict, start: dict) -> float:
+    num = sum(float(((a[n] - b[n]).double()).norm()) ** 2 for n in b)
+    den = sum(float(((b[n] - start[n]).double()).norm()) ** 2 for n in b)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Single-process runs on the global batch (4 per step): with and without OGPSA."""
+    from ogpsa.tiny import char_tokenizer, tiny_llama
+
+    start = trainable(tiny_llama(char_tokenizer(), hidden=32, layers=2, seed=0))
+    out = {}
+    for name, on in (("ogpsa", True), ("plain", False)):
+        trainer = make_trainer(str(tmp_path_factory.mktemp(name)), PER_RANK * WORLD, ogpsa=on)
+        trainer.train()
+        out[name] = trainable(trainer.model)
+        if on:
+            out["refresh_steps"] = trainer.ogpsa.refresh_steps
+            out["projections"] = trainer.ogpsa_projector.num_projections
+    out["start"] = start
+    # the projection matters on this run, or the comparisons below could not fail
+    assert _rel_update(out["plain"], out["ogpsa"], start) > 0.05
+    return out
+
+
+def _check_ranks(ranks: list[dict], single: dict) -> None:
+    w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
+    assert w0.keys() == single["ogpsa"].keys()
+    assert all(torch.equal(w0[n], w1[n]) for n in w0), "the ranks' weights differ"
+    for out in ranks:
+        assert out["world"] == WORLD
+        assert out["refresh_steps"] == single["refresh_steps"] == [0, 2]
+        assert out["projections"] == STEPS == single["projections"]
+        assert len(out["removed"]) == STEPS and all(r is not None and r > 0 for r in out["removed"])
+        err = _rel_update(out["weights"], single["ogpsa"], single["start"])
+        assert err <= TOL, f"update differs from the single-process run: rel {err:.2e}"
+
+
+@pytest.mark.slow
+def test_sft_trainer_ddp_two_ranks_equals_single_process(single, tmp_path):
+    env = dict(os.environ)
+    env.pop("DS_ACCELERATOR", None)
+    ranks = _launch(str(tmp_path), "ddp", env)
+    for out in ranks:
+        assert out["distributed_type"] == "DistributedType.MULTI_CPU" and out["projector"] == "Projector"
+    _check_ranks(ranks, single)
+
+
+def _deepspeed_importable() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not installed")
+def test_sft_trainer_deepspeed_zero2_two_ranks_equals_single_process(single, tmp_path):
+    """The real DeepSpeed ZeRO-2 engine on the CPU accelerator: projection inside the wrapped
+    ZeRO step, DeepSpeed's own clipping after it, reference gradients via autograd.grad."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    ranks = _launch(str(tmp_path), "deepspeed", env)
+    for out in ranks:
+        assert out["distributed_type"] == "DistributedType.DEEPSPEED" and out["projector"] == "ZeroProjector"
+        assert out["split_params"], "the ZeRO partition should cut a parameter"
+    _check_ranks(ranks, single)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))
+    _rank(int(sys.argv[3]), sys.argv[1], sys.argv[2])
