@@ -216,6 +216,7 @@ def _check_ranks(ranks: list[dict], single: dict) -> None:
         assert out["projections"] == STEPS == single["projections"]
         assert len(out["removed"]) == STEPS and all(r is not None and r > 0 for r in out["removed"])
         err = _rel_update(out["weights"], single["ogpsa"], single["start"])
+        print(f"rank update vs single process: rel {err:.2e}")  # shown with pytest -s
         assert err <= TOL, f"update differs from the single-process run: rel {err:.2e}"
 
 
