@@ -59,6 +59,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README_START = "<!-- ogpsa-bench:start -->"
 README_END = "<!-- ogpsa-bench:end -->"
+#: every generated README block, default (CPU) or named (e.g. ``gpu``): group 1 is the name
+README_BLOCK_RE = re.compile(r"<!-- ogpsa-bench(?::([a-z0-9-]+))?:start -->.*?<!-- ogpsa-bench(?::\1)?:end -->", re.S)
+
+
+def readme_markers(name: Optional[str] = None) -> tuple[str, str]:
+    """Start and end markers of the README block called ``name`` (None: the default block)."""
+    if name is None:
+        return README_START, README_END
+    if not re.fullmatch(r"[a-z0-9-]+", name):
+        raise ValueError(f"README block name {name!r} must be lowercase letters, digits or '-'")
+    return f"<!-- ogpsa-bench:{name}:start -->", f"<!-- ogpsa-bench:{name}:end -->"
 
 
 # ----------------------------------------------------------------------------------------
@@ -957,7 +968,7 @@ def write_results(data: dict, out_dir: Path, plot: bool = True) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def readme_block(results_json: Path, repo_root: Path = REPO_ROOT) -> str:
+def readme_block(results_json: Path, repo_root: Path = REPO_ROOT, name: Optional[str] = None) -> str:
     """The README's benchmark block for a result file: provenance, the k=2 table per
     workload for the suite's first dtype pair, and the plot. Deterministic in the file."""
     data = json.loads(Path(results_json).read_text())
@@ -966,7 +977,8 @@ def readme_block(results_json: Path, repo_root: Path = REPO_ROOT) -> str:
     env = data["env"]
     ok = [r for r in data["results"] if r.get("status") == "ok"]
     pair = (ok[0]["grad_dtype"], ok[0]["basis_dtype"]) if ok else ("fp32", "fp32")
-    out = [README_START, f"Source: [`{rel}`]({rel}) (full tables: [`{folder}/results.md`]({folder}/results.md)), "
+    start, end = readme_markers(name)
+    out = [start, f"Source: [`{rel}`]({rel}) (full tables: [`{folder}/results.md`]({folder}/results.md)), "
            f"written by `{env['command']}` on {env['date'][:10]}, git `{env['git_commit'][:12]}`: "
            f"{env['hardware']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
            f"environment {env.get('env_vars') or '{}'}, "
@@ -985,19 +997,19 @@ def readme_block(results_json: Path, repo_root: Path = REPO_ROOT) -> str:
                 f"k=2, {pair[0]} gradients, {pair[1]} basis:", ""] + _table(rows) + [""]
     if data.get("targets"):
         out += ["Targets, as measured:", ""] + [f"- {t}" for t in data["targets"]] + [""]
-    out += [f"![benchmark plot]({folder}/bench.png)", "", README_END]
+    out += [f"![benchmark plot]({folder}/bench.png)", "", end]
     return "\n".join(out)
 
 
-def update_readme(readme: Path, block: str) -> None:
+def update_readme(readme: Path, block: str, name: Optional[str] = None) -> None:
+    """Replace the README block called ``name`` (between its markers) with ``block``."""
+    start, end = readme_markers(name)
     text = readme.read_text()
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        _, tail = rest.split(README_END, 1)
-        text = head + block + tail
-    else:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers to replace")
-    readme.write_text(text)
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} markers to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + block + tail)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1021,15 +1033,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--readme", type=Path, default=None, metavar="RESULTS_JSON",
                         help="print the README benchmark block for a result file and exit")
+    parser.add_argument("--readme-name", default=None, metavar="NAME",
+                        help="with --readme: a named block (<!-- ogpsa-bench:NAME:start -->), e.g. gpu")
     parser.add_argument("--update-readme", type=Path, default=None, metavar="README",
                         help="with --readme: replace the block between the markers in this README")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.readme is not None:
-        block = readme_block(args.readme)
+        block = readme_block(args.readme, name=args.readme_name)
         if args.update_readme is not None:
-            update_readme(args.update_readme, block)
+            update_readme(args.update_readme, block, args.readme_name)
         else:
             print(block)
         return 0

@@ -177,13 +177,31 @@ def test_cli_smoke_suite_writes_json_markdown_and_png(tmp_path):
 
 
 def test_readme_table_equals_the_committed_result_file():
-    """The README's benchmark block is exactly what ``ogpsa bench --readme <file>`` prints
-    for the result file it names, and that file is in the repository."""
+    """Every benchmark block in the README is exactly what ``ogpsa bench --readme <file>``
+    prints for the result file it names, and that file is in the repository."""
     text = (ROOT / "README.md").read_text()
-    assert bench.README_START in text and bench.README_END in text, "README has no benchmark block"
-    block = bench.README_START + text.split(bench.README_START, 1)[1].split(bench.README_END, 1)[0] + bench.README_END
-    m = re.search(r"Source: \[`([^`]+/results\.json)`\]", block)
-    assert m, "the README block does not name its result file"
-    src = ROOT / m.group(1)
-    assert src.is_file(), f"{src} is not in the repository"
-    assert block == bench.readme_block(src, ROOT)
+    blocks = list(bench.README_BLOCK_RE.finditer(text))
+    assert blocks, "README has no benchmark block"
+    assert any(b.group(1) is None for b in blocks), "README has no default (CPU) benchmark block"
+    for b in blocks:
+        m = re.search(r"Source: \[`([^`]+/results\.json)`\]", b.group(0))
+        assert m, f"README block {b.group(1)!r} does not name its result file"
+        src = ROOT / m.group(1)
+        assert src.is_file(), f"{src} is not in the repository"
+        assert b.group(0) == bench.readme_block(src, ROOT, name=b.group(1))
+
+
+def test_named_readme_block_round_trip(tmp_path):
+    src = ROOT / "benchmarks" / "results"
+    results = [p for p in sorted(src.glob("*/*/results.json")) if '"suite"' in p.read_text()[:4000]]
+    assert results, "no committed result file"
+    start, end = bench.readme_markers("gpu")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{start}\nold\n{end}\noutro\n")
+    bench.update_readme(readme, bench.readme_block(results[0], ROOT, name="gpu"), "gpu")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    (b,) = bench.README_BLOCK_RE.finditer(text)
+    assert b.group(1) == "gpu" and b.group(0) == bench.readme_block(results[0], ROOT, name="gpu")
+    with pytest.raises(ValueError, match="markers"):
+        bench.update_readme(readme, "x", "cpu-2")
