@@ -27,11 +27,15 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+# set before torch loads libgomp: spinning OpenMP threads on shared cores stall every short
+# parallel region of the per-tensor PyTorch loops (override by exporting OMP_WAIT_POLICY)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import ogpsa
-from ogpsa import reference
-from ogpsa.backends import cext
+import torch  # noqa: E402
+
+import ogpsa  # noqa: E402
+from ogpsa import reference  # noqa: E402
+from ogpsa.backends import cext  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "results" / "cpu_ext"
 
@@ -140,7 +144,9 @@ def machine():
         pass
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "ogpsa": ogpsa.__version__, "extension": cext.info()}
+            "ogpsa": ogpsa.__version__, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "extension": cext.info()}
 
 
 def write(results, meta, repeats):
@@ -149,7 +155,9 @@ def write(results, meta, repeats):
                                                      indent=2, default=str))
     lines = ["# CPU extension vs pure-PyTorch reference", "",
              f"{meta['date']} · {meta['cpu']} · {meta['torch_threads']} threads · torch {meta['torch']} · "
-             f"median of {repeats} after a warm-up · fp32 gradients and basis, orthogonal mode, per-tensor scope", "",
+             f"median of {repeats} after a warm-up · fp32 gradients and basis, orthogonal mode, per-tensor scope · "
+             f"OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY']} · load average at the end {meta['load_average_1_5_15min']}",
+             "",
              "| list | tensors | elements | k | threads | clip | method | median ms | min ms | speedup vs reference |",
              "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     for r in results:
@@ -167,7 +175,7 @@ def write(results, meta, repeats):
               "(the reference and torch backend run a few ops per tensor) stall on descheduled threads, which "
               "inflates their 2-thread medians far more than the extension's few long regions; the 1-thread rows "
               "are the steadier comparison.", ""]
-    (OUT_DIR / "results.md").write_text("\n".join(lines))
+    (OUT_DIR / "results.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT_DIR / 'results.json'} and results.md")
 
 

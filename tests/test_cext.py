@@ -335,6 +335,7 @@ def test_auto_picks_cpu_for_cpu_tensors():
     assert ogpsa.project_(grads, bases).backends[0] in ("cpu", "triton")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CUDA kernels")
 @pytest.mark.parametrize("grad_dtype", GRAD_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
