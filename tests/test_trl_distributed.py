@@ -230,6 +230,85 @@ def test_sft_trainer_ddp_two_ranks_equals_single_process(single, tmp_path):
     _check_ranks(ranks, single)
 
 
+# ----------------------------------------------------------------------------------------
+# fast single-process checks of the pieces the DeepSpeed path relies on
+# ----------------------------------------------------------------------------------------
+
+
+def test_autograd_collection_equals_backward_and_fires_no_accumulate_hooks():
+    """grad_mode="autograd" (used under DeepSpeed) gives the same reference gradients as
+    backward, never runs post-accumulate-grad hooks (DeepSpeed ZeRO-2's reduce-into-partition
+    hooks) and never touches .grad."""
+    from ogpsa.collect import collect_reference_gradients
+    from ogpsa.tiny import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer()
+    model = tiny_llama(tok, hidden=32, layers=2, seed=1)
+    fired = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: fired.append(n))
+             for n, p in model.named_parameters()]
+    gen = torch.Generator().manual_seed(5)
+    sentinel = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = sentinel[n].clone()
+    kw = dict(num_samples=4, batch_size=3, tokenizer=tok, progress=False)
+    auto, _ = collect_reference_gradients(model, REFERENCE, grad_mode="autograd", **kw)
+    assert fired == []
+    assert all(torch.equal(p.grad, sentinel[n]) for n, p in model.named_parameters())
+    for h in hooks:
+        h.remove()
+    back, _ = collect_reference_gradients(model, REFERENCE, grad_mode="backward", **kw)
+    assert all(torch.equal(p.grad, sentinel[n]) for n, p in model.named_parameters())
+    for a, b in zip(auto, back):
+        assert a.keys() == b.keys() and len(a) > 10
+        num = sum(float((a[n].double() - b[n].double()).norm()) ** 2 for n in a)
+        den = sum(float(b[n].double().norm()) ** 2 for n in a)
+        assert den > 0 and (num / den) ** 0.5 <= 1e-6
+    with pytest.raises(ValueError, match="grad_mode"):
+        collect_reference_gradients(model, REFERENCE, grad_mode="hooks", **kw)
+
+
+def test_collect_rejects_a_deepspeed_engine_with_a_pointer_to_its_module():
+    from ogpsa.collect import collect_reference_gradients
+
+    class DeepSpeedEngine(torch.nn.Module):  # the name is what the check looks at
+        pass
+
+    with pytest.raises(TypeError, match=r"\.module with grad_mode='autograd'"):
+        collect_reference_gradients(DeepSpeedEngine(), [["x"]])
+
+
+def _fake_trainer(deepspeed_stage=None, fsdp=False):
+    from types import SimpleNamespace
+
+    from ogpsa.config import OGPSAConfig
+    from ogpsa.integrations.common import OGPSAEngine
+
+    plugin = SimpleNamespace(zero_stage=deepspeed_stage)
+    return SimpleNamespace(
+        is_deepspeed_enabled=deepspeed_stage is not None, is_fsdp_enabled=fsdp,
+        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        _ogpsa_engine=OGPSAEngine(OGPSAConfig(), REFERENCE, refresh_every=2), _ogpsa_deepspeed=False,
+        _ogpsa_batch_size=2, args=SimpleNamespace(per_device_train_batch_size=2), processing_class=None,
+        add_callback=lambda cb: None)
+
+
+@pytest.mark.filterwarnings("ignore:this transformers version has no overridable")  # the stand-in has no Trainer
+def test_trainer_setup_checks_for_deepspeed_and_fsdp():
+    from ogpsa.integrations.trl import OGPSATrainerMixin
+
+    with pytest.raises(NotImplementedError, match="ZeRO stage 1 and 2, not stage 3"):
+        OGPSATrainerMixin._ogpsa_finish(_fake_trainer(deepspeed_stage=3))
+    with pytest.raises(NotImplementedError, match="DDP or DeepSpeed ZeRO-2"):
+        OGPSATrainerMixin._ogpsa_finish(_fake_trainer(fsdp=True))
+    t = _fake_trainer(deepspeed_stage=2)
+    OGPSATrainerMixin._ogpsa_finish(t)
+    assert t._ogpsa_deepspeed and t._ogpsa_engine.grad_mode == "autograd"
+    t = _fake_trainer()
+    OGPSATrainerMixin._ogpsa_finish(t)
+    assert not t._ogpsa_deepspeed and t._ogpsa_engine.grad_mode == "backward"
+
+
 def _deepspeed_importable() -> bool:
     try:
         import deepspeed  # noqa: F401
