@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/ogpsa demo
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --publish docs/demo
 
 # OMP_WAIT_POLICY=PASSIVE: on a shared, oversubscribed CPU, spinning OpenMP threads made the
 # op-heavy contenders ~20x slower (reference on 5 tiny tensors: 21 ms active, 1 ms passive)

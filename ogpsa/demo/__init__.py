@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="examples per reference set (default: %(default)s)")
     parser.add_argument("--reference-sets", type=int, default=_D.reference_sets,
                         help="reference sets for SFT, one gradient (direction) each (default: %(default)s)")
+    parser.add_argument("--reference-split", choices=("mixed", "task"), default=_D.reference_split,
+                        help="reference sets: 'mixed' samples of the general mix (as the original work) or one "
+                             "set per general task (default: %(default)s)")
+    parser.add_argument("--pretrain-per-seed", action="store_true",
+                        help="train a separate base model for every seed (default: one base model shared by "
+                             "all seeds; seeds then vary reference sets and safety batches)")
     parser.add_argument("--eval-size", type=int, default=_D.eval_per_task,
                         help="held-out evaluation prompts per general task and of the harmful family "
                              "(default: %(default)s)")
@@ -71,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(seeds=args.seeds, arms=arms, model=args.model, device=args.device, sft_steps=args.steps,
                       dpo_steps=args.dpo_steps, pretrain_steps=args.pretrain_steps, sft_lr=args.lr,
                       sft_refresh_every=args.refresh_every, reference_size=args.reference_size,
-                      reference_sets=args.reference_sets, eval_per_task=args.eval_size,
+                      reference_sets=args.reference_sets, reference_split=args.reference_split,
+                      pretrain_once=not args.pretrain_per_seed, eval_per_task=args.eval_size,
                       eval_harmful=args.eval_size)
 
 

@@ -55,18 +55,20 @@ class DemoConfig:
     device: str = "cpu"
     # tiny model
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 512
-    # base-model training on the general mix
-    pretrain_steps: int = 600
-    pretrain_batch: int = 64
+    # base-model training on the general mix; pretrain_once: one base model (seed 0) shared by all
+    # seeds (they then share the evaluation sets; reference sets and batch order vary per seed)
+    pretrain_once: bool = True
+    pretrain_steps: int = 300
+    pretrain_batch: int = 48
     pretrain_lr: float = 3e-3
     harmful_fraction: float = 0.1        # share of harmful requests answered helpfully
     # safety-tuning
     sft_steps: int = 60
     sft_batch: int = 16
-    sft_lr: float = 1e-3
+    sft_lr: float = 2e-4
     dpo_steps: int = 0
     dpo_batch: int = 16
     dpo_lr: float = 5e-4
@@ -79,8 +81,8 @@ class DemoConfig:
     sft_refresh_every: int = 30
     dpo_refresh_every: int = 5
     # evaluation
-    eval_per_task: int = 100
-    eval_harmful: int = 100
+    eval_per_task: int = 50
+    eval_harmful: int = 50
     eval_batch: int = 256
 
     def __post_init__(self) -> None:
@@ -478,22 +480,31 @@ def run_experiment(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[
     device = torch.device(cfg.device)
     t_start = time.perf_counter()
     runs = []
+    shared: Optional[tuple] = None
     for seed in range(cfg.seeds):
         t_seed = time.perf_counter()
         data = tasks.make_data(seed, eval_per_task=cfg.eval_per_task, reference_sets=cfg.reference_sets,
                                reference_size=cfg.reference_size, eval_harmful=cfg.eval_harmful,
-                               reference_split=cfg.reference_split)
-        if cfg.model:
-            model, codec = load_checkpoint(cfg.model)
-            torch.manual_seed(seed)
+                               reference_split=cfg.reference_split, eval_seed=0 if cfg.pretrain_once else seed)
+        if shared is not None:
+            model, codec, base_state, pre, before = shared
+            model.load_state_dict(base_state)
         else:
-            model, codec = build_tiny(cfg, seed)
-        model.to(device)
-        log(f"seed {seed}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-        pre = pretrain(model, codec, data, cfg, seed, device, log) if cfg.pretrain_steps else {}
-        before = evaluate(model, codec, data, cfg, device)
-        log(f"  before: exact match {before['exact_match_mean']:.3f}, refusal {before['refusal_rate']:.2f}")
-        base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            base_seed = 0 if cfg.pretrain_once else seed
+            if cfg.model:
+                model, codec = load_checkpoint(cfg.model)
+                torch.manual_seed(base_seed)
+            else:
+                model, codec = build_tiny(cfg, base_seed)
+            model.to(device)
+            log(f"base model (seed {base_seed}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+            pre = pretrain(model, codec, data, cfg, base_seed, device, log) if cfg.pretrain_steps else {}
+            before = evaluate(model, codec, data, cfg, device)
+            log(f"  before: exact match {before['exact_match_mean']:.3f}, refusal {before['refusal_rate']:.2f}")
+            base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if cfg.pretrain_once:
+                shared = (model, codec, base_state, pre, before)
+        log(f"seed {seed}:")
         arms = {}
         for arm in cfg.arms:
             model.load_state_dict(base_state)
@@ -506,6 +517,5 @@ def run_experiment(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[
         model.load_state_dict(base_state)
         runs.append({"seed": seed, "pretrain": pre, "before": before, "arms": arms,
                      "seconds": time.perf_counter() - t_seed})
-        del model
     return {"config": cfg.to_dict(), "runs": runs, "seconds": time.perf_counter() - t_start,
             "torch": torch.__version__, "ogpsa": ogpsa.__version__, "num_threads": torch.get_num_threads()}

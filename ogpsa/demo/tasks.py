@@ -179,12 +179,15 @@ class DemoData:
 
 
 def make_data(seed: int, eval_per_task: int = 100, reference_sets: int = 2, reference_size: int = 200,
-              eval_harmful: int = 100, reference_split: str = "mixed") -> DemoData:
+              eval_harmful: int = 100, reference_split: str = "mixed", eval_seed: Optional[int] = None) -> DemoData:
     """Evaluation and reference sets for ``seed`` (prompts of the two never overlap).
 
     ``reference_split="mixed"``: ``reference_sets`` sets, each a sample of the whole general
     mix (as the original work's general-ability sets). ``"task"``: one set per general task
     (``reference_sets`` is ignored), so the subspace gets one direction per capability.
+    ``eval_seed`` (default: ``seed``) seeds the evaluation sets alone, so several seeds can
+    share the evaluation sets (and a base model trained without them) while their reference
+    sets differ.
     """
     if reference_split not in ("mixed", "task"):
         raise ValueError(f"reference_split={reference_split!r} must be 'mixed' or 'task'")
@@ -192,11 +195,13 @@ def make_data(seed: int, eval_per_task: int = 100, reference_sets: int = 2, refe
                     ("reference_size", reference_size), ("eval_harmful", eval_harmful)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
-    rng = random.Random(10_007 * seed + 1)
+    rng = random.Random(10_007 * (seed if eval_seed is None else eval_seed) + 1)
     # The help task has 240 distinct prompts: at most 60 go to evaluation, the rest to training.
     eval_general = {t: distinct(GENERATORS[t], rng, min(eval_per_task, 60) if t == "help" else eval_per_task)
                     for t in GENERAL_TASKS}
     exclude = {e.prompt for exs in eval_general.values() for e in exs}
+    eval_rng = rng
+    rng = random.Random(10_007 * seed + 5)
     refs = []
     if reference_split == "task":
         for t in GENERAL_TASKS:
@@ -205,7 +210,7 @@ def make_data(seed: int, eval_per_task: int = 100, reference_sets: int = 2, refe
         for _ in range(reference_sets):
             refs.append([distinct(GENERATORS[GENERAL_TASKS[i % len(GENERAL_TASKS)]], rng, 1, exclude)[0]
                          for i in range(reference_size)])
-    eval_h = [harmful_refusal(rng, "heldout") for _ in range(eval_harmful)]
+    eval_h = [harmful_refusal(eval_rng, "heldout") for _ in range(eval_harmful)]
     return DemoData(eval_general, eval_h, refs, seed, exclude)
 
 
