@@ -1,4 +1,3 @@
-import torch
 from oracle import float64_project, make_case, rel_err
 
 import ogpsa
