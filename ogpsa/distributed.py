@@ -37,7 +37,7 @@ from . import ops, reference
 from .config import OGPSAConfig
 from .ops import ProjectionStats
 from .projector import Projector
-from .subspace import _DTYPES, Subspace, SubspaceMismatchError
+from .subspace import _DTYPES, NamedBases, Subspace, SubspaceMismatchError
 
 __all__ = [
     "LocalSlice",
@@ -189,7 +189,7 @@ def fsdp_layout(model: torch.nn.Module, names: Optional[Sequence[str]] = None) -
 # ----------------------------------------------------------------------------------------
 
 
-class ShardedSubspace:
+class ShardedSubspace(NamedBases):
     """A :class:`~ogpsa.Subspace` whose bases are sliced like the parameters on this rank.
 
     ``bases[i]``: ``[k_i, slices[i].numel]`` (this rank's columns of the full basis);
@@ -216,27 +216,8 @@ class ShardedSubspace:
     def shapes(self) -> list[tuple]:
         return [sl.shape for sl in self.slices]
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._index
-
-    def basis(self, name: str) -> Tensor:
-        return self.bases[self._index[name]]
-
-    def gram(self, name: str) -> Tensor:
-        return self.grams[self._index[name]]
-
     def slice(self, name: str) -> LocalSlice:
         return self.slices[self._index[name]]
-
-    def ranks(self) -> dict[str, int]:
-        return {n: int(u.shape[0]) for n, u in zip(self.names, self.bases)}
-
-    def memory_bytes(self) -> int:
-        """Bytes of this rank's basis slices."""
-        return sum(u.numel() * u.element_size() for u in self.bases)
 
     def __repr__(self) -> str:
         return (f"<ShardedSubspace: {len(self)} tensors, {self.memory_bytes() / 2**20:.2f} MiB on this rank, "
@@ -499,14 +480,8 @@ class _PieceProjection:
                 bases.append(ub)
                 if piece is not None and piece.numel():
                     copy_back.append((piece, buf))
-        key = (max_norm is not None,) + ops._grad_key(grads)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) > 8:
-                self._plans.clear()
-            plan = ops.plan_projection(grads, bases, scope=self.config.scope, backend=self.config.backend,
-                                       names=self.names, grams=self.grams)
-            self._plans[key] = plan
+        plan = ops.cached_plan(self._plans, grads, bases, clipping=max_norm is not None, scope=self.config.scope,
+                               backend=self.config.backend, names=self.names, grams=self.grams)
         stats = ops.execute(plan, grads, mode=self.config.mode, scope=self.config.scope, max_norm=max_norm,
                             aligned_scale=self.config.aligned_scale, process_group=self.process_group)
         for piece, buf in copy_back:

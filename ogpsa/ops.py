@@ -252,6 +252,22 @@ def plan_projection(
     return ProjectionPlan(groups, len(grads), ks, list(names) if names is not None else None, _grad_key(grads))
 
 
+def cached_plan(cache: dict, grads: Sequence[Tensor], bases: Sequence[Tensor], *, clipping: bool,
+                scope: str = "tensor", backend: Optional[str] = None, names: Optional[Sequence[str]] = None,
+                grams: Optional[Sequence[Optional[Tensor]]] = None, max_entries: int = 8) -> ProjectionPlan:
+    """A plan from ``cache`` keyed by the gradients' (data_ptr, dtype, device, shape), built
+    and stored on a miss. Gradient buffers are stable across steps in a training loop, so
+    validation and pointer tables are paid once; the cache is bounded (cleared when full)."""
+    key = (clipping,) + _grad_key(grads)
+    plan = cache.get(key)
+    if plan is None:
+        if len(cache) >= max_entries:
+            cache.clear()
+        plan = plan_projection(grads, bases, scope=scope, backend=backend, names=names, grams=grams)
+        cache[key] = plan
+    return plan
+
+
 # ----------------------------------------------------------------------------------------
 # Projection
 # ----------------------------------------------------------------------------------------

@@ -99,14 +99,8 @@ class Projector:
         grads, bases, names, grams = self._inputs(include_unprojected=max_norm is not None)
         if not grads:
             return None
-        key = (max_norm is not None,) + ops._grad_key(grads)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) > 8:
-                self._plans.clear()
-            plan = ops.plan_projection(grads, bases, scope=self.config.scope, backend=self.config.backend,
-                                       names=names, grams=grams)
-            self._plans[key] = plan
+        plan = ops.cached_plan(self._plans, grads, bases, clipping=max_norm is not None, scope=self.config.scope,
+                               backend=self.config.backend, names=names, grams=grams)
         stats = ops.execute(plan, grads, mode=self.config.mode, scope=self.config.scope, max_norm=max_norm,
                             aligned_scale=self.config.aligned_scale)
         self.last_stats = stats

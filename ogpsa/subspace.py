@@ -20,7 +20,36 @@ class SubspaceMismatchError(ValueError):
     """A subspace does not fit a model: missing parameters or shape mismatches."""
 
 
-class Subspace:
+class NamedBases:
+    """Lookup shared by :class:`Subspace` and the sharded one in :mod:`ogpsa.distributed`:
+    ``names``, ``bases`` ([k_i, N_i]) and ``grams`` (U_i U_i^T) in one order, ``_index`` by name."""
+
+    names: list[str]
+    bases: list[Tensor]
+    grams: list[Tensor]
+    _index: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def basis(self, name: str) -> Tensor:
+        return self.bases[self._index[name]]
+
+    def gram(self, name: str) -> Tensor:
+        return self.grams[self._index[name]]
+
+    def ranks(self) -> dict[str, int]:
+        return {n: int(u.shape[0]) for n, u in zip(self.names, self.bases)}
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the bases (the k x k matrices are negligible and not counted)."""
+        return sum(u.numel() * u.element_size() for u in self.bases)
+
+
+class Subspace(NamedBases):
     """Bases U_i ([k_i, N_i], orthonormal rows) of the capability subspace, by parameter name.
 
     Also holds M_i = U_i U_i^T (float32, k_i x k_i) computed from the bases as stored, so a
@@ -109,25 +138,6 @@ class Subspace:
         return cls(names, shapes, bases, config, num_references=refs[0].shape[0] if refs else 0)
 
     # -- access ---------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._index
-
-    def basis(self, name: str) -> Tensor:
-        return self.bases[self._index[name]]
-
-    def gram(self, name: str) -> Tensor:
-        return self.grams[self._index[name]]
-
-    def ranks(self) -> dict[str, int]:
-        return {n: int(u.shape[0]) for n, u in zip(self.names, self.bases)}
-
-    def memory_bytes(self) -> int:
-        """Bytes held by the bases (the k x k matrices are negligible and not counted)."""
-        return sum(u.numel() * u.element_size() for u in self.bases)
 
     def memory_report(self) -> str:
         total = self.memory_bytes()
