@@ -36,9 +36,11 @@ INTERPRET_BLOCK = 1024
 
 
 @triton.jit
-def _dots_kernel(g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_start, prog_len, partials, C, W,
-                 ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                 G_KIND: tl.constexpr, U_KIND: tl.constexpr):
+def _chunks(g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_start, C, ROWS: tl.constexpr,
+            K_PAD: tl.constexpr, BLOCK: tl.constexpr, G_KIND: tl.constexpr, U_KIND: tl.constexpr):
+    """What both passes need about the ROWS chunks of this program: the tensor id, the
+    element range, the typed gradient/basis pointers (dtypes are constexpr kinds, so each
+    combination compiles once) and the row offsets of the k_i basis rows."""
     pid = tl.program_id(0)
     item = pid * ROWS + tl.arange(0, ROWS)
     item_ok = item < C
@@ -63,6 +65,15 @@ def _dots_kernel(g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_star
     cols = tl.arange(0, BLOCK)
     row_ok = rows[None, :] < k[:, None]
     u_row = rows[None, :, None] * n[:, None, None]
+    return pid, item, item_ok, t, start, end, g, u, rows, cols, row_ok, u_row
+
+
+@triton.jit
+def _dots_kernel(g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_start, prog_len, partials, C, W,
+                 ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                 G_KIND: tl.constexpr, U_KIND: tl.constexpr):
+    pid, item, item_ok, t, start, end, g, u, rows, cols, row_ok, u_row = _chunks(
+        g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_start, C, ROWS, K_PAD, BLOCK, G_KIND, U_KIND)
     acc_c = tl.zeros([ROWS, K_PAD, BLOCK], dtype=tl.float32)
     acc_sq = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for off in range(0, tl.load(prog_len + pid), BLOCK):
@@ -81,30 +92,8 @@ def _dots_kernel(g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_star
 def _update_kernel(g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_start, prog_len, weights, scale,
                    kappa, C, KW, ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
                    G_KIND: tl.constexpr, U_KIND: tl.constexpr):
-    pid = tl.program_id(0)
-    item = pid * ROWS + tl.arange(0, ROWS)
-    item_ok = item < C
-    t = tl.load(chunk_tensor + item, mask=item_ok, other=0)
-    start = tl.load(chunk_start + item, mask=item_ok, other=0)
-    n = tl.load(numels + t)
-    k = tl.load(ks + t)
-    end = tl.where(item_ok, tl.minimum(start + tl.load(chunk_len + t), n), 0)
-    g_addr = tl.load(g_ptrs + t)
-    u_addr = tl.load(u_ptrs + t)
-    if G_KIND == 0:
-        g = g_addr.to(tl.pointer_type(tl.float32))
-    elif G_KIND == 1:
-        g = g_addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        g = g_addr.to(tl.pointer_type(tl.float16))
-    if U_KIND == 0:
-        u = u_addr.to(tl.pointer_type(tl.float32))
-    else:
-        u = u_addr.to(tl.pointer_type(tl.bfloat16))
-    rows = tl.arange(0, K_PAD)
-    cols = tl.arange(0, BLOCK)
-    row_ok = rows[None, :] < k[:, None]
-    u_row = rows[None, :, None] * n[:, None, None]
+    pid, item, item_ok, t, start, end, g, u, rows, cols, row_ok, u_row = _chunks(
+        g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_start, C, ROWS, K_PAD, BLOCK, G_KIND, U_KIND)
     w = tl.load(weights + t.to(tl.int64)[:, None] * KW + rows[None, :], mask=row_ok, other=0.0).to(tl.float32)
     s = tl.load(scale + t).to(tl.float32)
     for off in range(0, tl.load(prog_len + pid), BLOCK):
