@@ -24,6 +24,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dispatch.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -129,21 +131,6 @@ std::vector<Item> make_items(const std::vector<int64_t>& numel, int64_t chunk) {
   for (int64_t t = 0; t < static_cast<int64_t>(numel.size()); ++t)
     for (int64_t b = 0; b < numel[t]; b += chunk) items.push_back({t, b, std::min(numel[t], b + chunk)});
   return items;
-}
-
-// Dispatch on (grad dtype, basis dtype) to a functor templated on both element types.
-template <typename F>
-void dispatch_gu(at::ScalarType gdt, at::ScalarType udt, const char* op, F&& f) {
-  auto on_u = [&](auto gtag) {
-    using G = decltype(gtag);
-    if (udt == at::kFloat) return f(G{}, float{});
-    if (udt == at::kBFloat16) return f(G{}, c10::BFloat16{});
-    TORCH_CHECK(false, "ogpsa::", op, ": basis dtype must be float32 or bfloat16, got ", udt);
-  };
-  if (gdt == at::kFloat) return on_u(float{});
-  if (gdt == at::kBFloat16) return on_u(c10::BFloat16{});
-  if (gdt == at::kHalf) return on_u(c10::Half{});
-  TORCH_CHECK(false, "ogpsa::", op, ": dtype must be float32, bfloat16 or float16, got ", gdt);
 }
 
 // Light O(T) metadata checks: ogpsa.ops validates fully, but the ops are public as torch.ops.ogpsa.*

@@ -17,6 +17,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../dispatch.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -200,20 +202,6 @@ void collect(at::TensorList grads, at::TensorList bases, std::vector<const void*
     n.push_back(g.numel());
     k.push_back(static_cast<int32_t>(u.size(0)));
   }
-}
-
-template <typename F>
-void dispatch_gu(at::ScalarType gdt, at::ScalarType udt, const char* op, F&& f) {
-  auto on_u = [&](auto gtag) {
-    using G = decltype(gtag);
-    if (udt == at::kFloat) return f(G{}, float{});
-    if (udt == at::kBFloat16) return f(G{}, c10::BFloat16{});
-    TORCH_CHECK(false, "ogpsa::", op, ": basis dtype must be float32 or bfloat16, got ", udt);
-  };
-  if (gdt == at::kFloat) return on_u(float{});
-  if (gdt == at::kBFloat16) return on_u(c10::BFloat16{});
-  if (gdt == at::kHalf) return on_u(c10::Half{});
-  TORCH_CHECK(false, "ogpsa::", op, ": dtype must be float32, bfloat16 or float16, got ", gdt);
 }
 
 template <typename G, typename U, int K>
