@@ -13,6 +13,7 @@ from .ops import (
     BackendUnavailableError,
     ProjectionInputError,
     ProjectionStats,
+    UnsupportedSetupError,
     backends,
     project_,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ProjectionStats",
     "ProjectionInputError",
     "BackendUnavailableError",
+    "UnsupportedSetupError",
     "backends",
     "__version__",
 ]

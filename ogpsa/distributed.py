@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .config import OGPSAConfig
-from .ops import ProjectionStats
+from .ops import ProjectionStats, UnsupportedSetupError
 from .projector import Projector
 from .subspace import _DTYPES, NamedBases, Subspace, SubspaceMismatchError
 
@@ -134,10 +134,10 @@ def _placement_slice(name: str, p: Tensor) -> tuple[LocalSlice, Any]:
     shard_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard) and type(pl) is Shard]
     for pl in placements:
         if not isinstance(pl, (Shard, Replicate)) or (isinstance(pl, Shard) and type(pl) is not Shard):
-            raise NotImplementedError(f"parameter {name!r} has placement {pl} (placements {placements}); OGPSA's "
+            raise UnsupportedSetupError(f"parameter {name!r} has placement {pl} (placements {placements}); OGPSA's "
                                       f"sharded projection supports Shard(d) on one mesh dimension (FSDP2, HSDP)")
     if len(shard_dims) != 1:
-        raise NotImplementedError(
+        raise UnsupportedSetupError(
             f"parameter {name!r} has placements {placements}: OGPSA's sharded projection needs it sharded on exactly "
             f"one mesh dimension (apply fully_shard to every module that holds trainable parameters)")
     mesh_dim = shard_dims[0]
@@ -178,7 +178,7 @@ def fsdp_layout(model: torch.nn.Module, names: Optional[Sequence[str]] = None) -
         if group is None:
             group = pg
         elif pg is not group:
-            raise NotImplementedError(f"parameter {name!r} is sharded over a different process group than the "
+            raise UnsupportedSetupError(f"parameter {name!r} is sharded over a different process group than the "
                                       f"others; OGPSA needs one group for its single all_reduce")
         slices[name] = sl
     return slices, group
@@ -702,7 +702,7 @@ class ZeroProjector(Projector):
         self._params = params
         groups = list(getattr(opt, "real_dp_process_group", None) or [None])
         if any(g is not groups[0] for g in groups):
-            raise NotImplementedError("parameter groups use different data-parallel process groups")
+            raise UnsupportedSetupError("parameter groups use different data-parallel process groups")
         # None is DeepSpeed's (and torch's) spelling of the default group; the partial tables
         # must still be summed over it
         self.process_group = groups[0] if groups[0] is not None else dist.group.WORLD
@@ -763,14 +763,14 @@ def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] =
     stage = int(engine.zero_optimization_stage())
     if stage in (1, 2):
         if not hasattr(engine.optimizer, "params_in_partition"):
-            raise NotImplementedError(f"DeepSpeed ZeRO stage {stage} optimizer {type(engine.optimizer).__name__} "
+            raise UnsupportedSetupError(f"DeepSpeed ZeRO stage {stage} optimizer {type(engine.optimizer).__name__} "
                                       f"does not expose its gradient partitions")
         return ZeroProjector(engine, subspace, config)
     if stage == 0:
         if isinstance(engine.optimizer, torch.optim.Optimizer):
             return Projector(engine.module, engine.optimizer, subspace, config)
-        raise NotImplementedError(f"DeepSpeed without ZeRO wraps the optimizer in {type(engine.optimizer).__name__}; "
+        raise UnsupportedSetupError(f"DeepSpeed without ZeRO wraps the optimizer in {type(engine.optimizer).__name__}; "
                                   f"OGPSA supports ZeRO stage 1 or 2 (or stage 0 with a plain torch optimizer)")
-    raise NotImplementedError("DeepSpeed ZeRO stage 3 is not supported by OGPSA yet; use ZeRO-2 or FSDP2 "
+    raise UnsupportedSetupError("DeepSpeed ZeRO stage 3 is not supported by OGPSA yet; use ZeRO-2 or FSDP2 "
                               "(ogpsa.distributed.attach_fsdp)")
 

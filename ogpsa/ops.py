@@ -51,6 +51,11 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here."""
 
 
+class UnsupportedSetupError(RuntimeError):
+    """A training setup OGPSA does not handle (e.g. DeepSpeed ZeRO-3); the message names
+    the supported alternatives."""
+
+
 def _load(name: str) -> Optional[Backend]:
     if name not in _instances:
         module_name, cls_name = _REGISTRY[name].split(":")

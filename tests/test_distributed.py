@@ -20,6 +20,7 @@ import torch
 
 import ogpsa
 from ogpsa.distributed import LocalSlice, ShardedSubspace, attach_deepspeed
+from ogpsa.ops import UnsupportedSetupError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-6  # fp32, relative, against the single-process projection
@@ -184,13 +185,13 @@ def test_attach_deepspeed_rejects_unsupported_stages():
     model = torch.nn.Linear(3, 2)
     sub = ogpsa.Subspace.from_gradients([{n: torch.randn_like(p) for n, p in model.named_parameters()}])
     engine = SimpleNamespace(module=model, optimizer=object(), zero_optimization_stage=lambda: 3)
-    with pytest.raises(NotImplementedError, match="stage 3"):
+    with pytest.raises(UnsupportedSetupError, match="stage 3"):
         attach_deepspeed(engine, sub)
     engine.zero_optimization_stage = lambda: 0
-    with pytest.raises(NotImplementedError, match="stage 1 or 2"):
+    with pytest.raises(UnsupportedSetupError, match="stage 1 or 2"):
         attach_deepspeed(engine, sub)
     engine.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert type(attach_deepspeed(engine, sub)) is ogpsa.Projector  # stage 0: gradients already all-reduced
     engine.zero_optimization_stage = lambda: 2
-    with pytest.raises(NotImplementedError, match="partitions"):
+    with pytest.raises(UnsupportedSetupError, match="partitions"):
         attach_deepspeed(engine, sub)

@@ -26,6 +26,8 @@ import time
 import pytest
 import torch
 
+from ogpsa.ops import UnsupportedSetupError
+
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
@@ -297,9 +299,9 @@ def _fake_trainer(deepspeed_stage=None, fsdp=False):
 def test_trainer_setup_checks_for_deepspeed_and_fsdp():
     from ogpsa.integrations.trl import OGPSATrainerMixin
 
-    with pytest.raises(NotImplementedError, match="ZeRO stage 1 and 2, not stage 3"):
+    with pytest.raises(UnsupportedSetupError, match="ZeRO stage 1 and 2, not stage 3"):
         OGPSATrainerMixin._ogpsa_finish(_fake_trainer(deepspeed_stage=3))
-    with pytest.raises(NotImplementedError, match="DDP or DeepSpeed ZeRO-2"):
+    with pytest.raises(UnsupportedSetupError, match="DDP or DeepSpeed ZeRO-2"):
         OGPSATrainerMixin._ogpsa_finish(_fake_trainer(fsdp=True))
     t = _fake_trainer(deepspeed_stage=2)
     OGPSATrainerMixin._ogpsa_finish(t)

@@ -28,6 +28,7 @@ import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import OGPSAConfig
+from ..ops import UnsupportedSetupError
 from ..subspace import Subspace
 from .common import SFT_REFRESH_EVERY, OGPSAEngine, tokenizer_of, unwrap_optimizer
 
@@ -80,7 +81,7 @@ class OGPSACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
         if getattr(getattr(args, "deepspeed_plugin", None), "deepspeed_config", None) or getattr(args, "deepspeed", None):
-            raise NotImplementedError("OGPSACallback does not support DeepSpeed yet (its engine clips and steps)")
+            raise UnsupportedSetupError("OGPSACallback does not support DeepSpeed yet (its engine clips and steps)")
         if model is None:
             raise RuntimeError("OGPSACallback.on_train_begin got no model from the Trainer")
         if unwrap_optimizer(optimizer) is None:

@@ -55,6 +55,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ..config import OGPSAConfig
+from ..ops import UnsupportedSetupError
 from ..subspace import Subspace
 from .common import (
     DPO_REFRESH_EVERY,
@@ -131,14 +132,14 @@ class OGPSATrainerMixin:
         if getattr(self, "is_deepspeed_enabled", False):
             stage = getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None)
             if stage == 3:
-                raise NotImplementedError(
+                raise UnsupportedSetupError(
                     "OGPSA trainers support DeepSpeed ZeRO stage 1 and 2, not stage 3 (ZeRO-3 partitions the "
                     "parameters, so the reference gradients and the basis would have to be sharded): set "
                     "zero_optimization.stage to 2 in the DeepSpeed config, or use DDP")
             self._ogpsa_deepspeed = True
             self._ogpsa_engine.grad_mode = "autograd"
         if getattr(self, "is_fsdp_enabled", False):
-            raise NotImplementedError(
+            raise UnsupportedSetupError(
                 "OGPSA trainers do not support FSDP: the Trainer's FSDP path is not wired to OGPSA's sharded "
                 "projector. Use DDP or DeepSpeed ZeRO-2 with these trainers, or a hand-written FSDP2 loop with "
                 "ogpsa.distributed (README, Multi-GPU)")
