@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops, reference
+from . import ops
 from .config import OGPSAConfig
 from .ops import ProjectionStats, UnsupportedSetupError
 from .projector import Projector
-from .subspace import _DTYPES, NamedBases, Subspace, SubspaceMismatchError
+from .subspace import _DTYPES, NamedBases, Subspace, SubspaceMismatchError, coefficients_from_grams
 
 __all__ = [
     "LocalSlice",
@@ -293,16 +293,7 @@ class ShardedSubspace(NamedBases):
         if nonempty:
             gram[nonempty] = ops.gram([refs[i] for i in nonempty], backend=backend)
         _all_reduce(gram, process_group)
-        kw = dict(method=config.method, rank=config.rank, energy=config.energy,
-                  normalize=config.normalize_reference, rank_tol=config.rank_tol)
-        if config.scope == "global":
-            coefficients = [reference.basis_coefficients(gram.sum(0), **kw)] * len(refs)
-        else:
-            coefficients = [reference.basis_coefficients(g, **kw) for g in gram]
-        for r, a in zip(refs, coefficients):  # rows without a direction may hold NaN: never read them
-            unused = ~(a != 0).any(dim=0)
-            if unused.any():
-                r[unused.to(r.device)] = 0.0
+        coefficients = coefficients_from_grams(gram, refs, config)
         out_dtype = _DTYPES[config.basis_dtype]
         bases: list[Optional[Tensor]] = [None] * len(refs)
         if nonempty:

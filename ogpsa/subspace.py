@@ -123,17 +123,7 @@ class Subspace(NamedBases):
                             config: Optional[OGPSAConfig] = None, *, backend: Optional[str] = None) -> Subspace:
         """Build from per-tensor stacked reference gradients ``refs[i]: [m, N_i]`` (float32)."""
         config = config or OGPSAConfig()
-        kw = dict(method=config.method, rank=config.rank, energy=config.energy,
-                  normalize=config.normalize_reference, rank_tol=config.rank_tol)
-        grams = ops.gram(refs, backend=backend)
-        if config.scope == "global":
-            coefficients = [reference.basis_coefficients(grams.sum(0), **kw)] * len(refs)
-        else:
-            coefficients = [reference.basis_coefficients(g, **kw) for g in grams]
-        for r, a in zip(refs, coefficients):  # rows without a direction may hold NaN: never read them
-            unused = ~(a != 0).any(dim=0)
-            if unused.any():
-                r[unused.to(r.device)] = 0.0
+        coefficients = coefficients_from_grams(ops.gram(refs, backend=backend), refs, config)
         bases = ops.combine(refs, coefficients, out_dtype=_DTYPES[config.basis_dtype], backend=backend)
         return cls(names, shapes, bases, config, num_references=refs[0].shape[0] if refs else 0)
 
@@ -226,6 +216,25 @@ class Subspace(NamedBases):
         """Bit-identical bases, names and shapes."""
         return (self.names == other.names and self.shapes == other.shapes
                 and all(a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()) for a, b in zip(self.bases, other.bases)))
+
+
+def coefficients_from_grams(grams: Tensor, refs: Sequence[Tensor], config: OGPSAConfig) -> list[Tensor]:
+    """Per-tensor coefficients A_i ([k_i, m], float64) from the Gram matrices ``grams``
+    ([T, m, m]; summed over tensors for ``scope="global"``), factorised on the host.
+
+    Reference rows that get no direction (zero or non-finite) are zeroed in ``refs`` in
+    place, so the U = A R pass never multiplies a NaN by a zero coefficient."""
+    kw = dict(method=config.method, rank=config.rank, energy=config.energy,
+              normalize=config.normalize_reference, rank_tol=config.rank_tol)
+    if config.scope == "global":
+        coefficients = [reference.basis_coefficients(grams.sum(0), **kw)] * len(refs)
+    else:
+        coefficients = [reference.basis_coefficients(g, **kw) for g in grams]
+    for r, a in zip(refs, coefficients):
+        unused = ~(a != 0).any(dim=0)
+        if unused.any():
+            r[unused.to(r.device)] = 0.0
+    return coefficients
 
 
 def iter_named_grads(model: torch.nn.Module, names: Optional[Iterable[str]] = None) -> dict[str, Tensor]:
