@@ -133,6 +133,24 @@ std::vector<Item> make_items(const std::vector<int64_t>& numel, int64_t chunk) {
   return items;
 }
 
+// Second stage of every reduction: the chunk partials of a tensor are adjacent in `items`;
+// sum them in chunk order in fp64, so results do not depend on the thread count, and hand
+// each tensor's sums to `emit(t, sums)`.
+template <typename Emit>
+void sum_partials_in_order(const std::vector<Item>& items, const std::vector<float>& part, int64_t width,
+                           Emit&& emit) {
+  std::vector<double> sum(width);
+  const int64_t I = static_cast<int64_t>(items.size());
+  for (int64_t it = 0; it < I;) {
+    const int64_t t = items[it].tensor;
+    std::fill(sum.begin(), sum.end(), 0.0);
+    for (; it < I && items[it].tensor == t; ++it)
+      for (int64_t j = 0; j < width; ++j) sum[j] += part[it * width + j];
+    emit(t, sum.data());
+  }
+}
+
+
 // Light O(T) metadata checks: ogpsa.ops validates fully, but the ops are public as torch.ops.ogpsa.*
 void check_pairs(at::TensorList grads, at::TensorList bases, const char* op, c10::DeviceType dev) {
   TORCH_CHECK(!grads.empty(), "ogpsa::", op, ": grads is empty");
@@ -196,14 +214,9 @@ at::Tensor dots_cpu(at::TensorList grads, at::TensorList bases, int64_t k_max) {
   // second stage: chunk partials of a tensor are adjacent; sum them in order, in fp64
   at::Tensor out = at::empty({T, W}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  std::vector<double> sum(W);
-  for (int64_t it = 0; it < I;) {
-    const int64_t t = items[it].tensor;
-    std::fill(sum.begin(), sum.end(), 0.0);
-    for (; it < I && items[it].tensor == t; ++it)
-      for (int64_t j = 0; j < W; ++j) sum[j] += part[it * W + j];
+  sum_partials_in_order(items, part, W, [&](int64_t t, const double* sum) {
     for (int64_t j = 0; j < W; ++j) o[t * W + j] = static_cast<float>(sum[j]);
-  }
+  });
   return out;
 }
 
@@ -348,17 +361,12 @@ at::Tensor fused_project_cpu(at::TensorList grads, at::TensorList bases, const a
       }
     });
     // reduce partials in chunk order; large tensors get their weights here
-    std::vector<double> sum(W);
-    for (int64_t it = 0; it < I;) {
-      const int64_t t = items[it].tensor;
-      std::fill(sum.begin(), sum.end(), 0.0);
-      for (; it < I && items[it].tensor == t; ++it)
-        for (int64_t j = 0; j < W; ++j) sum[j] += part[it * W + j];
+    sum_partials_in_order(items, part, W, [&](int64_t t, const double* sum) {
       for (int64_t j = 0; j < W; ++j) o[t * W + j] = static_cast<float>(sum[j]);
       if (!fused[t])
         kappas[t] = mode_weights(minv + t * k_max * k_max, k_max, o + t * W, bases[t].size(0), mode, as,
                                  weights.data() + t * k_max);
-    }
+    });
     const int64_t B = big_items.size();
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t it = lo; it < hi; ++it) {
@@ -432,16 +440,11 @@ at::Tensor gram_cpu(at::TensorList refs) {
   });
   at::Tensor out = at::empty({T, m, m}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  std::vector<double> sum(P);
-  for (int64_t it = 0; it < I;) {
-    const int64_t t = items[it].tensor;
-    std::fill(sum.begin(), sum.end(), 0.0);
-    for (; it < I && items[it].tensor == t; ++it)
-      for (int64_t p = 0; p < P; ++p) sum[p] += part[it * P + p];
+  sum_partials_in_order(items, part, P, [&](int64_t t, const double* sum) {
     int64_t p = 0;
     for (int64_t a = 0; a < m; ++a)
       for (int64_t c = a; c < m; ++c, ++p) o[(t * m + a) * m + c] = o[(t * m + c) * m + a] = sum[p];
-  }
+  });
   return out;
 }
 
