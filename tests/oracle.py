@@ -17,7 +17,7 @@ CLIP_EPS = 1e-6
 #: relative-error tolerance of the output by gradient dtype (‖out − ref‖ / ‖ref‖)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
-#: odd tensor sizes used across backend tests (2**20 + 3 only in slow tests)
+#: odd tensor sizes used across backend tests (BIG_SIZE = 2**20 + 3 in one test per backend)
 SIZES = (1, 7, 33, 4097)
 BIG_SIZE = 2**20 + 3
 MODES = ("orthogonal", "conflict", "plane")

@@ -54,7 +54,6 @@ def test_many_mixed_shapes(count):
     assert float(stats.total_norm) == pytest.approx(total, rel=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", "torch"])
 def test_big_odd_size(impl):
     grads, bases = make_case(7, [BIG_SIZE, 3], 4)

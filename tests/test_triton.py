@@ -121,7 +121,6 @@ def test_ranks(device, k):
     assert rel_err(grads, expected) <= 1e-5
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", range(1, 17))
 def test_every_rank(device, k):
@@ -146,7 +145,6 @@ def test_many_mixed_shapes(device, count, k):
     assert [tuple(g.shape) for g in grads] == _mixed_shapes(count, count + k)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_big_odd_size(device, grad_dtype):
@@ -468,7 +466,6 @@ def test_subspace_built_with_triton_matches_torch(device, scope):
         torch.testing.assert_close(u_t.cpu(), u_r.cpu(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills():
     """The interpreter is lenient: also compile every kernel variant to an sm_90 cubin (no GPU
     needed) in a process where Triton is imported without TRITON_INTERPRET."""
