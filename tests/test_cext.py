@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from oracle import float64_project, make_case, random_basis, rel_err, tolerance
+from oracle import BIG_SIZE, float64_project, make_case, random_basis, rel_err, tolerance
 
 import ogpsa
 from ogpsa.backends import cext
@@ -86,6 +86,17 @@ def test_fused_large_tensor_path(mode, grad_dtype):
     grads, bases = make_case(11, (300_007, 65_536, 9), 3, grad_dtype)
     expected, _ = float64_project(grads, bases, mode, "tensor", None, aligned_scale=0.25)
     ogpsa.project_(grads, bases, mode=mode, aligned_scale=0.25, backend="cpu")
+    assert rel_err(grads, expected) <= tolerance(grad_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("max_norm", (None, 2.0), ids=("fused", "two_pass"))
+def test_big_odd_size(device, grad_dtype, max_norm):
+    grads, bases = make_case(7, [BIG_SIZE, 3], 4, grad_dtype)
+    expected, _ = float64_project(grads, bases, max_norm=max_norm)
+    grads, bases = [g.to(device) for g in grads], [u.to(device) for u in bases]
+    ogpsa.project_(grads, bases, max_norm=max_norm, backend="cuda" if device == "cuda" else "cpu")
     assert rel_err(grads, expected) <= tolerance(grad_dtype)
 
 
