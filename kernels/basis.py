@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .common import INTERPRETED, KIND, launch
+from .common import INTERPRETED, KIND, launch, typed_ptr
 from .tables import ChunkTable
 
 #: elements (per reference row) per chunk; very large tensors get longer chunks
@@ -34,12 +34,7 @@ def _gram_kernel(r_ptrs, numels, chunk_len, chunk_tensor, chunk_start, partials,
     start = tl.load(chunk_start + pid)
     n = tl.load(numels + t)
     r_addr = tl.load(r_ptrs + t)
-    if R_KIND == 0:
-        r = r_addr.to(tl.pointer_type(tl.float32))
-    elif R_KIND == 1:
-        r = r_addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        r = r_addr.to(tl.pointer_type(tl.float16))
+    r = typed_ptr(r_addr, R_KIND)
     lane = tl.arange(0, TM)
     a_rows = ti * TM + lane
     a_ok = a_rows < m
@@ -72,18 +67,8 @@ def _combine_kernel(r_ptrs, o_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_s
     k = tl.load(ks + t)
     r_addr = tl.load(r_ptrs + t)
     o_addr = tl.load(o_ptrs + t)
-    if R_KIND == 0:
-        r = r_addr.to(tl.pointer_type(tl.float32))
-    elif R_KIND == 1:
-        r = r_addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        r = r_addr.to(tl.pointer_type(tl.float16))
-    if O_KIND == 0:
-        o = o_addr.to(tl.pointer_type(tl.float32))
-    elif O_KIND == 1:
-        o = o_addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        o = o_addr.to(tl.pointer_type(tl.float16))
+    r = typed_ptr(r_addr, R_KIND)
+    o = typed_ptr(o_addr, O_KIND)
     rows = tl.arange(0, K_PAD)
     row_ok = rows < k
     cols = tl.arange(0, BLOCK)

@@ -30,6 +30,18 @@ LAUNCHES: Counter = Counter()
 
 
 @triton.jit
+def typed_ptr(addr, KIND: tl.constexpr):
+    """An int64 address from a pointer table as a pointer of the element type named by
+    KIND (the values of :data:`KIND`); KIND is constexpr, so the branch costs nothing."""
+    if KIND == 0:
+        return addr.to(tl.pointer_type(tl.float32))
+    elif KIND == 1:
+        return addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        return addr.to(tl.pointer_type(tl.float16))
+
+
+@triton.jit
 def _segment_sum_kernel(partials, seg, seg_max, out, T, W, TB: tl.constexpr, CB: tl.constexpr, WB: tl.constexpr):
     # out[t] = sum of partial rows seg[t]..seg[t+1], for TB tensors per program. Each tensor's
     # rows are added CB at a time in chunk order (float64), then one tree over CB whose shape

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .common import INTERPRETED, KIND, launch
+from .common import INTERPRETED, KIND, launch, typed_ptr
 from .tables import ChunkTable
 
 #: elements per chunk; very large tensors get longer chunks (see tables). Under the
@@ -51,16 +51,8 @@ def _chunks(g_ptrs, u_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_start, C,
     end = tl.where(item_ok, tl.minimum(start + tl.load(chunk_len + t), n), 0)
     g_addr = tl.load(g_ptrs + t)
     u_addr = tl.load(u_ptrs + t)
-    if G_KIND == 0:
-        g = g_addr.to(tl.pointer_type(tl.float32))
-    elif G_KIND == 1:
-        g = g_addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        g = g_addr.to(tl.pointer_type(tl.float16))
-    if U_KIND == 0:
-        u = u_addr.to(tl.pointer_type(tl.float32))
-    else:
-        u = u_addr.to(tl.pointer_type(tl.bfloat16))
+    g = typed_ptr(g_addr, G_KIND)
+    u = typed_ptr(u_addr, U_KIND)
     rows = tl.arange(0, K_PAD)
     cols = tl.arange(0, BLOCK)
     row_ok = rows[None, :] < k[:, None]
