@@ -113,3 +113,13 @@ def rel_err(outs: Sequence[torch.Tensor], expected: Sequence[np.ndarray]) -> flo
 def tolerance(grad_dtype, basis_dtype=torch.float32) -> float:
     tol = TOL[grad_dtype]
     return max(tol, 1e-2) if basis_dtype == torch.bfloat16 and grad_dtype != torch.float32 else tol
+
+
+def deepspeed_importable() -> bool:
+    """DeepSpeed is optional (not in requirements-dev.txt); its tests skip without it. Any
+    import failure counts: DeepSpeed can raise more than ImportError on import."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return True

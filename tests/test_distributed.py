@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from oracle import deepspeed_importable
 
 import ogpsa
 from ogpsa.distributed import LocalSlice, ShardedSubspace, attach_deepspeed
@@ -115,16 +116,8 @@ def test_zero2_partition_projection_emulated_engine(dist_results):
         assert out["wrapped_projections"] == 2 and out["restored"]
 
 
-def _deepspeed_importable() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not installed")
+@pytest.mark.skipif(not deepspeed_importable(), reason="deepspeed is not installed")
 def test_deepspeed_zero2_real_engine_on_cpu(tmp_path):
     """The real DeepSpeed ZeRO-2 and ZeRO-1 engines (CPU accelerator, gloo): ~1 minute, and
     DeepSpeed JIT-builds an op on first use."""

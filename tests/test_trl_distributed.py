@@ -25,6 +25,7 @@ import time
 
 import pytest
 import torch
+from oracle import deepspeed_importable
 
 from ogpsa.ops import UnsupportedSetupError
 
@@ -311,16 +312,8 @@ def test_trainer_setup_checks_for_deepspeed_and_fsdp():
     assert not t._ogpsa_deepspeed and t._ogpsa_engine.grad_mode == "backward"
 
 
-def _deepspeed_importable() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not installed")
+@pytest.mark.skipif(not deepspeed_importable(), reason="deepspeed is not installed")
 def test_sft_trainer_deepspeed_zero2_two_ranks_equals_single_process(single, tmp_path):
     """The real DeepSpeed ZeRO-2 engine on the CPU accelerator: projection inside the wrapped
     ZeRO step, DeepSpeed's own clipping after it, reference gradients via autograd.grad."""
