@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
+import os
+import tempfile
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -14,10 +19,20 @@ from .config import OGPSAConfig
 
 FORMAT_VERSION = "1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the file name :meth:`Subspace.save` / :meth:`Subspace.load` use inside a directory; the
+#: trainer integrations (``ogpsa.integrations.common.SUBSPACE_FILE``) write the same name
+SUBSPACE_FILE = "ogpsa_subspace.safetensors"
+_EPS32 = float(torch.finfo(torch.float32).eps)
+_GRAM_CHUNK = 1 << 22  # elements of a basis slice upcast to float64 at a time (32 MiB)
 
 
 class SubspaceMismatchError(ValueError):
     """A subspace does not fit a model: missing parameters or shape mismatches."""
+
+
+class SubspaceFileError(ValueError):
+    """A subspace file is malformed, inconsistent or corrupted; the message names the field
+    or tensor at fault."""
 
 
 class NamedBases:
@@ -77,7 +92,7 @@ class Subspace(NamedBases):
                 raise ValueError(f"basis for {name!r} has shape {tuple(u.shape)}, expected [k, {numel}] for shape {shape}")
             if u.shape[0] and not bool(torch.isfinite(u).all()):
                 raise ValueError(f"basis for {name!r} contains NaN or Inf")
-        self.grams = list(grams) if grams is not None else [u.float() @ u.float().T for u in self.bases]
+        self.grams = list(grams) if grams is not None else [gram64(u).float() for u in self.bases]
         self._index = {n: i for i, n in enumerate(self.names)}
 
     # -- construction ---------------------------------------------------------------------
@@ -176,8 +191,17 @@ class Subspace(NamedBases):
 
     # -- persistence ----------------------------------------------------------------------
 
-    def save(self, path: str) -> None:
-        """Write bases and M matrices to a safetensors file with metadata."""
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write bases and M matrices to a safetensors file with metadata (config, names,
+        shapes, format version, SHA-256 of the tensors).
+
+        ``path`` may be a directory: the file is then ``<path>/ogpsa_subspace.safetensors``
+        (:data:`SUBSPACE_FILE`, the name the trainer integrations use). The file is written to
+        a temporary file in the same directory and moved into place with :func:`os.replace`,
+        so a failed or interrupted save leaves neither a partial file nor a temporary one."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, SUBSPACE_FILE)
         tensors = {}
         for i, (u, m) in enumerate(zip(self.bases, self.grams)):
             tensors[f"basis.{i}"] = u.detach().contiguous().cpu()
@@ -189,28 +213,55 @@ class Subspace(NamedBases):
             "names": json.dumps(self.names),
             "shapes": json.dumps([list(s) for s in self.shapes]),
             "num_references": str(self.num_references),
+            "sha256": _checksum(tensors, len(self.names)),
         }
-        save_file(tensors, path, metadata=metadata)
+        fd, tmp = tempfile.mkstemp(prefix=".ogpsa-subspace-", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     @classmethod
-    def load(cls, path: str, device: Union[str, torch.device, None] = None) -> Subspace:
-        """Read a file written by :meth:`save` (bit-identical bases)."""
+    def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None) -> Subspace:
+        """Read a file written by :meth:`save` (bit-identical bases), or the
+        :data:`SUBSPACE_FILE` inside a directory (e.g. a trainer checkpoint).
+
+        Everything is validated before a Subspace is built, each problem raised as a
+        :class:`SubspaceFileError` naming the field or tensor: format and version, the JSON
+        metadata (names, shapes, config, num_references), missing or extra tensors, basis and
+        Gram shapes and dtypes, non-finite values, the SHA-256 checksum, and every stored Gram
+        matrix against the one recomputed from its basis (a file whose M_i does not belong to
+        its U_i would project onto the wrong space without any error)."""
+        path = _resolve_file(path)
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:
+            raise SubspaceFileError(f"{path} is not an ogpsa subspace file (not readable as safetensors: "
+                                    f"{type(exc).__name__}: {exc})") from exc
         if meta.get("format") != "ogpsa.subspace":
-            raise ValueError(f"{path} is not an ogpsa subspace file (metadata format={meta.get('format')!r})")
+            raise SubspaceFileError(f"{path} is not an ogpsa subspace file (metadata format={meta.get('format')!r})")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has subspace format version {meta.get('format_version')!r}; "
-                             f"this ogpsa reads version {FORMAT_VERSION!r}")
-        tensors = load_file(path, device=str(device) if device is not None else "cpu")
-        names = json.loads(meta["names"])
-        shapes = json.loads(meta["shapes"])
-        bases = [tensors[f"basis.{i}"] for i in range(len(names))]
-        grams = [tensors[f"gram.{i}"] for i in range(len(names))]
-        config = OGPSAConfig.from_dict(json.loads(meta["config"]))
-        return cls(names, shapes, bases, config, grams, int(meta.get("num_references", 0)))
+            raise SubspaceFileError(f"{path} has subspace format version {meta.get('format_version')!r}; "
+                                    f"this ogpsa reads version {FORMAT_VERSION!r}")
+        names, shapes, config, num_refs = _parse_metadata(path, meta)
+        tensors = load_file(path, device="cpu")
+        bases, grams = _check_tensors(path, names, shapes, config, tensors)
+        if "sha256" in meta and _checksum(tensors, len(names)) != meta["sha256"]:
+            raise SubspaceFileError(f"{path}: tensor data does not match the stored SHA-256 checksum "
+                                    "(the file was modified or corrupted after it was written)")
+        _check_grams(path, names, bases, grams)
+        if device is not None:
+            bases = [u.to(device) for u in bases]
+            grams = [m.to(device) for m in grams]
+        return cls(names, shapes, bases, config, grams, num_refs)
 
     def equal(self, other: Subspace) -> bool:
         """Bit-identical bases, names and shapes."""
@@ -242,3 +293,147 @@ def iter_named_grads(model: torch.nn.Module, names: Optional[Iterable[str]] = No
     wanted = set(names) if names is not None else None
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()
             if p.grad is not None and (wanted is None or n in wanted)}
+
+
+# ----------------------------------------------------------------------------------------
+# Gram matrices and the basis-file checks
+# ----------------------------------------------------------------------------------------
+
+
+def gram64(u: Tensor) -> Tensor:
+    """U U^T in float64 on U's device, in column chunks: accurate (no float32 rounding, never
+    TF32, whatever ``allow_tf32`` says) and without a float64 copy of the whole basis."""
+    k, n = u.shape
+    out = torch.zeros(k, k, dtype=torch.float64, device=u.device)
+    if k == 0:
+        return out
+    step = max(1, _GRAM_CHUNK // k)
+    for s in range(0, n, step):
+        part = u[:, s:s + step].double()
+        out += part @ part.T
+    return out
+
+
+def _resolve_file(path: Union[str, os.PathLike]) -> str:
+    """The file to read: ``path`` itself, or :data:`SUBSPACE_FILE` inside a directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidate = os.path.join(path, SUBSPACE_FILE)
+        if not os.path.isfile(candidate):
+            raise FileNotFoundError(f"directory {path} holds no subspace file: looked for {candidate} "
+                                    f"({SUBSPACE_FILE!r}, the name Subspace.save and the trainers use)")
+        return candidate
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (expected an ogpsa subspace file, or a directory "
+                                f"holding {SUBSPACE_FILE})")
+    return path
+
+
+def _json_field(path: str, meta: Mapping[str, str], key: str):
+    if key not in meta:
+        raise SubspaceFileError(f"{path}: metadata field {key!r} is missing")
+    try:
+        return json.loads(meta[key])
+    except (TypeError, ValueError) as exc:
+        raise SubspaceFileError(f"{path}: metadata field {key!r} is not valid JSON ({exc})") from exc
+
+
+def _parse_metadata(path: str, meta: Mapping[str, str]) -> tuple[list[str], list[tuple[int, ...]], OGPSAConfig, int]:
+    names = _json_field(path, meta, "names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SubspaceFileError(f"{path}: metadata 'names' must be a JSON list of strings")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SubspaceFileError(f"{path}: metadata 'names' repeats {dup}")
+    shapes = _json_field(path, meta, "shapes")
+    if not isinstance(shapes, list) or len(shapes) != len(names):
+        raise SubspaceFileError(f"{path}: metadata 'shapes' must be a JSON list with one shape per name "
+                                f"({len(names)} names)")
+    for name, shape in zip(names, shapes):
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise SubspaceFileError(f"{path}: metadata 'shapes' entry for {name!r} is {shape!r}, "
+                                    "not a list of non-negative integers")
+    config_dict = _json_field(path, meta, "config")
+    if not isinstance(config_dict, dict):
+        raise SubspaceFileError(f"{path}: metadata 'config' must be a JSON object")
+    try:
+        config = OGPSAConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as exc:
+        raise SubspaceFileError(f"{path}: metadata 'config' is invalid: {exc}") from exc
+    try:
+        num_refs = int(meta.get("num_references", "0"))
+        if num_refs < 0:
+            raise ValueError("negative")
+    except ValueError as exc:
+        raise SubspaceFileError(f"{path}: metadata 'num_references' is {meta.get('num_references')!r}, "
+                                "not a non-negative integer") from exc
+    return names, [tuple(s) for s in shapes], config, num_refs
+
+
+def _check_tensors(path: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]], config: OGPSAConfig,
+                   tensors: Mapping[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Bases and Grams in name order, after checking every key, shape, dtype and value."""
+    expected = {f"{kind}.{i}" for i in range(len(names)) for kind in ("basis", "gram")}
+    missing = sorted(expected - set(tensors), key=lambda key: (len(key), key))
+    extra = sorted(set(tensors) - expected)
+    if missing or extra:
+        owners = [f"{key} (for {names[int(key.split('.')[1])]!r})" for key in missing]
+        raise SubspaceFileError(f"{path}: tensors do not match metadata 'names' ({len(names)} names): "
+                                f"missing {owners or 'none'}, unexpected {extra or 'none'}")
+    basis_dtype = _DTYPES[config.basis_dtype]
+    bases, grams = [], []
+    for i, (name, shape) in enumerate(zip(names, shapes)):
+        u, m = tensors[f"basis.{i}"], tensors[f"gram.{i}"]
+        numel = math.prod(shape)
+        if u.dim() != 2 or u.shape[1] != numel:
+            raise SubspaceFileError(f"{path}: basis of {name!r} has shape {tuple(u.shape)}, expected "
+                                    f"[k, {numel}] for parameter shape {shape}")
+        if u.dtype != basis_dtype:
+            raise SubspaceFileError(f"{path}: basis of {name!r} is {u.dtype}, but config.basis_dtype is "
+                                    f"{config.basis_dtype!r}")
+        k = u.shape[0]
+        if tuple(m.shape) != (k, k) or m.dtype not in (torch.float32, torch.float64):
+            raise SubspaceFileError(f"{path}: Gram matrix of {name!r} is {m.dtype} {tuple(m.shape)}, expected "
+                                    f"float32 ({k}, {k}) for a rank-{k} basis")
+        for what, t in (("basis", u), ("Gram matrix", m)):
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise SubspaceFileError(f"{path}: {what} of {name!r} contains NaN or Inf")
+        bases.append(u)
+        grams.append(m)
+    return bases, grams
+
+
+def _checksum(tensors: Mapping[str, Tensor], count: int) -> str:
+    """SHA-256 over the raw bytes of basis.0, gram.0, basis.1, ... (CPU tensors)."""
+    h = hashlib.sha256()
+    for i in range(count):
+        for key in (f"basis.{i}", f"gram.{i}"):
+            t = tensors[key].contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            if t.numel():
+                h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _check_grams(path: str, names: Sequence[str], bases: Sequence[Tensor], grams: Sequence[Tensor]) -> None:
+    """Every stored M_i must be U_i U_i^T of the stored U_i.
+
+    The stored matrix may have been computed in float32 by any summation order (e.g. summed
+    over shards), so it is compared with the float64 product within a float32 error bound:
+    a dot product of N terms accumulated in float32 errs by at most about sqrt(N) * eps32 *
+    |u_a| |u_b| with random rounding (Higham & Mary 2019; the worst case N * eps32 is never
+    reached in practice), times a safety factor of 16, plus one rounding of the result. Any
+    M from another basis is off by O(|u_a| |u_b|) and fails."""
+    for name, u, m in zip(names, bases, grams):
+        if not u.shape[0]:
+            continue
+        want = gram64(u)
+        norms = torch.diagonal(want).clamp_min(0).sqrt()
+        bound = 16 * math.sqrt(u.shape[1]) * _EPS32 * torch.outer(norms, norms) + 2 * _EPS32 * want.abs()
+        err = (m.double() - want).abs()
+        if bool((err > bound).any()):
+            worst = float((err - bound).max())
+            raise SubspaceFileError(f"{path}: stored Gram matrix of {name!r} does not match its basis "
+                                    f"(U U^T differs by up to {float(err.max()):.3g}, beyond the float32 "
+                                    f"bound by {worst:.3g}): the file is inconsistent")

@@ -1,11 +1,14 @@
 """Subspace construction, persistence and model validation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import ogpsa
 from ogpsa import OGPSAConfig, Subspace, SubspaceMismatchError
+from ogpsa.subspace import SUBSPACE_FILE, SubspaceFileError
 
 
 def _refs(seed=0, m=3):
@@ -126,3 +129,154 @@ def test_config_round_trip():
     assert OGPSAConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
         OGPSAConfig.from_dict({"bogus": 1})
+
+
+# ----------------------------------------------------------------------------------------
+# basis files: every malformed or inconsistent file is rejected with a named error
+# ----------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path, seed=6):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    sub = Subspace.from_gradients(_refs(seed)[0])
+    path = tmp_path / "good.safetensors"
+    sub.save(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    return sub, load_file(str(path)), meta
+
+
+def _write(tmp_path, tensors, meta, name="bad.safetensors"):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / name)
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+def test_load_accepts_a_directory_with_the_standard_file_and_names_what_it_looked_for(tmp_path):
+    from ogpsa.integrations.common import SUBSPACE_FILE as TRAINER_FILE
+
+    assert SUBSPACE_FILE == TRAINER_FILE  # the trainers' checkpoints load with Subspace.load(dir)
+    sub = Subspace.from_gradients(_refs(7)[0])
+    sub.save(str(tmp_path))  # a directory: the standard name inside it
+    assert (tmp_path / SUBSPACE_FILE).is_file()
+    assert Subspace.load(tmp_path).equal(sub)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"looked for .*empty/{SUBSPACE_FILE}"):
+        Subspace.load(empty)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        Subspace.load(tmp_path / "nope.safetensors")
+
+
+def test_load_rejects_a_gram_matrix_that_does_not_belong_to_its_basis(tmp_path):
+    sub, tensors, meta = _saved(tmp_path)
+    # consistent checksum, wrong M: the file was written inconsistently (not corrupted later)
+    tensors["gram.2"] = tensors["gram.2"] * 1.01
+    meta.pop("sha256")
+    with pytest.raises(SubspaceFileError, match="Gram matrix of 'b.weight' does not match its basis"):
+        Subspace.load(_write(tmp_path, tensors, meta))
+    # a Gram matrix summed in float32 in another order (e.g. over shards) still loads
+    _, tensors, meta = _saved(tmp_path)
+    u = tensors["basis.2"]
+    tensors["gram.2"] = (u[:, :2000] @ u[:, :2000].T + u[:, 2000:] @ u[:, 2000:].T).float()
+    meta.pop("sha256")
+    assert Subspace.load(_write(tmp_path, tensors, meta, "resummed.safetensors")).equal(sub)
+
+
+def test_load_rejects_data_changed_after_saving_by_checksum(tmp_path):
+    _, tensors, meta = _saved(tmp_path)
+    tensors["basis.0"] = tensors["basis.0"].clone()
+    tensors["basis.0"][0, 0] = torch.nextafter(tensors["basis.0"][0, 0], torch.tensor(2.0))  # one ulp
+    with pytest.raises(SubspaceFileError, match="SHA-256"):
+        Subspace.load(_write(tmp_path, tensors, meta))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("names", "[\"a.weight\", ", "'names' is not valid JSON"),
+    ("shapes", "{{", "'shapes' is not valid JSON"),
+    ("config", "not json", "'config' is not valid JSON"),
+    ("config", '{"mode": "sideways"}', "'config' is invalid.*mode"),
+    ("names", '["a.weight", "a.weight", "b.weight", "c"]', "repeats"),
+    ("names", '[1, 2, 3, 4]', "list of strings"),
+    ("shapes", '[[7, 5], [7], [4097]]', "one shape per name"),
+    ("shapes", '[[7, 5], [7], [-1], [1]]', "'b.weight' is \\[-1\\]"),
+    ("num_references", "three", "num_references"),
+    ("format_version", "99", "format version '99'"),
+    ("names", None, "'names' is missing"),
+])
+def test_load_rejects_malformed_metadata_naming_the_field(tmp_path, key, value, match):
+    _, tensors, meta = _saved(tmp_path)
+    if value is None:
+        meta.pop(key)
+    else:
+        meta[key] = value
+    with pytest.raises(SubspaceFileError, match=match):
+        Subspace.load(_write(tmp_path, tensors, meta))
+
+
+def test_load_rejects_missing_and_extra_tensors_and_names(tmp_path):
+    _, tensors, meta = _saved(tmp_path)
+    names = json.loads(meta["names"])
+    extra = dict(tensors, stray=torch.ones(2))
+    with pytest.raises(SubspaceFileError, match="unexpected \\['stray'\\]"):
+        Subspace.load(_write(tmp_path, extra, meta))
+    missing = {k: v for k, v in tensors.items() if k != "basis.3"}
+    with pytest.raises(SubspaceFileError, match="missing \\[\"basis.3 \\(for 'c'\\)\"\\]"):
+        Subspace.load(_write(tmp_path, missing, meta, "missing.safetensors"))
+    # one name too many (its tensors are absent) / one too few (its tensors are extra)
+    more = dict(meta, names=json.dumps(names + ["d"]), shapes=json.dumps(json.loads(meta["shapes"]) + [[3]]))
+    with pytest.raises(SubspaceFileError, match="basis.4 \\(for 'd'\\)"):
+        Subspace.load(_write(tmp_path, tensors, more, "more.safetensors"))
+    fewer = dict(meta, names=json.dumps(names[:3]), shapes=json.dumps(json.loads(meta["shapes"])[:3]))
+    with pytest.raises(SubspaceFileError, match="unexpected \\['basis.3', 'gram.3'\\]"):
+        Subspace.load(_write(tmp_path, tensors, fewer, "fewer.safetensors"))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t.update({"basis.1": t["basis.1"][:, :6].contiguous()}), "basis of 'a.bias' has shape \\(3, 6\\)"),
+    (lambda t: t.update({"basis.1": t["basis.1"].bfloat16()}), "basis of 'a.bias' is torch.bfloat16"),
+    (lambda t: t.update({"gram.1": t["gram.1"][:2, :2].contiguous()}), "Gram matrix of 'a.bias' is .*\\(2, 2\\)"),
+    (lambda t: t["basis.2"].__setitem__((1, 5), float("nan")), "basis of 'b.weight' contains NaN"),
+    (lambda t: t["gram.0"].__setitem__((0, 1), float("inf")), "Gram matrix of 'a.weight' contains NaN"),
+])
+def test_load_rejects_bad_tensor_shapes_dtypes_and_values(tmp_path, change, match):
+    _, tensors, meta = _saved(tmp_path)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    change(tensors)
+    meta.pop("sha256")  # reach the per-tensor checks, not only the checksum
+    with pytest.raises(SubspaceFileError, match=match):
+        Subspace.load(_write(tmp_path, tensors, meta))
+
+
+def test_load_rejects_a_file_that_is_not_safetensors(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x00" * 40)
+    with pytest.raises(SubspaceFileError, match="not readable as safetensors"):
+        Subspace.load(str(path))
+
+
+def test_failed_save_leaves_no_file_behind(tmp_path, monkeypatch):
+    import ogpsa.subspace as subspace_module
+
+    sub = Subspace.from_gradients(_refs(8)[0])
+    target = tmp_path / "s.safetensors"
+    sub.save(str(target))
+    before = target.read_bytes()
+
+    def broken(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(subspace_module, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        Subspace.from_gradients(_refs(9)[0]).save(str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temporary file
+    assert target.read_bytes() == before  # the old file is intact
+    with pytest.raises(OSError, match="disk full"):
+        sub.save(str(tmp_path / "new.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
