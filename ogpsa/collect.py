@@ -30,11 +30,23 @@ iterable) of examples. With the default loss an example is one of:
   Prompts/completions may be strings or, conversationally, lists of ``{"role", "content"}``
   messages (rendered with the chat template).
 
-The default loss of one sequence is its mean token cross-entropy (next-token prediction),
-an example's loss is the mean over its sequences, and the reference gradient is the
-gradient of the mean over examples, so the result does not depend on ``batch_size``.
+Averaging (``averaging=`` or ``OGPSAConfig.reference_averaging``):
+
+* ``"example"`` (default): the loss of one sequence is its mean token cross-entropy
+  (next-token prediction), an example's loss is the mean over its sequences, and the
+  reference gradient is the gradient of the mean over examples. Examples are processed
+  ``batch_size`` at a time, but the result does not depend on ``batch_size`` (up to float32
+  rounding).
+* ``"batch"`` (the original implementation's averaging): consecutive batches of
+  ``batch_size`` examples, right-padded with labels -100 on the padding; a batch's loss is
+  the token-mean cross-entropy over all loss tokens of all its sequences (a preference pair
+  gives its chosen and rejected sequences), and every batch has the same weight
+  ``1 / num_batches`` (the last batch may be smaller). The result depends on
+  ``batch_size``; with ``batch_size=1`` it equals ``"example"``.
+
 With ``loss_fn(model, examples) -> scalar`` you supply the mean loss of a list of raw
-examples yourself (anything the function understands).
+examples yourself (anything the function understands); ``"example"`` weights a batch by its
+number of examples, ``"batch"`` weights every batch equally.
 """
 
 from __future__ import annotations
@@ -51,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import OGPSAConfig
+from .config import REFERENCE_AVERAGING, OGPSAConfig
 from .subspace import Subspace
 
 LossFn = Callable[[torch.nn.Module, list], Tensor]
@@ -91,12 +103,37 @@ class CollectInfo:
 # -- examples -> token sequences ----------------------------------------------------------
 
 
+def _looks_like_example(item: Any) -> bool:
+    """True for what can only be one example, never a dataset of examples."""
+    if isinstance(item, (str, bytes, int, float)) or (isinstance(item, dict) and not hasattr(item, "select")):
+        return True
+    if isinstance(item, Tensor):
+        return item.dim() <= 1
+    if isinstance(item, (list, tuple)) and item:
+        first = item[0]
+        return isinstance(first, int) or (isinstance(first, dict) and "role" in first)  # token ids, a chat
+    return False
+
+
+def _check_datasets(datasets: Any) -> None:
+    """``datasets`` must be a list of datasets; a list of examples is the common mistake."""
+    if isinstance(datasets, dict) or isinstance(datasets, str) or not isinstance(datasets, (list, tuple)):
+        raise TypeError("datasets must be a list of reference datasets (wrap a single dataset in a list: "
+                        f"[dataset]), got {type(datasets).__name__}")
+    if not datasets:
+        raise ValueError("datasets is empty: give at least one reference dataset")
+    for j, ds in enumerate(datasets):
+        if _looks_like_example(ds):
+            raise TypeError(
+                f"datasets[{j}] is a {type(ds).__name__}, i.e. one example, but datasets must be a list of reference "
+                "datasets, each a list of examples. To use these examples as one reference dataset, wrap the "
+                "list: pass [texts] instead of texts (e.g. build_subspace(model, [texts], ...)); for two sets, "
+                "[set_a, set_b]")
+
+
 def _first(dataset: Any, n: int) -> list:
     if hasattr(dataset, "select") and hasattr(dataset, "__len__"):  # datasets.Dataset: avoid a full scan
         return [dataset[i] for i in range(min(n, len(dataset)))]
-    if isinstance(dataset, (str, bytes)) or isinstance(dataset, dict):
-        raise TypeError(f"a reference dataset must be a sequence of examples, got a {type(dataset).__name__}; "
-                        "wrap a single example in a list")
     return list(itertools.islice(iter(dataset), n))
 
 
@@ -198,9 +235,10 @@ def _pad(seqs: Sequence[_SEQ], pad_id: int, device: torch.device) -> tuple[Tenso
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def lm_loss_per_sequence(model: torch.nn.Module, seqs: Sequence[_SEQ], pad_id: int = 0,
-                         device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
-    """Mean next-token cross-entropy of each sequence (right-padded batch), and its loss-token counts."""
+def lm_token_loss_sums(model: torch.nn.Module, seqs: Sequence[_SEQ], pad_id: int = 0,
+                       device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy of each sequence of a right-padded batch (labels -100
+    on the padding, as a causal-LM collator pads), and its number of loss tokens."""
     device = device or next(model.parameters()).device
     ids, labels, mask = _pad(seqs, pad_id, device)
     logits = model(input_ids=ids, attention_mask=mask).logits
@@ -208,8 +246,31 @@ def lm_loss_per_sequence(model: torch.nn.Module, seqs: Sequence[_SEQ], pad_id: i
     shift_labels = labels[:, 1:]
     tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                           ignore_index=-100, reduction="none").view(shift_labels.shape)
-    counts = (shift_labels != -100).sum(1)
-    return tok.sum(1) / counts.clamp_min(1), counts
+    return tok.sum(1), (shift_labels != -100).sum(1)
+
+
+def lm_loss_per_sequence(model: torch.nn.Module, seqs: Sequence[_SEQ], pad_id: int = 0,
+                         device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+    """Mean next-token cross-entropy of each sequence (right-padded batch), and its loss-token counts."""
+    sums, counts = lm_token_loss_sums(model, seqs, pad_id, device)
+    return sums / counts.clamp_min(1), counts
+
+
+def _sequence_weights(seq_lists: Sequence[list[_SEQ]], counts: Tensor, averaging: str, total: int,
+                      num_batches: int) -> Tensor:
+    """Weight of each sequence's summed token loss in the reference loss.
+
+    ``"example"``: 1 / (tokens of the sequence * sequences of its example * examples), so the
+    loss is the mean over examples of each example's mean of per-sequence token-means.
+    ``"batch"``: 1 / (loss tokens of the whole batch * batches), so the loss is the token-mean
+    over the batch (a causal LM's ``outputs.loss``) divided by the number of batches.
+    """
+    counts = counts.to(torch.float32)
+    if averaging == "batch":
+        return torch.full_like(counts, 1.0 / num_batches) / counts.sum().clamp_min(1)
+    per_example = torch.tensor([1.0 / (len(lst) * total) for lst in seq_lists for _ in lst],
+                               dtype=torch.float32, device=counts.device)
+    return per_example / counts.clamp_min(1)
 
 
 # -- collection ---------------------------------------------------------------------------
@@ -244,7 +305,7 @@ def collect_reference_gradients(
     datasets: Sequence[Any],
     *,
     num_samples: int = 200,
-    batch_size: int = 8,
+    batch_size: Optional[int] = None,
     loss_fn: Optional[LossFn] = None,
     tokenizer: Any = None,
     max_length: Optional[int] = 1024,
@@ -254,6 +315,8 @@ def collect_reference_gradients(
     progress: bool = True,
     device: Union[str, torch.device, None] = None,
     grad_mode: str = "backward",
+    averaging: Optional[str] = None,
+    config: Optional[OGPSAConfig] = None,
 ) -> tuple[list[dict[str, Tensor]], CollectInfo]:
     """One mean-loss gradient per reference dataset, as ``{param_name: float32 tensor}`` dicts.
 
@@ -264,7 +327,9 @@ def collect_reference_gradients(
             A single dataset must still be wrapped in a list.
         num_samples: the first this many examples of each dataset are averaged (fewer if
             the dataset is smaller).
-        batch_size: examples per forward/backward micro-batch.
+        batch_size: examples per forward/backward batch (default:
+            ``config.reference_batch_size``, 8). With ``averaging="batch"`` also the
+            averaging unit (the original used ``per_device_train_batch_size``).
         loss_fn: ``loss_fn(model, examples) -> scalar``: the *mean* loss over a list of raw
             examples. Default: next-token cross-entropy (see the module docs).
         tokenizer: turns text examples into ids (the default loss only); its
@@ -274,7 +339,7 @@ def collect_reference_gradients(
             ``requires_grad``). Parameters that receive no gradient are left out of the dicts.
         projector: a :class:`~ogpsa.Projector` to pause while collecting.
         eval_mode: run the model in ``eval()`` mode (no dropout), restoring its mode after.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on by default; ``progress=False`` turns it off).
         device: where to put the input ids (default: the device of the first parameter).
         grad_mode: ``"backward"`` (default) accumulates through ``loss.backward()`` and
             ``.grad``; needed under FSDP2, where ``torch.autograd.grad`` returns None.
@@ -282,6 +347,12 @@ def collect_reference_gradients(
             ``.grad``, so hooks that fire when a gradient is accumulated into ``.grad`` stay
             silent: use it on a DeepSpeed ZeRO-1/2 engine's ``module``, whose post-accumulate
             hooks would otherwise reduce the reference gradients into the training partition.
+        averaging: ``"example"`` (mean of per-example token-means; independent of
+            ``batch_size``) or ``"batch"`` (token-mean per batch, equal batch weights: the
+            original implementation's averaging); see the module docs. Default:
+            ``config.reference_averaging`` ("example").
+        config: an :class:`~ogpsa.OGPSAConfig` whose ``reference_averaging`` and
+            ``reference_batch_size`` are used where ``averaging``/``batch_size`` are not given.
 
     Returns:
         ``(grads, info)``: ``grads[j]`` is dataset j's mean gradient (float32, detached,
@@ -290,14 +361,18 @@ def collect_reference_gradients(
     The model's ``.grad`` tensors are restored afterwards to the very same tensor objects,
     unmodified, including parameters outside ``names``.
     """
-    if isinstance(datasets, dict) or isinstance(datasets, str) or not isinstance(datasets, (list, tuple)):
-        raise TypeError("datasets must be a list of reference datasets (wrap a single dataset in a list), "
-                        f"got {type(datasets).__name__}")
-    if not datasets:
-        raise ValueError("datasets is empty: give at least one reference dataset")
+    _check_datasets(datasets)
+    if config is not None and not isinstance(config, OGPSAConfig):
+        raise TypeError(f"config must be an ogpsa.OGPSAConfig or None, got {type(config).__name__}")
+    if batch_size is None:
+        batch_size = config.reference_batch_size if config is not None else OGPSAConfig.reference_batch_size
+    if averaging is None:
+        averaging = config.reference_averaging if config is not None else OGPSAConfig.reference_averaging
+    if averaging not in REFERENCE_AVERAGING:
+        raise ValueError(f"averaging={averaging!r} must be one of {REFERENCE_AVERAGING}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
     if grad_mode not in ("backward", "autograd"):
         raise ValueError(f"grad_mode={grad_mode!r} must be 'backward' or 'autograd'")
@@ -352,6 +427,7 @@ def collect_reference_gradients(
                     p.grad = None
                 acc: dict[int, Tensor] = {}
                 total = len(ex)
+                num_batches = -(-total // batch_size)
                 dinfo = DatasetInfo(num_examples=total)
                 loss_sum = 0.0
                 for start in range(0, total, batch_size):
@@ -359,18 +435,17 @@ def collect_reference_gradients(
                     if loss_fn is None:
                         seq_lists = encoded[j][start:start + batch_size]
                         flat = [s for lst in seq_lists for s in lst]
-                        per_seq, counts = lm_loss_per_sequence(model, flat, pad_id, dev)
-                        # Example loss = mean over its sequences; weight 1/total per example.
-                        weights = torch.tensor([1.0 / (len(lst) * total) for lst in seq_lists for _ in lst],
-                                               device=per_seq.device, dtype=per_seq.dtype)
-                        loss = (per_seq * weights).sum()
+                        sums, counts = lm_token_loss_sums(model, flat, pad_id, dev)
+                        weights = _sequence_weights(seq_lists, counts, averaging, total, num_batches)
+                        loss = (sums * weights.to(sums.device)).sum()
                         dinfo.num_sequences += len(flat)
                         dinfo.num_loss_tokens += int(counts.sum())
                     else:
                         mean = loss_fn(model, list(chunk))
                         if not isinstance(mean, Tensor) or mean.numel() != 1:
                             raise TypeError("loss_fn(model, examples) must return a scalar tensor (the mean loss)")
-                        loss = mean.reshape(()) * (len(chunk) / total)
+                        weight = 1.0 / num_batches if averaging == "batch" else len(chunk) / total
+                        loss = mean.reshape(()) * weight
                     loss_sum += float(loss.detach())
                     if grad_mode == "autograd":
                         # No AccumulateGrad node runs, so no post-accumulate hook (DeepSpeed's
@@ -441,13 +516,16 @@ def build_subspace(
 ) -> Union[Subspace, tuple[Subspace, CollectInfo]]:
     """Collect reference gradients (:func:`collect_reference_gradients`) and build a :class:`Subspace`.
 
-    ``num_samples`` defaults to ``config.num_reference_samples``; other keyword arguments go
-    to :func:`collect_reference_gradients`. Parameters whose reference gradients are all
-    zero (e.g. LoRA ``A`` while ``B`` is still zero) get an empty basis: no direction, no
-    projection. With ``return_info`` returns ``(subspace, info)``.
+    ``num_samples`` defaults to ``config.num_reference_samples``, ``batch_size`` to
+    ``config.reference_batch_size`` and ``averaging`` to ``config.reference_averaging``;
+    other keyword arguments go to :func:`collect_reference_gradients`. ``datasets`` is a
+    list of reference datasets: one list of texts is passed as ``[texts]``. Parameters whose
+    reference gradients are all zero (e.g. LoRA ``A`` while ``B`` is still zero) get an
+    empty basis: no direction, no projection. With ``return_info`` returns ``(subspace, info)``.
     """
     config = config or OGPSAConfig()
     n = config.num_reference_samples if num_samples is None else num_samples
+    kwargs.setdefault("config", config)
     grads, info = collect_reference_gradients(model, datasets, num_samples=n, **kwargs)
     if not any(grads):
         raise ValueError("no trainable parameter received a reference gradient; check the loss and requires_grad")

@@ -17,6 +17,7 @@ SCOPES = ("tensor", "global")
 METHODS = ("gram_schmidt", "eigen")
 BASIS_DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+REFERENCE_AVERAGING = ("example", "batch")
 
 
 def _choice(field: str, value: Any, allowed: tuple) -> None:
@@ -63,6 +64,14 @@ class OGPSAConfig:
             name forces that backend (an unavailable one is an error). The environment
             variable ``OGPSA_BACKEND`` overrides this.
         max_norm: gradient clipping folded into the projection (None: no clipping).
+        reference_averaging: how examples are averaged into a reference gradient.
+            ``"example"``: mean over examples of each example's token-mean loss (does not
+            depend on the batch size). ``"batch"``: the original implementation's averaging:
+            batches of ``reference_batch_size`` examples, token-mean loss per batch, every
+            batch the same weight (depends on the batch size; the original used
+            ``per_device_train_batch_size``). See :mod:`ogpsa.collect`.
+        reference_batch_size: examples per forward/backward batch when collecting
+            reference gradients (and, for ``reference_averaging="batch"``, per averaged batch).
     """
 
     mode: str = "orthogonal"
@@ -79,6 +88,8 @@ class OGPSAConfig:
     basis_device: Optional[str] = None
     backend: str = "auto"
     max_norm: Optional[float] = None
+    reference_averaging: str = "example"
+    reference_batch_size: int = 8
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -110,6 +121,11 @@ class OGPSAConfig:
             raise ValueError(
                 f"OGPSAConfig.num_reference_samples={self.num_reference_samples!r} must be an integer >= 1"
             )
+        _choice("reference_averaging", self.reference_averaging, REFERENCE_AVERAGING)
+        if (not isinstance(self.reference_batch_size, int) or isinstance(self.reference_batch_size, bool)
+                or self.reference_batch_size < 1):
+            raise ValueError(
+                f"OGPSAConfig.reference_batch_size={self.reference_batch_size!r} must be an integer >= 1")
         if self.max_norm is not None and not (float(self.max_norm) > 0.0):
             raise ValueError(f"OGPSAConfig.max_norm={self.max_norm!r} must be None or > 0")
 

@@ -20,6 +20,14 @@ Projection of a gradient onto the orthogonal complement of the row space of U is
   reference loss) is removed entirely, w_j > 0 is scaled by ``aligned_scale``: the
   removed part is w_j for w_j < 0 and (1 - aligned_scale) * w_j otherwise.
 * plane:      ``w = -M^{-1} c``, kappa = 0  -> g' = U^T M^{-1} c (the subspace part)
+* threshold:  the original implementation's ``threshold`` rule, per subspace. With one
+  direction (k = 1): if c > 0 (g aligned with the reference gradient, whose sign the
+  original tests through its cosine) the WHOLE gradient is scaled: w = 0,
+  kappa = ``aligned_scale`` (the original's ``base_scale``); otherwise (conflict, or c = 0)
+  it is projected orthogonally: w = M^{-1} c, kappa = 1. With k >= 2 directions it is the
+  orthogonal rule, as in the original SFT trainer (its DPO trainer leaves such a gradient
+  unprojected: a branch without an else). With aligned_scale = 1 it equals ``conflict``
+  for k = 1; with aligned_scale != 1 no ``conflict`` setting reproduces it.
 
 Clipping folded in: ``||kappa g - U^T w||^2 = kappa^2 ||g||^2 - 2 kappa w.c + w^T M w``,
 so the post-projection norm comes from the same pass that computes c, and the second
@@ -187,7 +195,11 @@ def mode_weights(c: Tensor, m_inv: Tensor, mode: str, aligned_scale: float) -> t
         return torch.where(w < 0, w, (1.0 - aligned_scale) * w), 1.0
     if mode == "plane":
         return -w, 0.0
-    raise ValueError(f"mode={mode!r} is not one of ('orthogonal', 'conflict', 'plane')")
+    if mode == "threshold":
+        if c.numel() == 1 and float(c[0]) > 0:
+            return torch.zeros_like(w), float(aligned_scale)  # aligned: scale the whole gradient
+        return w, 1.0  # conflict (k = 1) or k >= 2: orthogonal projection
+    raise ValueError(f"mode={mode!r} is not one of ('orthogonal', 'conflict', 'plane', 'threshold')")
 
 
 def project_(

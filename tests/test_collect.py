@@ -243,3 +243,38 @@ def test_lora_zero_b_gives_no_direction_for_a(tok):
     for n, p in model.named_parameters():
         if "lora_A" in n:
             assert torch.equal(p.grad, a_before[n])
+
+
+def test_batched_example_averaging_equals_batch_size_one(model, tok):
+    """averaging="example" computes B examples per forward/backward, with each example's
+    token-mean weighted 1/num_examples: the same as batch size 1 within float32 rounding."""
+    sets = [GENERAL, PAIRS]
+    one, _ = collect_reference_gradients(model, sets, tokenizer=tok, batch_size=1, progress=False)
+    for bs in (3, 100):
+        many, _ = collect_reference_gradients(model, sets, tokenizer=tok, batch_size=bs, progress=False)
+        for j in range(len(sets)):
+            num = sum(float((many[j][n].double() - one[j][n].double()).pow(2).sum()) for n in one[j])
+            den = sum(float(one[j][n].double().pow(2).sum()) for n in one[j])
+            assert den > 0 and (num / den) ** 0.5 <= 1e-6, (bs, j, (num / den) ** 0.5)
+    cfg = ogpsa.OGPSAConfig(reference_batch_size=3)
+    assert cfg.reference_batch_size == 3 and cfg.reference_averaging == "example"
+    with pytest.raises(ValueError, match="batch_size"):
+        collect_reference_gradients(model, sets, tokenizer=tok, batch_size=0, progress=False)
+
+
+def test_progress_bar_on_by_default_and_off_on_request(model, tok, capsys):
+    pytest.importorskip("tqdm")
+    collect_reference_gradients(model, [GENERAL], tokenizer=tok)
+    assert "ogpsa reference gradients" in capsys.readouterr().err
+    collect_reference_gradients(model, [GENERAL], tokenizer=tok, progress=False)
+    assert "ogpsa reference gradients" not in capsys.readouterr().err
+
+
+def test_list_of_examples_instead_of_datasets_says_wrap_it(model, tok):
+    """build_subspace(model, texts) with a list of strings: the error names the fix, [texts]."""
+    for wrong in (GENERAL, PAIRS, [tok("abc").input_ids, tok("de").input_ids]):
+        with pytest.raises(TypeError, match=r"\[texts\]"):
+            build_subspace(model, wrong, tokenizer=tok, progress=False)
+    with pytest.raises(TypeError, match="list of reference datasets"):
+        build_subspace(model, "just one text", tokenizer=tok, progress=False)
+    assert build_subspace(model, [GENERAL], tokenizer=tok, progress=False).names
