@@ -1,0 +1,181 @@
+"""Timing, memory measurement and the machine description written into every result file."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops
+from .workloads import REPO_ROOT
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass
+class Timing:
+    times_ms: list[float]
+    warm: bool  # False: the single sample is the first call (slow contender, no warm-up)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, budget_s: float = 2.0, min_reps: int = 3,
+            max_reps: int = 20, slow_s: Optional[float] = None) -> Timing:
+    """Median-ready samples of ``fn``. CPU: perf_counter around each call after one warm-up
+    call. CUDA: events around each call, after a warm-up, with the L2 cache flushed before
+    each sample (a 256 MB write) so that repeated calls do not measure the cache.
+
+    A first call slower than ``slow_s`` (default: 4 s on CUDA, 2 s on the CPU, where the
+    first call pays no compilation) is kept as the only sample (reported as such)."""
+    if slow_s is None:
+        slow_s = 4.0 if device.type == "cuda" else 2.0
+    if device.type == "cuda":
+        flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        first = time.perf_counter() - t0
+        if first > slow_s:
+            return Timing([first * 1e3], warm=False)
+        reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
+        events = []
+        for _ in range(reps):
+            flush.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize(device)
+        return Timing([s.elapsed_time(e) for s, e in events], warm=True)
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > slow_s:
+        return Timing([first * 1e3], warm=False)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return Timing(out, warm=True)
+
+
+def extra_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[Optional[int], str]:
+    """Memory ``fn`` allocates beyond what exists before the call, at its peak.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call. CPU:
+    the PyTorch profiler's allocation records (``profile_memory=True``), summed in time
+    order at operator granularity (a peak inside one operator is not seen)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base), "cuda max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    cur = peak = 0
+    for _, delta in events:
+        cur += delta
+        peak = max(peak, cur)
+    return int(peak), "torch profiler (CPU allocations, operator granularity)"
+
+
+def _git_commit() -> str:
+    if os.environ.get("OGPSA_GIT_COMMIT"):
+        return os.environ["OGPSA_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        pass
+    return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Hardware, versions, commit: written into every result file."""
+    env = {
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "device": str(device),
+        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "command": " ".join(["ogpsa"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ogpsa") else " ".join(sys.argv),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as exc:
+        env["triton"] = f"not importable ({type(exc).__name__})"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_bytes"] = props.total_memory
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:
+            env["driver"] = "unknown"
+    env["env_vars"] = {v: os.environ[v] for v in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                  "OGPSA_BACKEND", "TRITON_INTERPRET") if v in os.environ}
+    if hasattr(os, "getloadavg"):
+        env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    env["backends"] = {n: {"available": ok, "detail": why} for n, (ok, why) in ops.backends().items()}
+    return env
+
+
+def machine_slug(env: dict) -> str:
+    base = env["hardware"] if env["device"].startswith("cuda") else f"cpu-{env['cpu']}-{env['torch_threads']}t"
+    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
+
+
+def peak_copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """GB/s (bytes read + written) of one large contiguous copy: the device's plain ceiling."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, budget_s=1.0, min_reps=5)
+    return 2 * src.numel() * 4 / (t.median * 1e-3) / 1e9
+
