@@ -7,6 +7,7 @@ Quick start::
     proj = ogpsa.attach(model, optimizer, subspace)  # projects before every optimizer.step()
 """
 
+from .attaching import attach
 from .collect import build_subspace, collect_reference_gradients
 from .config import OGPSAConfig
 from .ops import (
@@ -17,7 +18,7 @@ from .ops import (
     backends,
     project_,
 )
-from .projector import GradientHooks, Projector, attach, register_gradient_hooks
+from .projector import GradientHooks, Projector, register_gradient_hooks
 from .subspace import Subspace, SubspaceMismatchError
 
 __version__ = "0.1.0"

@@ -1,9 +1,12 @@
 """Backend dispatch for the OGPSA ops: ``project_``, ``gram`` and ``combine``.
 
 ``project_`` validates everything before touching a gradient, groups tensors by
-(device, grad dtype, basis dtype), runs pass 1 (``dots``) on each group's backend, does
-the tiny batched step on [T, K] tensors on the device (mode rule, global sums, clip
-coefficient: no host synchronisation), then runs pass 2 (``update_``).
+(device, grad dtype, basis dtype) (a :class:`~ogpsa.plan.ProjectionPlan`), runs pass 1
+(``dots``) on each group's backend, does the tiny batched step on [T, K] tensors on the
+device in float64 (mode rule, global sums, clip coefficient: no host synchronisation),
+then runs pass 2 (``update_``). :func:`execute` runs a plan on a step's gradients; the
+plan holds bases only, so one plan serves every step however often the gradient tensors
+are re-created.
 
 Backend choice: ``backend=`` argument, else the environment variable ``OGPSA_BACKEND``,
 else ``"auto"``, which takes the first of cuda > triton > cpu > torch that is available
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -23,13 +26,29 @@ from torch import Tensor
 
 from .backends.base import Backend
 from .config import MODES, SCOPES
+from .errors import BackendUnavailableError, ProjectionInputError, UnsupportedSetupError
+from .plan import (
+    BASIS_DTYPES,
+    GRAD_DTYPES,
+    MAX_RANK,
+    BasisEntry,
+    ProjectionPlan,
+    basis_entry,
+    build_plan,
+    check_grad,
+    label,
+)
 from .reference import CLIP_EPS
 
-#: Largest basis rank the kernels handle; the torch backend takes any, but every backend
-#: is held to the same limit so that results do not depend on which one ran.
-MAX_RANK = 16
-GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BASIS_DTYPES = (torch.float32, torch.bfloat16)
+__all__ = ["MAX_RANK", "GRAD_DTYPES", "BASIS_DTYPES", "ProjectionInputError", "BackendUnavailableError",
+           "UnsupportedSetupError", "ProjectionPlan", "ProjectionStats", "backends", "get_backend",
+           "select_backend", "requested_backend", "plan_projection", "plan_from_entries", "execute", "project_",
+           "gram", "combine"]
+
+#: Post-projection squared norm below this fraction of the pre-projection one: the fused
+#: ``||g||^2 - 2 w.c + w^T M w`` has lost most of its digits to cancellation (pass-1 sums
+#: are float32), so a clipped projection on the CPU measures the projected norm directly.
+EXACT_NORM_FRACTION = 1e-2
 
 # name -> "module:Class"; order is the "auto" preference.
 _REGISTRY: dict[str, str] = {
@@ -41,19 +60,6 @@ _REGISTRY: dict[str, str] = {
 _PREFERENCE = ("cuda", "triton", "cpu", "torch")
 _instances: dict[str, Optional[Backend]] = {}
 _import_errors: dict[str, str] = {}
-
-
-class ProjectionInputError(ValueError):
-    """Bad input to a projection op; raised before any gradient is modified."""
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name but cannot run here."""
-
-
-class UnsupportedSetupError(RuntimeError):
-    """A training setup OGPSA does not handle (e.g. DeepSpeed ZeRO-3); the message names
-    the supported alternatives."""
 
 
 def _load(name: str) -> Optional[Backend]:
@@ -126,67 +132,17 @@ def select_backend(device: torch.device, grad_dtype: torch.dtype, basis_dtype: t
 
 
 # ----------------------------------------------------------------------------------------
-# Validation and planning
+# Planning (the basis side; see ogpsa.plan)
 # ----------------------------------------------------------------------------------------
 
 
-def _label(i: int, names: Optional[Sequence[str]]) -> str:
-    return f"tensor {i} ({names[i]!r})" if names is not None else f"tensor {i}"
-
-
-@dataclass
-class _Group:
-    backend: Backend
-    index: list[int]  # positions in the caller's list
-    grads: list[Tensor]
-    bases: list[Tensor]
-    k_max: int
-    gram: Tensor  # [T, K, K] float32, M_i = U_i U_i^T (zero padded)
-    gram_inv: Tensor  # [T, K, K] float32, M_i^{-1} on the k_i block (zero padded)
-    positions: Tensor  # int64 [T] on the plan's home device: where each row goes in the stats
-
-
-@dataclass
-class ProjectionPlan:
-    """Validated, grouped, backend-resolved inputs for :func:`project_`.
-
-    Building one checks shapes, dtypes, devices, contiguity and finiteness of the bases
-    and computes the k x k matrices M_i = U_i U_i^T. Reuse it while the gradient tensors
-    and bases stay the same (the Projector caches it by the gradients' data pointers).
-    """
-
-    groups: list[_Group]
-    count: int
-    ks: list[int]
-    names: Optional[list[str]] = None
-    key: tuple = field(default_factory=tuple)
-
-    def matches(self, grads: Sequence[Tensor]) -> bool:
-        return len(grads) == self.count and self.key == _grad_key(grads)
-
-
-def _grad_key(grads: Sequence[Tensor]) -> tuple:
-    return tuple((g.data_ptr(), g.dtype, g.device, tuple(g.shape)) for g in grads)
-
-
-def _padded_grams(bases: Sequence[Tensor], k_max: int, device, grams: Optional[Sequence[Optional[Tensor]]]):
-    t = len(bases)
-    m = torch.zeros(t, k_max, k_max, dtype=torch.float32, device=device)
-    for i, u in enumerate(bases):
-        k = u.shape[0]
-        if k:
-            given = grams[i] if grams is not None else None
-            m[i, :k, :k] = given.to(device, torch.float32) if given is not None else (u.float() @ u.float().T)
-    m_inv = torch.zeros_like(m)
-    ks = torch.tensor([u.shape[0] for u in bases])
-    for k in ks.unique().tolist():
-        if k:
-            sel = (ks == k).nonzero().flatten().to(device)
-            block = m[sel, :k, :k].double()
-            # pinv: rows that are (numerically) dependent still give the projection onto their span;
-            # global-scope slices are singular per tensor and their inverse is never used
-            m_inv[sel, :k, :k] = torch.linalg.pinv(block, hermitian=True).float()
-    return m, m_inv
+def plan_from_entries(entries: Sequence[BasisEntry], numels: Sequence[int], dtypes: Sequence[torch.dtype],
+                      devices: Sequence[torch.device], *, scope: str = "tensor", backend: Optional[str] = None,
+                      names: Optional[Sequence[str]] = None) -> ProjectionPlan:
+    """A :class:`ProjectionPlan` from already validated basis entries (what the projectors
+    keep per subspace) and the expected gradient metadata."""
+    return build_plan(entries, numels, dtypes, devices, scope=scope, backend=backend, names=names,
+                      select=select_backend)
 
 
 def plan_projection(
@@ -198,7 +154,10 @@ def plan_projection(
     names: Optional[Sequence[str]] = None,
     grams: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> ProjectionPlan:
-    """Validate and group inputs. Raises :class:`ProjectionInputError` on bad input."""
+    """Validate and group inputs. Raises :class:`ProjectionInputError` on bad input.
+
+    The plan keeps the bases and only the metadata of ``grads`` (numel, dtype, device):
+    :func:`execute` accepts any gradients that match it, e.g. next step's new tensors."""
     if not isinstance(grads, (list, tuple)) or not isinstance(bases, (list, tuple)):
         raise ProjectionInputError(f"grads and bases must be lists of tensors, got {type(grads).__name__} "
                                    f"and {type(bases).__name__}")
@@ -208,69 +167,17 @@ def plan_projection(
         raise ProjectionInputError(f"grads has {len(grads)} tensors but bases has {len(bases)}")
     if names is not None and len(names) != len(grads):
         raise ProjectionInputError(f"names has {len(names)} entries for {len(grads)} tensors")
+    if grams is not None and len(grams) != len(grads):
+        raise ProjectionInputError(f"grams has {len(grams)} entries for {len(grads)} tensors")
     if scope not in SCOPES:
         raise ProjectionInputError(f"scope={scope!r} is not one of {SCOPES}")
-    for i, (g, u) in enumerate(zip(grads, bases)):
-        what = _label(i, names)
-        if not isinstance(g, Tensor):
-            raise ProjectionInputError(f"grads[{i}] is a {type(g).__name__}, not a torch.Tensor")
-        if not isinstance(u, Tensor):
-            raise ProjectionInputError(f"bases[{i}] is a {type(u).__name__}, not a torch.Tensor")
-        if g.dtype not in GRAD_DTYPES:
-            raise ProjectionInputError(f"{what}: gradient dtype {g.dtype} is not one of {GRAD_DTYPES}")
-        if u.dtype not in BASIS_DTYPES:
-            raise ProjectionInputError(f"{what}: basis dtype {u.dtype} is not one of {BASIS_DTYPES}")
-        if g.numel() == 0:
-            raise ProjectionInputError(f"{what}: gradient has no elements")
-        if not g.is_contiguous():
-            raise ProjectionInputError(f"{what}: gradient is not contiguous (stride {tuple(g.stride())})")
-        if not u.is_contiguous():
-            raise ProjectionInputError(f"{what}: basis is not contiguous")
-        if u.dim() != 2 or u.shape[1] != g.numel():
-            raise ProjectionInputError(
-                f"{what}: basis shape {tuple(u.shape)} does not match gradient shape {tuple(g.shape)}; "
-                f"expected [k, {g.numel()}]")
-        if u.shape[0] > MAX_RANK:
-            raise ProjectionInputError(f"{what}: basis rank k={u.shape[0]} exceeds the maximum {MAX_RANK}")
-        if scope == "tensor" and u.shape[0] > g.numel():  # global slices may be wider than tall
-            raise ProjectionInputError(f"{what}: basis rank k={u.shape[0]} exceeds numel={g.numel()}")
-        if u.device != g.device:
-            raise ProjectionInputError(f"{what}: basis is on {u.device} but gradient is on {g.device}")
-        if u.shape[0] and not bool(torch.isfinite(u).all()):
-            raise ProjectionInputError(f"{what}: basis contains NaN or Inf")
-    ks = [int(u.shape[0]) for u in bases]
-    if scope == "global" and len(set(k for k in ks if k)) > 1:
-        raise ProjectionInputError(f"scope='global' needs the same number of directions for every tensor, got {sorted(set(ks))}")
-
-    buckets: dict[tuple, list[int]] = {}
-    for i, (g, u) in enumerate(zip(grads, bases)):
-        buckets.setdefault((g.device, g.dtype, u.dtype), []).append(i)
-    groups = []
-    k_all = max(1, max(ks))
-    for (device, gdt, udt), idx in buckets.items():
-        be = select_backend(device, gdt, udt, backend)
-        k_max = k_all if scope == "global" else max(1, max(ks[i] for i in idx))
-        gb = [bases[i] for i in idx]
-        m, m_inv = _padded_grams(gb, k_max, device, [grams[i] for i in idx] if grams is not None else None)
-        positions = torch.tensor(idx, dtype=torch.int64, device=grads[0].device)
-        groups.append(_Group(be, idx, [grads[i] for i in idx], gb, k_max, m, m_inv, positions))
-    return ProjectionPlan(groups, len(grads), ks, list(names) if names is not None else None, _grad_key(grads))
-
-
-def cached_plan(cache: dict, grads: Sequence[Tensor], bases: Sequence[Tensor], *, clipping: bool,
-                scope: str = "tensor", backend: Optional[str] = None, names: Optional[Sequence[str]] = None,
-                grams: Optional[Sequence[Optional[Tensor]]] = None, max_entries: int = 8) -> ProjectionPlan:
-    """A plan from ``cache`` keyed by the gradients' (data_ptr, dtype, device, shape), built
-    and stored on a miss. Gradient buffers are stable across steps in a training loop, so
-    validation and pointer tables are paid once; the cache is bounded (cleared when full)."""
-    key = (clipping,) + _grad_key(grads)
-    plan = cache.get(key)
-    if plan is None:
-        if len(cache) >= max_entries:
-            cache.clear()
-        plan = plan_projection(grads, bases, scope=scope, backend=backend, names=names, grams=grams)
-        cache[key] = plan
-    return plan
+    for i, g in enumerate(grads):
+        check_grad(i, g, names)
+    entries = [basis_entry(u, g.numel(), g.device, label(i, names), scope=scope,
+                           gram=grams[i] if grams is not None else None)
+               for i, (g, u) in enumerate(zip(grads, bases))]
+    return plan_from_entries(entries, [g.numel() for g in grads], [g.dtype for g in grads],
+                             [g.device for g in grads], scope=scope, backend=backend, names=names)
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,12 +187,13 @@ def cached_plan(cache: dict, grads: Sequence[Tensor], bases: Sequence[Tensor], *
 
 @dataclass
 class ProjectionStats:
-    """What one projection did. Tensors stay on the device; the float properties sync.
+    """What one projection did. Tensors stay on the device (float64); the float properties sync.
 
     ``sq_before``/``sq_after``: per-tensor squared norms before projection and after it
     (before clipping); ``removed_sq``: ||g - g'||^2 per tensor; ``total_norm``: the
     post-projection, pre-clip global norm (what clip_grad_norm_ returns);
-    ``clip_coef``: the factor applied (1 without clipping).
+    ``clip_coef``: the factor applied (1 without clipping); ``single_pass``: how many
+    tensors the backends projected in one pass over their gradient.
     """
 
     sq_before: Tensor
@@ -295,6 +203,7 @@ class ProjectionStats:
     clip_coef: Tensor
     names: Optional[list[str]] = None
     backends: tuple = ()
+    single_pass: int = 0
 
     @property
     def norm_before(self) -> float:
@@ -312,7 +221,8 @@ class ProjectionStats:
         return float(self.removed_sq.sum()) / total if total > 0 else 0.0
 
     def removed_fraction_per_tensor(self) -> Tensor:
-        return torch.where(self.sq_before > 0, self.removed_sq / self.sq_before.clamp_min(1e-30), torch.zeros_like(self.sq_before))
+        return torch.where(self.sq_before > 0, self.removed_sq / self.sq_before.clamp_min(1e-300),
+                           torch.zeros_like(self.sq_before))
 
     def as_dict(self) -> dict:
         return {
@@ -323,10 +233,13 @@ class ProjectionStats:
             "clip_coef": float(self.clip_coef),
             "num_tensors": int(self.sq_before.numel()),
             "backends": list(self.backends),
+            "single_pass": self.single_pass,
         }
 
 
-def _mode_weights(w: Tensor, mode: str, aligned_scale: float) -> tuple[Tensor, float]:
+def _mode_weights(w: Tensor, mode: str, aligned_scale: float):
+    """The mode rule on float64 coefficients ``w = M^-1 c`` ([T, K]): returns the weights
+    to subtract (``g' = kappa g - U^T w``) and kappa (a float, or a per-tensor tensor)."""
     if mode == "orthogonal":
         return w, 1.0
     if mode == "conflict":
@@ -343,33 +256,57 @@ def _check_call(mode: str, max_norm: Optional[float], aligned_scale: float) -> N
         raise ProjectionInputError(f"aligned_scale={aligned_scale!r} must be >= 0")
 
 
+def _sq_norms64(grads: Sequence[Tensor]) -> Tensor:
+    """Squared norms accumulated in float64 (no float32 overflow); the rare exact path only."""
+    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square()
+
+
+def _rescue_overflow(tables: list, grouped: list, fused: list) -> None:
+    """CPU only (reading a CPU tensor is no device sync): a finite gradient whose float32
+    ``||g||^2`` overflowed (|g| > ~1.8e19) gets its squared norm again in float64."""
+    for t, gs, f in zip(tables, grouped, fused):
+        sq = t[:, -1]
+        bad = ~torch.isfinite(sq)
+        if f or not bool(bad.any()):
+            continue
+        idx = bad.nonzero().flatten().tolist()
+        t[idx, -1] = _sq_norms64([gs[i] for i in idx])
+
+
 def execute(
     plan: ProjectionPlan,
     grads: Sequence[Tensor],
     *,
     mode: str = "orthogonal",
-    scope: str = "tensor",
+    scope: Optional[str] = None,
     max_norm: Optional[float] = None,
     aligned_scale: float = 1.0,
     process_group=None,
+    error_if_nonfinite: bool = False,
+    extra_sq: Optional[Tensor] = None,
 ) -> ProjectionStats:
-    """Run a planned projection on ``grads`` (the same tensors the plan was built for).
+    """Run a planned projection on ``grads`` (any tensors matching the plan's metadata).
 
     ``process_group``: for sharded gradients (FSDP2), the pass-1 partials of all tensors
     are summed across ranks with ONE all_reduce before the tiny step.
+    ``error_if_nonfinite``: raise ``RuntimeError`` before any gradient changes when the
+    post-projection total norm is NaN or Inf (one host sync).
+    ``extra_sq``: squared norm (float64 scalar on the plan's home device) of gradients
+    outside the plan that count towards clipping (the caller scales them by ``clip_coef``).
     """
     _check_call(mode, max_norm, aligned_scale)
-    if not plan.matches(grads):
-        raise ProjectionInputError("the gradients changed since the plan was built; build a new plan")
-    home = plan.groups[0].grads[0].device
+    if scope is not None and scope != plan.scope:
+        raise ProjectionInputError(f"scope={scope!r} but the plan was built for scope={plan.scope!r}")
+    scope = plan.scope
+    grouped = plan.bind(grads)
+    home = plan.home
     # Single-pass path: a backend with `fused_project_` projects each tensor right after its dots
-    # (small tensors still in cache) using the same w = M^-1 c and mode rule as below. Only when
-    # nothing global is pending between the passes: per-tensor scope, no clip, no all_reduce.
-    # It returns the pass-1 table, so the statistics below are computed exactly as on the 2-pass path.
-    fusable = scope == "tensor" and max_norm is None and process_group is None
+    # (small tensors still in cache). Only when nothing global is pending between the passes:
+    # per-tensor scope, no clip, no all_reduce, no non-finite check to make before writing.
+    fusable = scope == "tensor" and max_norm is None and process_group is None and not error_if_nonfinite
     fused = [fusable and hasattr(grp.backend, "fused_project_") for grp in plan.groups]
-    partials = [grp.backend.fused_project_(grp.grads, grp.bases, grp.gram_inv, mode, aligned_scale) if f
-                else grp.backend.dots(grp.grads, grp.bases, grp.k_max) for grp, f in zip(plan.groups, fused)]
+    partials = [grp.backend.fused_project_(gs, grp.bases, grp.gram_inv32, mode, aligned_scale) if f
+                else grp.backend.dots(gs, grp.bases, grp.k_max) for grp, gs, f in zip(plan.groups, grouped, fused)]
     if process_group is not None:
         import torch.distributed as dist
 
@@ -380,19 +317,20 @@ def execute(
             out.append(flat[offset:offset + p.numel()].view_as(p).to(p.device))
             offset += p.numel()
         partials = out
+    # float64 from here on: the tiny step never runs in float32 (nor in TF32, whatever
+    # torch.backends.cuda.matmul.allow_tf32 says)
+    tables = [p.double() for p in partials]
+    cpu = home.type == "cpu" and process_group is None
+    if cpu:
+        _rescue_overflow(tables, grouped, fused)
 
     if scope == "global":
-        c_total = sum(p[:, :-1].sum(0).to(home) for p in partials)
-        m_total = sum(grp.gram.sum(0).to(home) for grp in plan.groups)
-        k = max(1, max(plan.ks))
-        w_global = torch.zeros_like(c_total)
-        inv, _info = torch.linalg.inv_ex(m_total[:k, :k].double())  # no host sync
-        w_global[:k] = (inv.float() @ c_total[:k]) if max(plan.ks) else 0.0
-        w_global, kappa = _mode_weights(w_global, mode, aligned_scale)
+        c_total = sum(t[:, :-1].sum(0).to(home) for t in tables)
+        w_global, kappa = _mode_weights(plan.gram_total_inv @ c_total, mode, aligned_scale)
 
     per_group = []
-    for grp, p in zip(plan.groups, partials):
-        c, sq = p[:, :-1], p[:, -1]
+    for grp, t in zip(plan.groups, tables):
+        c, sq = t[:, :-1], t[:, -1]
         if scope == "global":
             w = w_global.to(c.device).expand_as(c)
         else:
@@ -401,27 +339,49 @@ def execute(
         wmw = (w * torch.bmm(grp.gram, w.unsqueeze(-1)).squeeze(-1)).sum(-1)
         sq_after = (kappa * kappa * sq - 2 * kappa * wc + wmw).clamp_min(0)
         removed = ((1 - kappa) ** 2 * sq + 2 * (1 - kappa) * wc + wmw).clamp_min(0)
-        per_group.append((w.contiguous(), sq, sq_after, removed))
+        per_group.append([w.float().contiguous(), sq, sq_after, removed])
 
-    total_norm = sum(sa.sum().to(home) for _, _, sa, _ in per_group).sqrt()
-    if max_norm is not None:
+    total_sq = sum(v[2].sum().to(home) for v in per_group)
+    if extra_sq is not None:
+        total_sq = total_sq + extra_sq.to(home, torch.float64)
+    total_norm = total_sq.sqrt()
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+        raise RuntimeError(f"the total norm of order 2.0 of the projected gradients is non-finite "
+                           f"({float(total_norm)}), so they cannot be clipped; no gradient was changed. "
+                           f"Set error_if_nonfinite=False to clip anyway")
+    exact = (cpu and max_norm is not None
+             and bool(total_sq < EXACT_NORM_FRACTION * sum(v[1].sum().to(home) for v in per_group)))
+    if max_norm is not None and not exact:
         clip_coef = (max_norm / (total_norm + CLIP_EPS)).clamp(max=1.0)
     else:
-        clip_coef = torch.ones((), device=home)
-    for grp, (w, _, _, _), f in zip(plan.groups, per_group, fused):
+        clip_coef = torch.ones((), dtype=torch.float64, device=home)
+    for grp, gs, (w, _, _, _), f in zip(plan.groups, grouped, per_group, fused):
         if f:
             continue  # already projected by fused_project_
-        scale = clip_coef.to(w.device).expand(len(grp.grads)).contiguous()
-        grp.backend.update_(grp.grads, grp.bases, w, kappa, scale)
+        scale = clip_coef.to(device=w.device, dtype=torch.float32).expand(len(gs)).contiguous()
+        grp.backend.update_(gs, grp.bases, w, kappa, scale)
+    if exact:
+        # almost all of g was in the subspace: measure the projected norm, then scale
+        for gs, vals in zip(grouped, per_group):
+            vals[2] = _sq_norms64(gs).to(vals[2].device)
+        total_sq = sum(v[2].sum().to(home) for v in per_group)
+        if extra_sq is not None:
+            total_sq = total_sq + extra_sq.to(home, torch.float64)
+        total_norm = total_sq.sqrt()
+        clip_coef = (max_norm / (total_norm + CLIP_EPS)).clamp(max=1.0)
+        if bool(clip_coef < 1.0):
+            for gs in grouped:
+                torch._foreach_mul_(gs, float(clip_coef))
 
     def gather(j: int) -> Tensor:
-        out = torch.empty(plan.count, dtype=torch.float32, device=home)
+        out = torch.empty(plan.count, dtype=torch.float64, device=home)
         for grp, vals in zip(plan.groups, per_group):
             out[grp.positions] = vals[j].to(home)
         return out
 
+    single = sum(grp.single_pass for grp, f in zip(plan.groups, fused) if f)
     return ProjectionStats(gather(1), gather(2), gather(3), total_norm, clip_coef, plan.names,
-                           tuple(sorted({grp.backend.name for grp in plan.groups})))
+                           tuple(sorted({grp.backend.name for grp in plan.groups})), single)
 
 
 def project_(
@@ -436,6 +396,7 @@ def project_(
     names: Optional[Sequence[str]] = None,
     grams: Optional[Sequence[Optional[Tensor]]] = None,
     process_group=None,
+    error_if_nonfinite: bool = False,
 ) -> ProjectionStats:
     """Project gradients in place onto the orthogonal complement of their bases.
 
@@ -450,17 +411,19 @@ def project_(
         aligned_scale: in conflict mode, factor for components aligned with the reference.
         backend: force a backend (default: ``$OGPSA_BACKEND`` or automatic).
         names: optional tensor names, used in error messages and statistics.
-        grams: optional precomputed ``U_i U_i^T`` per tensor (saves a pass over U).
+        grams: optional ``U_i U_i^T`` per tensor (the full one when ``bases[i]`` is one
+            rank's slice of a sharded basis); default: computed here in float64.
         process_group: all-reduce the pass-1 partials over this group (sharded grads).
+        error_if_nonfinite: raise before any change when the projected norm is NaN/Inf.
 
     Returns:
         :class:`ProjectionStats`. Bad input raises :class:`ProjectionInputError` before any
-        gradient is modified.
+        gradient is modified. NaN/Inf gradients follow the policy in :mod:`ogpsa.projector`.
     """
     _check_call(mode, max_norm, aligned_scale)
     plan = plan_projection(grads, bases, scope=scope, backend=backend, names=names, grams=grams)
-    return execute(plan, grads, mode=mode, scope=scope, max_norm=max_norm, aligned_scale=aligned_scale,
-                   process_group=process_group)
+    return execute(plan, grads, mode=mode, max_norm=max_norm, aligned_scale=aligned_scale,
+                   process_group=process_group, error_if_nonfinite=error_if_nonfinite)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,8 +2,37 @@
 
 The projection runs once per optimizer step, on the fully accumulated (and, under DDP,
 already averaged) gradients, from an optimizer step pre-hook, so there are no hooks on
-the backward hot path. ``clip_grad_norm_`` projects and clips in one fused call; the
-pre-hook then sees that the step is already projected and does nothing.
+the backward hot path. ``clip_grad_norm_`` projects and clips in one fused call.
+
+Hot path. The basis side (validated bases, float64 Gram matrices and inverses, grouping,
+backend choice: :mod:`ogpsa.plan`) is built when a subspace is set and is keyed by
+parameter name and identity, never by gradient tensors; a step only reads ``p.grad`` of
+each parameter (O(T) attribute checks), so fresh gradient tensors every step (the default
+``zero_grad(set_to_none=True)``) cost nothing extra, and no gradient is referenced after
+the step (``num_plan_builds`` counts plan builds).
+
+Once per step, whatever happens in between. The projector remembers WHICH gradient tensors
+it projected (weak references and each tensor's ``_version`` after projecting), not a flag:
+the optimizer's pre-hook projects unless every current gradient is one it already projected
+and that has not been written since. So ``project()`` / ``clip_grad_norm_()`` followed by no
+step (a validation batch, a GradScaler-skipped step, an exception), then new gradients,
+never leaves the next ``optimizer.step()`` unprojected, and a step is never projected twice.
+
+Parameters are followed by name: a parameter replaced after attach
+(``load_state_dict(..., assign=True)``, ``to_empty``) is picked up again by its name
+(a basis whose parameter disappeared or changed shape raises
+:class:`~ogpsa.SubspaceMismatchError`); parameters added to the optimizer after attach count
+in clipping. Zero-element parameters are skipped (as torch's clipping does).
+
+NaN/Inf policy (identical on every backend). A non-finite value in a gradient with a
+basis makes its coefficients non-finite, so that whole tensor becomes non-finite (NaN)
+after projection; a tensor without a basis keeps its values. With clipping, a non-finite
+total norm gives a NaN clip factor that is applied to every gradient, exactly as
+``torch.nn.utils.clip_grad_norm_`` does; with ``error_if_nonfinite=True`` a
+``RuntimeError`` is raised before any gradient changes. Finite gradients whose squared
+norm overflows float32 (|g| > ~1.8e19) are handled exactly on the CPU (float64 rescue).
+Sparse gradients: without a basis they are clipped as torch clips them; with a basis
+they are a :class:`~ogpsa.ProjectionInputError` naming the parameter.
 
 Note on adaptive optimizers: the projected *gradient* is orthogonal to the capability
 subspace, and with SGD (no momentum) so is the parameter update. Adam/AdamW rescale each
@@ -15,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -22,118 +52,255 @@ from torch import Tensor
 
 from . import ops
 from .config import OGPSAConfig
+from .errors import ProjectionInputError
 from .ops import ProjectionStats
-from .subspace import Subspace
+from .plan import BasisEntry, basis_entry
+from .subspace import Subspace, SubspaceMismatchError
+
+_UDT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_not_meta(model: torch.nn.Module) -> None:
+    """A model whose parameters live on the meta device has no data to project."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"parameter {meta[0]!r} (and {len(meta) - 1} more) is on the meta device: materialise the "
+                         f"model (e.g. model.to_empty(device=...) and load its weights) before attaching OGPSA")
+
+
+def claim_optimizer(optimizer, projector) -> None:
+    """One projector per optimizer: a second one would project each step twice."""
+    ref = optimizer.__dict__.get("_ogpsa_projector")
+    other = ref() if ref is not None else None
+    if other is not None and other is not projector and other._handles:
+        raise RuntimeError(f"this {type(optimizer).__name__} already has an OGPSA projector attached; call "
+                           f".remove() on it before attaching another (two would project every step twice)")
+    optimizer.__dict__["_ogpsa_projector"] = weakref.ref(projector)
+
+
+class StepRecord:
+    """Which gradient tensors were projected: weak references and ``_version`` after the
+    projection. Holds no gradient alive."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple] = {}
+
+    def mark(self, grads) -> None:
+        self._seen = {id(g): (weakref.ref(g), g._version) for g in grads}
+
+    def covers(self, grads) -> bool:
+        """Every tensor in ``grads`` was projected and not written since."""
+        seen = self._seen
+        if not seen or not grads:
+            return False
+        for g in grads:
+            entry = seen.get(id(g))
+            if entry is None or entry[0]() is not g or entry[1] != g._version:
+                return False
+        return True
+
+    def clear(self) -> None:
+        self._seen = {}
 
 
 class Projector:
-    """Projects a model's gradients before every optimizer step. Create with :func:`attach`."""
+    """Projects a model's gradients before every optimizer step. Create with :func:`ogpsa.attach`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], subspace: Subspace,
                  config: Optional[OGPSAConfig] = None):
+        check_not_meta(model)
         self.model = model
         self.optimizer = optimizer
         self.config = config or subspace.config
         self.last_stats: Optional[ProjectionStats] = None
         self.num_projections = 0
+        self.num_plan_builds = 0
         self._paused = 0
-        self._projected_this_step = False
+        self._record = StepRecord()
         self._plans: dict[tuple, ops.ProjectionPlan] = {}
-        self._handles = []
+        self._handles: list = []
         self.set_subspace(subspace)
         if optimizer is not None:
+            claim_optimizer(optimizer, self)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
-            self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
-    # -- subspace -------------------------------------------------------------------------
+    # -- subspace and parameters -------------------------------------------------------------
 
     def set_subspace(self, subspace: Subspace) -> None:
-        """Use a new (e.g. refreshed) subspace from the next projection on."""
+        """Use a new (e.g. refreshed) subspace from the next projection on. Every basis is
+        validated here (shape, dtype, device, rank <= 16, finiteness), not at the first step."""
         subspace.check_model(self.model)
         if subspace.config.scope != self.config.scope:
             raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
                              f"uses scope={self.config.scope!r}")
-        params = dict(self.model.named_parameters())
         self.subspace = subspace
-        self._basis: dict[int, tuple[str, Tensor, Tensor]] = {}
-        for name in subspace.names:
-            p = params[name]
-            dev = torch.device(self.config.basis_device) if self.config.basis_device else p.device
-            self._basis[id(p)] = (name, subspace.basis(name).to(dev), subspace.gram(name).to(dev))
-        self._named = [(n, p) for n, p in self.model.named_parameters()]
+        self._entries: dict[str, BasisEntry] = {}
+        self._resolve()
+
+    def _entry(self, name: str, p: Tensor) -> BasisEntry:
+        dev = torch.device(self.config.basis_device) if self.config.basis_device else p.device
+        u = self.subspace.basis(name).to(dev)
+        try:
+            return basis_entry(u, p.numel(), p.device, f"parameter {name!r}", scope=self.config.scope,
+                               gram=self.subspace.gram(name))
+        except ProjectionInputError as exc:
+            raise ProjectionInputError(f"cannot attach OGPSA: {exc}") from None
+
+    def _resolve(self) -> None:
+        """(Re)bind parameters by name: the model's current parameter objects, each basis
+        checked against its parameter. Runs at attach and whenever a parameter was replaced."""
+        params = dict(self.model.named_parameters())
+        problems = [f"{n!r}: in the subspace but no longer a parameter of the model (replaced or removed after "
+                    f"attach?)" for n in self.subspace.names if n not in params]
+        problems += [f"{n!r}: basis for shape {s} but the parameter now has shape {tuple(params[n].shape)}"
+                     for n, s in zip(self.subspace.names, self.subspace.shapes)
+                     if n in params and tuple(params[n].shape) != tuple(s)]
+        if problems:
+            raise SubspaceMismatchError("subspace does not match the model:\n  " + "\n  ".join(problems))
+        check_not_meta(self.model)
+        tracked, entries = [], {}
+        for name, p in params.items():
+            mod_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(mod_name) if mod_name else self.model
+            entry = None
+            if name in self.subspace:
+                old = self._entries.get(name)
+                entry = old if old is not None and old.basis.device == p.device else self._entry(name, p)
+                entries[name] = entry
+            tracked.append((name, module, attr, p, entry))
+        self._tracked = tracked
+        self._entries = entries
+        self._opt_sig = self._optimizer_signature()
         self._plans.clear()
+        self._record.clear()
 
-    # -- projection -----------------------------------------------------------------------
+    def _optimizer_signature(self) -> tuple:
+        if self.optimizer is None:
+            return ()
+        return tuple(len(g["params"]) for g in self.optimizer.param_groups)
 
-    def _inputs(self, include_unprojected: bool):
-        grads, bases, names, grams = [], [], [], []
-        udt = torch.bfloat16 if self.config.basis_dtype == "bfloat16" else torch.float32
-        for name, p in self._named:
+    def _check_params(self) -> None:
+        """O(T): every tracked parameter is still its module's (else re-resolve by name);
+        the optimizer has not gained parameters (else they join clipping)."""
+        for _name, module, attr, p, _e in self._tracked:
+            if module._parameters.get(attr) is not p:
+                self._resolve()
+                return
+        if self.optimizer is None or self._optimizer_signature() != self._opt_sig:
+            if self.optimizer is not None or sum(1 for _ in self.model.parameters()) != len(self._tracked):
+                self._resolve()
+
+    # -- projection ---------------------------------------------------------------------------
+
+    def _gather(self, include_unprojected: bool):
+        """This step's gradients: (dense grads, their tracked positions, sparse grads without basis)."""
+        grads, index, sparse = [], [], []
+        for j, (name, _m, _a, p, entry) in enumerate(self._tracked):
             g = p.grad
-            if g is None or not p.requires_grad:
+            if g is None or not p.requires_grad or (entry is None and not include_unprojected):
                 continue
-            entry = self._basis.get(id(p))
-            if entry is None and not include_unprojected:
-                continue
+            if g.numel() == 0:
+                continue  # as torch's clipping: nothing to project or clip
             if g.is_sparse:
-                raise ValueError(f"parameter {name!r} has a sparse gradient; OGPSA needs dense gradients")
+                if entry is not None:
+                    raise ProjectionInputError(f"parameter {name!r} has a sparse gradient and a basis; OGPSA "
+                                               f"projects dense gradients only (use a dense embedding gradient)")
+                sparse.append(g)
+                continue
             if not g.is_contiguous():
                 p.grad = g = g.contiguous()
             grads.append(g)
-            names.append(name)
-            if entry is None:
-                bases.append(torch.empty(0, g.numel(), dtype=udt, device=g.device))
-                grams.append(None)
-            else:
-                bases.append(entry[1])
-                grams.append(entry[2])
-        return grads, bases, names, grams
+            index.append(j)
+        return grads, index, sparse
+
+    def _plan(self, grads, index, clipping: bool) -> ops.ProjectionPlan:
+        key = (clipping, tuple(index), tuple(g.dtype for g in grads))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            tracked = self._tracked
+            udt = _UDT[self.config.basis_dtype]
+            entries = []
+            for j, g in zip(index, grads):
+                e = tracked[j][4]
+                if e is None:  # counts in clipping only
+                    empty = torch.zeros(0, 0, dtype=torch.float64)
+                    e = BasisEntry(torch.empty(0, g.numel(), dtype=udt, device=g.device), 0, empty, empty)
+                entries.append(e)
+            plan = ops.plan_from_entries(entries, [g.numel() for g in grads], [g.dtype for g in grads],
+                                         [g.device for g in grads], scope=self.config.scope,
+                                         backend=self.config.backend, names=[tracked[j][0] for j in index])
+            self._plans[key] = plan
+            self.num_plan_builds += 1
+        return plan
+
+    def _project(self, max_norm: Optional[float], error_if_nonfinite: bool):
+        """(statistics, already projected): project unless every current gradient was
+        projected by this projector and not written since."""
+        self._check_params()
+        clipping = max_norm is not None
+        grads, index, sparse = self._gather(clipping)
+        if self._record.covers(grads + sparse):
+            return self.last_stats, True
+        if not grads:
+            if sparse and clipping:
+                torch.nn.utils.clip_grad_norm_(sparse, max_norm, error_if_nonfinite=error_if_nonfinite)
+                self._record.mark(sparse)
+            return None, False
+        plan = self._plan(grads, index, clipping)
+        extra = sum(torch.linalg.vector_norm(g.coalesce().values(), dtype=torch.float64).square()
+                    for g in sparse) if sparse else None
+        stats = ops.execute(plan, grads, mode=self.config.mode, max_norm=max_norm,
+                            aligned_scale=self.config.aligned_scale, error_if_nonfinite=error_if_nonfinite,
+                            extra_sq=extra)
+        for g in sparse:
+            g.mul_(stats.clip_coef.to(g.dtype))
+        self._record.mark(grads + sparse)
+        self.last_stats = stats
+        self.num_projections += 1
+        return stats, False
 
     def project(self, max_norm: Optional[float] = None) -> Optional[ProjectionStats]:
         """Project (and, with ``max_norm``, clip) the current gradients now.
 
-        Returns the statistics, or None when paused or when no parameter has a gradient."""
+        Returns the statistics, or None when paused or when no parameter has a gradient.
+        Gradients this projector already projected (and nobody wrote since) are not
+        projected again: the previous statistics are returned."""
         if self._paused:
             return None
-        max_norm = self.config.max_norm if max_norm is None else max_norm
-        grads, bases, names, grams = self._inputs(include_unprojected=max_norm is not None)
-        if not grads:
-            return None
-        plan = ops.cached_plan(self._plans, grads, bases, clipping=max_norm is not None, scope=self.config.scope,
-                               backend=self.config.backend, names=names, grams=grams)
-        stats = ops.execute(plan, grads, mode=self.config.mode, scope=self.config.scope, max_norm=max_norm,
-                            aligned_scale=self.config.aligned_scale)
-        self.last_stats = stats
-        self.num_projections += 1
-        self._projected_this_step = True
-        return stats
+        return self._project(self.config.max_norm if max_norm is None else max_norm, False)[0]
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
         """Project, then clip all gradients to ``max_norm`` (one fused call).
 
         Returns the total norm after projection and before clipping, as
         ``torch.nn.utils.clip_grad_norm_`` would return when called after projecting.
-        Parameters without a basis are clipped too (they count towards the norm)."""
+        Parameters without a basis are clipped too (they count towards the norm). With
+        ``error_if_nonfinite=True`` a NaN/Inf norm raises before any gradient changes.
+        Gradients already projected (by an earlier ``project()``) are only clipped."""
         if float(norm_type) != 2.0:
             raise ValueError(f"norm_type={norm_type!r}: the fused projection+clipping supports the L2 norm only")
-        if self._paused:
-            params = [p for _, p in self._named if p.grad is not None]
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=error_if_nonfinite)
-        stats = self.project(max_norm=max_norm)
-        if stats is None:
-            return torch.zeros(())
-        if error_if_nonfinite and not bool(torch.isfinite(stats.total_norm)):
-            raise RuntimeError(f"the total norm of the projected gradients is {float(stats.total_norm)}")
-        return stats.total_norm
+        if not self._paused:
+            stats, covered = self._project(max_norm, error_if_nonfinite)
+            if not covered:
+                return stats.total_norm if stats is not None else torch.zeros((), dtype=torch.float64)
+        params = [p for p in self._clip_params() if p.grad is not None and p.grad.numel()]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=error_if_nonfinite)
+        if not self._paused:
+            self._check_params()
+            self._record.mark(self._gather(True)[0])
+        return norm
+
+    def _clip_params(self) -> list:
+        return [p for _n, _m, _a, p, _e in self._tracked]
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        if not self._projected_this_step:
-            self.project()
+        self.project()
 
-    def _post_step(self, optimizer, args, kwargs) -> None:
-        self._projected_this_step = False
-
-    # -- control --------------------------------------------------------------------------
+    # -- control ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -154,29 +321,11 @@ class Projector:
             h.remove()
         self._handles.clear()
         self._plans.clear()
-
-
-def attach(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], subspace: Subspace,
-           config: Optional[OGPSAConfig] = None) -> Projector:
-    """Project ``model``'s gradients onto the orthogonal complement of ``subspace`` once per
-    ``optimizer.step()``. Parameters without a gradient or without a basis are skipped.
-
-    ``config`` defaults to the subspace's config (mode, scope, backend, max_norm...).
-    Pass ``optimizer=None`` to call :meth:`Projector.project` or
-    :meth:`Projector.clip_grad_norm_` yourself.
-
-    Under DDP this projects the averaged gradient (the step runs after DDP's all-reduce).
-    A model with DTensor parameters (FSDP2 ``fully_shard``) gets a
-    :class:`ogpsa.distributed.ShardedProjector`: each rank projects its own gradient shards
-    with its slice of the basis, with one all_reduce per projection.
-    """
-    from .distributed import is_dtensor
-
-    if any(is_dtensor(p) for p in model.parameters()):
-        from .distributed import attach_fsdp
-
-        return attach_fsdp(model, optimizer, subspace, config)
-    return Projector(model, optimizer, subspace, config)
+        self._record.clear()
+        if self.optimizer is not None:
+            ref = self.optimizer.__dict__.get("_ogpsa_projector")
+            if ref is not None and ref() is self:
+                del self.optimizer.__dict__["_ogpsa_projector"]
 
 
 class GradientHooks:
@@ -199,9 +348,9 @@ def register_gradient_hooks(model: torch.nn.Module, subspace: Subspace,
     For the linear modes (``orthogonal``, ``plane``) this equals projecting once per step
     on the accumulated gradient, since the projection is linear: P(g1 + g2) = P g1 + P g2.
     ``conflict`` is not linear (it clamps each coefficient at 0): clamping every micro-batch
-    differs from clamping their sum, so prefer :func:`attach` for it. Tensor hooks do not
-    fire under FSDP2, and ``scope="global"`` needs every tensor's coefficients at once, so
-    neither is supported here.
+    differs from clamping their sum, so prefer :func:`ogpsa.attach` for it. Tensor hooks do
+    not fire under FSDP2, and ``scope="global"`` needs every tensor's coefficients at once,
+    so neither is supported here.
     """
     config = config or subspace.config
     if config.scope != "tensor":
@@ -209,6 +358,7 @@ def register_gradient_hooks(model: torch.nn.Module, subspace: Subspace,
     if config.mode == "conflict":
         warnings.warn("conflict mode in per-micro-batch hooks clamps each micro-batch separately, which differs "
                       "from clamping the accumulated gradient; attach() projects once per step", stacklevel=2)
+    check_not_meta(model)
     subspace.check_model(model)
     params = dict(model.named_parameters())
     handles = []
@@ -216,13 +366,17 @@ def register_gradient_hooks(model: torch.nn.Module, subspace: Subspace,
         p = params[name]
         if not p.requires_grad:
             continue
-        basis = subspace.basis(name).to(p.device)
-        gram = subspace.gram(name).to(p.device)
+        entry = basis_entry(subspace.basis(name).to(p.device), p.numel(), p.device, f"parameter {name!r}",
+                            gram=subspace.gram(name))
+        plans: dict = {}
 
-        def hook(grad: Tensor, basis=basis, gram=gram, name=name) -> Tensor:
+        def hook(grad: Tensor, entry=entry, name=name, plans=plans) -> Tensor:
             out = grad.detach().clone(memory_format=torch.contiguous_format)
-            ops.project_([out], [basis], mode=config.mode, aligned_scale=config.aligned_scale,
-                         backend=config.backend, names=[name], grams=[gram])
+            plan = plans.get(out.dtype)
+            if plan is None:  # the basis side once per parameter (and gradient dtype)
+                plan = plans[out.dtype] = ops.plan_from_entries([entry], [out.numel()], [out.dtype], [out.device],
+                                                                backend=config.backend, names=[name])
+            ops.execute(plan, [out], mode=config.mode, aligned_scale=config.aligned_scale)
             return out
 
         handles.append(p.register_hook(hook))

@@ -129,13 +129,26 @@ def test_auto_on_cpu_never_picks_cuda(monkeypatch):
     assert be.name in ("cpu", "torch")
 
 
-def test_plan_is_reusable_and_detects_changed_grads():
+def test_plan_serves_fresh_gradients_and_detects_changed_metadata():
+    """The plan holds bases only: new gradient tensors (as after zero_grad(set_to_none=True))
+    with the same shapes/dtypes reuse it; a changed numel or dtype is a named error."""
+    from oracle import float64_project, rel_err
+
     grads, bases = make_case(5, [7, 9], 2)
-    plan = ops.plan_projection(grads, bases)
+    plan = ops.plan_projection(grads, bases, names=["a", "b"])
     ops.execute(plan, grads)
-    ops.execute(plan, grads)  # idempotent
-    with pytest.raises(ProjectionInputError, match="changed"):
-        ops.execute(plan, [g.clone() for g in grads])
+    fresh = [torch.randn_like(g) for g in grads]
+    expected, _ = float64_project(fresh, bases)
+    ops.execute(plan, fresh)
+    assert rel_err(fresh, expected) < 1e-5
+    with pytest.raises(ProjectionInputError, match=r"tensor 1 \('b'\).*changed"):
+        ops.execute(plan, [grads[0], torch.randn(10)])
+    with pytest.raises(ProjectionInputError, match="float64|changed"):
+        ops.execute(plan, [grads[0].double(), grads[1]])
+    before = [g.clone() for g in grads]
+    with pytest.raises(ProjectionInputError, match="not contiguous"):
+        ops.execute(plan, [grads[0], torch.randn(9, 2)[:, 0]])
+    assert torch.equal(grads[0], before[0])
 
 
 def test_mixed_dtypes_are_grouped():

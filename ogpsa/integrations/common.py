@@ -18,10 +18,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from ..attaching import attach
 from ..collect import CollectInfo, collect_reference_gradients
 from ..config import OGPSAConfig
 from ..ops import ProjectionStats
-from ..projector import Projector, attach
+from ..projector import Projector
 from ..subspace import Subspace
 
 logger = logging.getLogger("ogpsa")
