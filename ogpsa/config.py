@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-MODES = ("orthogonal", "conflict", "plane")
+MODES = ("orthogonal", "conflict", "plane", "threshold")
 SCOPES = ("tensor", "global")
 METHODS = ("gram_schmidt", "eigen")
 BASIS_DTYPES = ("float32", "bfloat16")
@@ -36,7 +36,11 @@ class OGPSAConfig:
             descent would *raise* the reference loss (c_j < 0, the basis being oriented
             along the reference gradients) are removed; components with c_j > 0 are
             multiplied by ``aligned_scale``. ``"plane"``: g <- U^T c (keeps only the
-            subspace part; for analysis).
+            subspace part; for analysis). ``"threshold"``: the original implementation's
+            rule: with one direction, a gradient aligned with it (c > 0) is scaled WHOLE by
+            ``aligned_scale`` (the original's ``base_scale``), a conflicting one is projected
+            orthogonally; with two or more directions, orthogonal projection (as the
+            original SFT trainer; its DPO trainer leaves those unprojected).
         scope: ``"tensor"``: one subspace per parameter tensor (the paper).
             ``"global"``: one whole-model subspace (c = sum_i U_i g_i).
         rank: keep at most this many directions per subspace (None: all independent ones).
@@ -51,7 +55,8 @@ class OGPSAConfig:
             earlier directions (Gram-Schmidt), or its eigenvalue (eigen), is below
             ``rank_tol`` times its own squared norm (resp. the largest eigenvalue).
         aligned_scale: in ``"conflict"`` mode, factor applied to components aligned
-            with the reference gradient (1.0 keeps them; 0.0 equals ``"orthogonal"``).
+            with the reference gradient (1.0 keeps them; 0.0 equals ``"orthogonal"``); in
+            ``"threshold"`` mode, factor applied to a whole aligned gradient.
         refresh_every: rebuild the subspace every this many optimizer steps (0: never).
             30 for SFT and 5 for DPO in the original work.
         num_reference_samples: examples per reference dataset averaged into one

@@ -237,13 +237,22 @@ class ProjectionStats:
         }
 
 
-def _mode_weights(w: Tensor, mode: str, aligned_scale: float):
+def _mode_weights(w: Tensor, mode: str, aligned_scale: float, gram: Optional[Tensor] = None):
     """The mode rule on float64 coefficients ``w = M^-1 c`` ([T, K]): returns the weights
-    to subtract (``g' = kappa g - U^T w``) and kappa (a float, or a per-tensor tensor)."""
+    to subtract (``g' = kappa g - U^T w``) and kappa (a float, or a per-tensor tensor).
+    ``gram``: the zero-padded M (or M^-1) matching ``w``, whose positive diagonal entries
+    count each subspace's rank k (``threshold`` needs k = 1)."""
     if mode == "orthogonal":
         return w, 1.0
     if mode == "conflict":
         return torch.where(w < 0, w, (1.0 - aligned_scale) * w), 1.0
+    if mode == "threshold":
+        # the original's rule (reference.mode_weights): k = 1 and c > 0 (w has c's sign for
+        # k = 1): scale the whole gradient (w = 0, kappa = aligned_scale); else project
+        k1 = (torch.diagonal(gram, dim1=-2, dim2=-1) > 0).sum(-1) == 1
+        aligned = k1 & (w[..., 0] > 0)
+        kappa = torch.where(aligned, float(aligned_scale), 1.0).to(w.dtype)
+        return torch.where(aligned.unsqueeze(-1), torch.zeros_like(w), w), kappa
     return -w, 0.0  # plane
 
 
@@ -303,7 +312,8 @@ def execute(
     # Single-pass path: a backend with `fused_project_` projects each tensor right after its dots
     # (small tensors still in cache). Only when nothing global is pending between the passes:
     # per-tensor scope, no clip, no all_reduce, no non-finite check to make before writing.
-    fusable = scope == "tensor" and max_norm is None and process_group is None and not error_if_nonfinite
+    fusable = (scope == "tensor" and max_norm is None and process_group is None and not error_if_nonfinite
+               and mode != "threshold")  # no single-pass kernel scales whole tensors
     fused = [fusable and hasattr(grp.backend, "fused_project_") for grp in plan.groups]
     partials = [grp.backend.fused_project_(gs, grp.bases, grp.gram_inv32, mode, aligned_scale) if f
                 else grp.backend.dots(gs, grp.bases, grp.k_max) for grp, gs, f in zip(plan.groups, grouped, fused)]
@@ -326,7 +336,7 @@ def execute(
 
     if scope == "global":
         c_total = sum(t[:, :-1].sum(0).to(home) for t in tables)
-        w_global, kappa = _mode_weights(plan.gram_total_inv @ c_total, mode, aligned_scale)
+        w_global, kappa = _mode_weights(plan.gram_total_inv @ c_total, mode, aligned_scale, plan.gram_total_inv)
 
     per_group = []
     for grp, t in zip(plan.groups, tables):
@@ -334,7 +344,8 @@ def execute(
         if scope == "global":
             w = w_global.to(c.device).expand_as(c)
         else:
-            w, kappa = _mode_weights(torch.bmm(grp.gram_inv, c.unsqueeze(-1)).squeeze(-1), mode, aligned_scale)
+            w, kappa = _mode_weights(torch.bmm(grp.gram_inv, c.unsqueeze(-1)).squeeze(-1), mode, aligned_scale,
+                                     grp.gram)
         wc = (w * c).sum(-1)
         wmw = (w * torch.bmm(grp.gram, w.unsqueeze(-1)).squeeze(-1)).sum(-1)
         sq_after = (kappa * kappa * sq - 2 * kappa * wc + wmw).clamp_min(0)
@@ -359,7 +370,9 @@ def execute(
         if f:
             continue  # already projected by fused_project_
         scale = clip_coef.to(device=w.device, dtype=torch.float32).expand(len(gs)).contiguous()
-        grp.backend.update_(gs, grp.bases, w, kappa, scale)
+        if isinstance(kappa, Tensor):  # per-tensor factor (threshold): folded into the scale (w is 0 there)
+            scale = scale * kappa.to(device=scale.device, dtype=torch.float32)
+        grp.backend.update_(gs, grp.bases, w, 1.0 if isinstance(kappa, Tensor) else kappa, scale)
     if exact:
         # almost all of g was in the subspace: measure the projected norm, then scale
         for gs, vals in zip(grouped, per_group):
@@ -405,7 +418,7 @@ def project_(
         bases: ``bases[i]`` is ``[k_i, grads[i].numel()]`` (float32/bfloat16, same device,
             rows orthonormal up to storage rounding; ``k_i = 0`` means no projection for
             that tensor, but it still counts towards clipping).
-        mode: ``"orthogonal"``, ``"conflict"`` or ``"plane"`` (see :mod:`ogpsa.reference`).
+        mode: ``"orthogonal"``, ``"conflict"``, ``"plane"`` or ``"threshold"`` (see :mod:`ogpsa.reference`).
         scope: ``"tensor"`` (one subspace per tensor) or ``"global"`` (one for all).
         max_norm: clip the projected gradients to this global L2 norm (None: no clipping).
         aligned_scale: in conflict mode, factor for components aligned with the reference.
@@ -438,8 +451,30 @@ def _group_refs(refs: Sequence[Tensor], backend: Optional[str]):
     return [(select_backend(dev, dt, torch.float32, backend), idx) for (dev, dt), idx in buckets.items()]
 
 
+#: rows whose largest magnitude lies outside [2^-SAFE_EXP, 2^SAFE_EXP] are rescaled by a power
+#: of two before a backend's float32 products (squares of 1e-25 underflow, of 1e20 overflow)
+SAFE_EXP = 30
+
+
+def _row_scales(r: Tensor) -> Optional[Tensor]:
+    """Power-of-two factors (float64, CPU, [m]) that bring each row's max |value| into
+    [0.5, 1) when it lies outside the float32-safe range; None when every row is safe."""
+    top = torch.linalg.vector_norm(r, ord=float("inf"), dim=1).to("cpu", torch.float64)
+    finite = torch.isfinite(top) & (top > 0)
+    _, exp = torch.frexp(torch.where(finite, top, torch.ones_like(top)))
+    unsafe = finite & (exp.abs() > SAFE_EXP)
+    if not bool(unsafe.any()):
+        return None
+    return torch.where(unsafe, torch.ldexp(torch.ones_like(top), -exp), torch.ones_like(top))
+
+
 def gram(refs: Sequence[Tensor], *, backend: Optional[str] = None) -> Tensor:
-    """Gram matrices ``R_i R_i^T`` (float64, on the CPU) for ``refs[i]: [m, N_i]``."""
+    """Gram matrices ``R_i R_i^T`` (float64, on the CPU) for ``refs[i]: [m, N_i]``.
+
+    Every backend gets float64-exact diagonals for any float32 range: rows too small or too
+    large for float32 products are scaled by a power of two in place for the backend pass
+    and restored after it (exact: a power-of-two product only moves the exponent), and the
+    Gram matrix is unscaled in float64."""
     if not refs:
         raise ProjectionInputError("refs is an empty list")
     m = refs[0].shape[0]
@@ -448,7 +483,19 @@ def gram(refs: Sequence[Tensor], *, backend: Optional[str] = None) -> Tensor:
             raise ProjectionInputError(f"refs[{i}] must be a contiguous [m={m}, N] tensor, got {tuple(r.shape)}")
     out = torch.empty(len(refs), m, m, dtype=torch.float64)
     for be, idx in _group_refs(refs, backend):
-        out[idx] = be.gram([refs[i] for i in idx]).to("cpu", torch.float64)
+        scales = [_row_scales(refs[i]) if be.name != "torch" and refs[i].numel() else None for i in idx]
+        try:
+            for i, s in zip(idx, scales):
+                if s is not None:
+                    refs[i].mul_(s.to(refs[i].device, refs[i].dtype)[:, None])
+            out[idx] = be.gram([refs[i] for i in idx]).to("cpu", torch.float64)
+        finally:
+            for i, s in zip(idx, scales):
+                if s is not None:
+                    refs[i].mul_((1.0 / s).to(refs[i].device, refs[i].dtype)[:, None])
+        for i, s in zip(idx, scales):
+            if s is not None:
+                out[i] = out[i] / (s[:, None] * s[None, :])
     return out
 
 
