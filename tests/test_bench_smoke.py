@@ -98,15 +98,19 @@ def test_every_contender_on_a_tiny_case_computes_what_it_claims():
             if c.name == "ogpsa:triton":
                 assert "interpreter" in c.skip or "GPU" in c.skip or "not part" in c.skip
             continue
+        if c.setup is not None:
+            c.setup()
         c.fn()
         ran.append(c.name)
+        outs = c.outputs() if c.outputs is not None else grads
         if c.name == "clip_grad_norm_":
-            assert _flat_err(grads, clipped) <= 1e-6
+            assert _flat_err(outs, clipped) <= 1e-6
         elif c.name == "copy":
-            assert all(torch.equal(g, o) for g, o in zip(grads, original))  # reads only
+            assert all(torch.equal(g, o) for g, o in zip(outs, original))  # reads only
         else:
-            assert _flat_err(grads, want) <= 1e-5, c.name
-    assert {"reference", "torch-foreach", "authors-hooks", "ogpsa:torch", "clip_grad_norm_", "copy"} <= set(ran)
+            assert _flat_err(outs, want) <= 1e-5, c.name
+    assert {"reference", "torch-foreach", "authors-hooks", "ogpsa:torch", "ogpsa:projector-fresh",
+            "ogpsa:projector-reused", "clip_grad_norm_", "copy"} <= set(ran)
 
 
 def test_copy_contender_moves_every_byte():
@@ -205,3 +209,81 @@ def test_named_readme_block_round_trip(tmp_path):
     assert b.group(1) == "gpu" and b.group(0) == bench.readme_block(results[0], ROOT, name="gpu")
     with pytest.raises(ValueError, match="markers"):
         bench.update_readme(readme, "x", "cpu-2")
+
+
+def test_projector_contenders_give_fresh_tensors_or_rewrite_the_same_buffers():
+    wl = bench.tiny_workload()
+    grads, bases = bench.make_tensors(wl, 2, torch.float32, torch.float32, torch.device("cpu"))
+    cs = {c.name: c for c in bench.build_contenders(grads, bases, only=["ogpsa:projector"])}
+    for name, fresh in (("ogpsa:projector-fresh", True), ("ogpsa:projector-reused", False)):
+        c = cs[name]
+        c.setup()
+        first = [id(t) for t in c.outputs()]
+        c.fn()
+        c.setup()
+        again = [id(t) for t in c.outputs()]
+        assert (first != again) if fresh else (first == again), name
+        before = [t.clone() for t in c.outputs()]
+        c.fn()
+        if fresh:  # new, unprojected tensors: this call projected them
+            assert max(float((a - b).abs().max()) for a, b in zip(c.outputs(), before)) > 0
+
+
+def _run_loop_cli(tmp_path, *extra):
+    from ogpsa.cli import main
+
+    return main(["bench", "--suite", "loop", "--out", str(tmp_path), "--steps", "2", "--warmup", "1",
+                 "--hidden", "32", "--layers", "1", "--seq", "8", "--batch", "2", *extra])
+
+
+def test_loop_suite_smoke_reports_step_and_projection_ratios(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert _run_loop_cli(tmp_path) == 0
+    data = json.loads((tmp_path / "loop.json").read_text())
+    rows = {r["workload"]: r for r in data["results"]}
+    assert set(rows) == {"lora", "full"}
+    for name, r in rows.items():
+        if r["status"] == "skipped":
+            assert name == "lora" and "peft" in r["reason"]
+            continue
+        for key in ("adamw_step_ms", "ogpsa_step_ms", "project_fresh_ms", "project_reused_ms"):
+            assert r[key] > 0 and len(r["raw_ms"][key.split("_")[0] if "step" in key else key.split("_")[1]]) == 2
+        assert r["step_ratio"] == pytest.approx(r["ogpsa_step_ms"] / r["adamw_step_ms"])
+        assert r["fresh_over_reused"] == pytest.approx(r["project_fresh_ms"] / r["project_reused_ms"])
+        # per step: one projection in the hooked step, one per explicit project(); the paused
+        # step and the steps after project() add none
+        assert r["projections"] == 3 * (r["warmup"] + r["steps"])
+    if rows["lora"]["status"] == "ok":
+        assert rows["lora"]["trainable_tensors"] == 14  # A and B of 7 linears in 1 layer
+    md = (tmp_path / "loop.md").read_text()
+    assert "step ratio" in md and "Targets" in md
+    out = capsys.readouterr().out
+    assert "optimizer.step() with OGPSA / AdamW alone" in out
+    assert (tmp_path / "loop.png").read_bytes()[:4] == b"\x89PNG" and "loop.png" in out
+
+
+def test_no_plot_claimed_without_matplotlib(tmp_path, capsys, monkeypatch):
+    from ogpsa.bench import cli
+
+    monkeypatch.setattr(cli, "_matplotlib_missing", lambda: "ModuleNotFoundError: No module named 'matplotlib'")
+    from ogpsa.cli import main
+
+    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), "--budget-s", "0.01",
+                 "--contenders", "reference"]) == 0
+    captured = capsys.readouterr()
+    assert "pip install matplotlib" in captured.err
+    assert "bench.png" not in captured.out and not (tmp_path / "bench.png").exists()
+    assert "results.json" in captured.out
+
+
+def test_default_output_is_ignored_and_publish_is_explicit():
+    import subprocess
+
+    from ogpsa.bench.cli import default_out
+
+    out = default_out(torch.device("cpu"), publish=False)
+    assert out.is_relative_to(ROOT / "out" / "bench")
+    probe = out / "results.json"
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(probe)])
+    assert ignored.returncode == 0, f"{probe} is not ignored by git"
+    assert default_out(torch.device("cpu"), publish=True).is_relative_to(ROOT / "benchmarks" / "results")

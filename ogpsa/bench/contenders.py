@@ -116,6 +116,8 @@ class Contender:
     skip: Optional[str] = None  # reason it is not run
     note: str = ""
     plan_ms: Optional[float] = None
+    setup: Optional[Callable[[], object]] = None  # untimed, before every call (fresh gradients)
+    outputs: Optional[Callable[[], list]] = None  # the tensors fn wrote, when not the given grads
 
 
 def load_authors_scheme():
@@ -182,6 +184,48 @@ def _authors_contender(grads: list[Tensor], bases: list[Tensor], names: Optional
                      note=f"{MICRO_BATCHES} micro-batches of hooks + clip_grad_norm_; basis on CPU")
 
 
+class _ParamList(torch.nn.Module):
+    """A module whose parameters ``p.0, p.1, ...`` share storage with the given tensors."""
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        super().__init__()
+        self.p = torch.nn.ParameterList([torch.nn.Parameter(t.detach(), requires_grad=True) for t in tensors])
+
+
+def _projector_contender(cname: str, grads: list[Tensor], bases: list[Tensor], fresh: bool) -> Contender:
+    """What a training loop runs: :meth:`ogpsa.Projector.project` (projection + clipping)
+    with the gradients as a real loop leaves them. ``fresh``: new gradient tensors at new
+    addresses every step, as after ``optimizer.zero_grad()`` (set_to_none=True, the PyTorch
+    and HF Trainer default); otherwise the same buffers every step, rewritten in place
+    (``zero_grad(set_to_none=False)``). Putting the gradients in place is untimed."""
+    from ..projector import Projector
+    from ..subspace import Subspace
+
+    label = "ogpsa Projector.project, " + ("fresh gradient tensors each step" if fresh else "reused gradient buffers")
+    try:
+        module = _ParamList(grads)
+        params = list(module.p)
+        names = [n for n, _ in module.named_parameters()]
+        sub = Subspace(names, [tuple(g.shape) for g in grads], list(bases))
+        proj = Projector(module, None, sub)
+    except Exception as exc:  # e.g. a basis dtype the Projector refuses: reported, not fatal
+        return Contender(cname, label, skip=f"{type(exc).__name__}: {exc}")
+    originals = list(grads)
+    for p, g in zip(params, originals):
+        p.grad = g
+
+    def setup():
+        if fresh:
+            for p, g in zip(params, originals):
+                p.grad = g.clone()  # the old tensor is dropped: one extra gradient set at most
+        else:
+            for p, g in zip(params, originals):
+                p.grad.copy_(g)  # the values of a new step in the same buffers
+
+    return Contender(cname, label, lambda: proj.project(MAX_NORM), setup=setup,
+                     outputs=lambda: [p.grad for p in params], note="gradients put in place before each call, untimed")
+
+
 def build_contenders(grads: list[Tensor], bases: list[Tensor], names: Optional[Sequence[str]] = None,
                      only: Optional[Sequence[str]] = None) -> list[Contender]:
     """Every contender for these tensors, in a fixed order; ``only`` filters by name prefix."""
@@ -230,6 +274,11 @@ def build_contenders(grads: list[Tensor], bases: list[Tensor], names: Optional[S
         out.append(Contender(cname, f"ogpsa {name} backend",
                              (lambda plan=plan: ops.execute(plan, grads, max_norm=MAX_NORM)),
                              note="execute() on a cached plan (as the Projector runs each step)", plan_ms=plan_ms))
+
+    for fresh in (True, False):
+        cname = "ogpsa:projector-" + ("fresh" if fresh else "reused")
+        if wanted(cname):
+            out.append(_projector_contender(cname, grads, bases, fresh))
 
     if wanted("clip_grad_norm_"):
         params = _clip_params(grads)

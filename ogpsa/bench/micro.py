@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .contenders import MAX_NORM, MICRO_BATCHES, build_contenders
 from .report import targets, write_results
-from .timing import environment, extra_peak_bytes, peak_copy_bandwidth, time_fn
+from .timing import _free, environment, extra_peak_bytes, peak_copy_bandwidth, time_fn
 from .workloads import (
     DTYPES,
     Workload,
@@ -108,11 +108,11 @@ def run_config(cfg: Config, wl: Workload, grads: list[Tensor], bases: list[Tenso
             rows.append(row)
             continue
         try:
-            t = time_fn(c.fn, device, budget_s=budget_s)
+            t = time_fn(c.fn, device, budget_s=budget_s, setup=c.setup)
             row.update(status="ok", median_ms=t.median, min_ms=min(t.times_ms), max_ms=max(t.times_ms),
                        reps=len(t.times_ms), warm=t.warm, plan_ms=c.plan_ms)
             if measure_memory and t.median < 3000:
-                peak, how = extra_peak_bytes(c.fn, device)
+                peak, how = extra_peak_bytes(c.fn, device, setup=c.setup)
                 row.update(extra_peak_bytes=peak, memory_method=how)
             else:
                 row.update(extra_peak_bytes=None,
@@ -208,16 +208,8 @@ def run_bench(suite_name: str, device: torch.device, out_dir: Path, *, only: Opt
         env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     env["wall_s"] = time.perf_counter() - start
     data["targets"] = targets(data)
-    write_results(data, out_dir, plot=plot)
+    data["files"] = write_results(data, out_dir, plot=plot)
     return data
-
-
-def _free(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 FORMULA = {

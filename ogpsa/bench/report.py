@@ -185,11 +185,15 @@ def plot_results(data: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def write_results(data: dict, out_dir: Path, plot: bool = True) -> None:
+def write_results(data: dict, out_dir: Path, plot: bool = True) -> list[str]:
+    """Write results.json, results.md and (with ``plot``) bench.png; returns the names of
+    the files this call wrote (a plot that could not be drawn is not among them)."""
     (out_dir / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     (out_dir / "results.md").write_text(markdown(data) + "\n")
-    if plot:
-        plot_results(data, out_dir / "bench.png")
+    written = ["results.json", "results.md"]
+    if plot and plot_results(data, out_dir / "bench.png") is not None:
+        written.append("bench.png")
+    return written
 
 
 # ----------------------------------------------------------------------------------------

@@ -36,17 +36,21 @@ class Timing:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, budget_s: float = 2.0, min_reps: int = 3,
-            max_reps: int = 20, slow_s: Optional[float] = None) -> Timing:
+            max_reps: int = 20, slow_s: Optional[float] = None,
+            setup: Optional[Callable[[], object]] = None) -> Timing:
     """Median-ready samples of ``fn``. CPU: perf_counter around each call after one warm-up
     call. CUDA: events around each call, after a warm-up, with the L2 cache flushed before
     each sample (a 256 MB write) so that repeated calls do not measure the cache.
+    ``setup`` (untimed) runs before every call, e.g. to give ``fn`` fresh gradient tensors.
 
     A first call slower than ``slow_s`` (default: 4 s on CUDA, 2 s on the CPU, where the
     first call pays no compilation) is kept as the only sample (reported as such)."""
     if slow_s is None:
         slow_s = 4.0 if device.type == "cuda" else 2.0
+    prepare = setup or (lambda: None)
     if device.type == "cuda":
         flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        prepare()
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
@@ -58,6 +62,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, budget_s: float =
         events = []
         for _ in range(reps):
             flush.zero_()
+            prepare()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
@@ -65,6 +70,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, budget_s: float =
             events.append((s, e))
         torch.cuda.synchronize(device)
         return Timing([s.elapsed_time(e) for s, e in events], warm=True)
+    prepare()
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
@@ -73,18 +79,22 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, budget_s: float =
     reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
     out = []
     for _ in range(reps):
+        prepare()
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1e3)
     return Timing(out, warm=True)
 
 
-def extra_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[Optional[int], str]:
-    """Memory ``fn`` allocates beyond what exists before the call, at its peak.
+def extra_peak_bytes(fn: Callable[[], object], device: torch.device,
+                     setup: Optional[Callable[[], object]] = None) -> tuple[Optional[int], str]:
+    """Memory ``fn`` allocates beyond what exists before the call (after ``setup``), at its peak.
 
     CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call. CPU:
     the PyTorch profiler's allocation records (``profile_memory=True``), summed in time
     order at operator granularity (a peak inside one operator is not seen)."""
+    if setup is not None:
+        setup()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -179,3 +189,10 @@ def peak_copy_bandwidth(device: torch.device, nbytes: int) -> float:
     t = time_fn(lambda: dst.copy_(src), device, budget_s=1.0, min_reps=5)
     return 2 * src.numel() * 4 / (t.median * 1e-3) / 1e9
 
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

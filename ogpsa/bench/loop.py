@@ -1,0 +1,255 @@
+"""The training-loop suite (``ogpsa bench --suite loop``): OGPSA as users run it.
+
+A tiny Llama (:func:`ogpsa.tiny.tiny_llama`) trained with AdamW in a plain loop that calls
+``optimizer.zero_grad()`` with its default ``set_to_none=True`` (as the HF Trainer does), so
+every step has new gradient tensors. Two workloads: PEFT LoRA adapters on every linear
+(``lora``; the adapters' B matrices start random so every adapter has a direction) and a full
+fine-tune (``full``). k=2 (two reference gradients), tensor scope, no clipping (the AdamW
+baseline does not clip either). Per workload, after ``warmup`` untimed steps, ``steps`` steps
+of each kind, the kinds interleaved step by step so that a busy machine slows both alike:
+
+* ``adamw_step_ms``: ``optimizer.step()`` with the projector paused (AdamW alone);
+* ``ogpsa_step_ms``: ``optimizer.step()`` with OGPSA attached (its step pre-hook projects);
+* ``project_fresh_ms``: ``proj.project()`` on fresh gradients (after ``zero_grad()``);
+* ``project_reused_ms``: ``proj.project()`` on the same gradient buffers, zeroed in place
+  (``zero_grad(set_to_none=False)``).
+
+Ratios (medians): ``step_ratio`` = ogpsa / adamw step (target <= 1.5 for LoRA, k=2) and
+``fresh_over_reused`` = fresh / reused projection (target <= 1.2). Forward and backward are
+never timed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .timing import _free, _sync, environment
+
+LOOP_WORKLOADS = ("lora", "full")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(workload: str, hidden: int, layers: int, vocab: int, lora_rank: int, seed: int):
+    from ..tiny import tiny_llama
+
+    model = tiny_llama(vocab, hidden, layers, heads=max(1, hidden // 32), seed=seed)
+    if workload == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    # init_lora_weights=False: B random instead of zero, so every adapter (A too) has a
+    # reference gradient and therefore a basis, as after the first steps of real training
+    cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                     init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return get_peft_model(model, cfg)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, device work included (synchronised before and after on CUDA)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _ms(xs: Sequence[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+def run_workload(workload: str, *, device: Optional[torch.device] = None, hidden: int = 256, layers: int = 12, vocab: int = 512, seq: int = 64,
+                 batch: int = 4, lora_rank: int = 16, steps: int = 20, warmup: int = 3, seed: int = 0,
+                 log: Callable[[str], object] = print) -> dict:
+    """Time one workload; returns its result row (times in ms, ratios, sizes)."""
+    import ogpsa
+
+    if workload not in LOOP_WORKLOADS:
+        raise ValueError(f"loop workload {workload!r} is not one of {LOOP_WORKLOADS}")
+    device = torch.device(device or "cpu")
+    model = _model(workload, hidden, layers, vocab, lora_rank, seed).to(device)
+    model.train()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids():
+        return torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+
+    def backward(x):
+        model(input_ids=x, labels=x).loss.backward()
+
+    refs = []
+    for _ in range(2):  # k=2: two reference gradients
+        model.zero_grad(set_to_none=True)
+        backward(ids())
+        refs.append({n: p.grad.detach().clone() for n, p in params})
+    model.zero_grad(set_to_none=True)
+    config = ogpsa.OGPSAConfig(rank=2, max_norm=None)
+    subspace = ogpsa.Subspace.from_gradients(refs, config)
+    del refs
+    opt = torch.optim.AdamW([p for _, p in params], lr=1e-4)
+    proj = ogpsa.attach(model, opt, subspace, config)
+    times: dict[str, list[float]] = {k: [] for k in ("adamw", "ogpsa", "fresh", "reused")}
+    try:
+        for i in range(warmup + steps):
+            keep = i >= warmup
+            # AdamW alone, then AdamW with OGPSA: fresh gradients each (zero_grad default)
+            for kind in ("adamw", "ogpsa"):
+                opt.zero_grad()
+                backward(ids())
+                if kind == "adamw":
+                    with proj.paused():
+                        dt = _timed(opt.step, device)
+                else:
+                    dt = _timed(opt.step, device)
+                if keep:
+                    times[kind].append(dt)
+            # projection alone: fresh tensors, then the same buffers zeroed in place
+            for kind, set_to_none in (("fresh", True), ("reused", False)):
+                opt.zero_grad(set_to_none=set_to_none)
+                backward(ids())
+                dt = _timed(proj.project, device)
+                if keep:
+                    times[kind].append(dt)
+                opt.step()  # already projected: the hook does not project again
+        projections = proj.num_projections
+    finally:
+        proj.remove()
+    row = {
+        "workload": workload,
+        "description": (f"tiny Llama {layers} layers x {hidden} wide, vocab {vocab}, "
+                        + (f"PEFT LoRA r={lora_rank} on {', '.join(LORA_TARGETS)}" if workload == "lora"
+                           else "full fine-tune")),
+        "trainable_tensors": len(params),
+        "trainable_numel": sum(p.numel() for _, p in params),
+        "k": 2, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
+        "adamw_step_ms": _ms(times["adamw"]), "ogpsa_step_ms": _ms(times["ogpsa"]),
+        "project_fresh_ms": _ms(times["fresh"]), "project_reused_ms": _ms(times["reused"]),
+        "projections": projections,
+        "raw_ms": {k: [round(x * 1e3, 4) for x in v] for k, v in times.items()},
+    }
+    row["step_ratio"] = row["ogpsa_step_ms"] / row["adamw_step_ms"]
+    row["fresh_over_reused"] = row["project_fresh_ms"] / row["project_reused_ms"]
+    log(f"  {workload}: {row['trainable_tensors']} tensors, {row['trainable_numel'] / 1e6:.2f}M elements: "
+        f"AdamW step {row['adamw_step_ms']:.2f} ms, with OGPSA {row['ogpsa_step_ms']:.2f} ms "
+        f"({row['step_ratio']:.2f}x); project fresh {row['project_fresh_ms']:.2f} ms vs reused "
+        f"{row['project_reused_ms']:.2f} ms ({row['fresh_over_reused']:.2f}x)")
+    return row
+
+
+def run_loop(workloads: Optional[Sequence[str]] = None, *, log: Callable[[str], object] = print,
+             **kwargs) -> list[dict]:
+    """Every loop workload (or those named); a workload that cannot run (e.g. PEFT missing)
+    gives a row with ``status="skipped"`` and the reason."""
+    rows = []
+    for name in workloads or LOOP_WORKLOADS:
+        try:
+            if name == "lora":
+                import peft  # noqa: F401
+        except ImportError as exc:
+            rows.append({"workload": name, "status": "skipped", "reason": f"peft is not installed ({exc})"})
+            continue
+        rows.append(dict(run_workload(name, log=log, **kwargs), status="ok"))
+    return rows
+
+
+def loop_targets(rows: Sequence[dict]) -> list[str]:
+    """The issue's loop targets as measured ratios (never asserts)."""
+    out = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        out.append(f"{r['workload']}: optimizer.step() with OGPSA / AdamW alone = {r['step_ratio']:.2f}x"
+                   + (" (target <= 1.5x)" if r["workload"] == "lora" else ""))
+        out.append(f"{r['workload']}: projection with fresh gradients / reused buffers = "
+                   f"{r['fresh_over_reused']:.2f}x (target <= 1.2x)")
+    return out
+
+
+def loop_markdown(data: dict) -> str:
+    env = data["env"]
+    out = [f"# ogpsa bench: {env['hardware']} (loop suite)", "",
+           f"- date {env['date']}, git {env['git_commit']}, torch {env['torch']}, python {env['python']}, "
+           f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs, environment {env.get('env_vars') or '{}'}",
+           f"- load average at start/end: {env.get('loadavg_start')} / {env.get('loadavg_end')} "
+           "(the CPU may be shared: timings include that noise)",
+           f"- command: `{env['command']}`",
+           "- AdamW, `optimizer.zero_grad()` default (set_to_none=True), k=2, tensor scope, no clipping; medians "
+           "over the timed steps (warm-up excluded), the kinds interleaved step by step", ""]
+    out += ["| workload | tensors | elements | AdamW step ms | OGPSA step ms | step ratio | project fresh ms "
+            "| project reused ms | fresh / reused |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in data["results"]:
+        if r.get("status") != "ok":
+            out.append(f"| {r['workload']} | {r['status']}: {r.get('reason', '')} | | | | | | | |")
+            continue
+        out.append(f"| {r['workload']} | {r['trainable_tensors']} | {r['trainable_numel'] / 1e6:.2f}M | "
+                   f"{r['adamw_step_ms']:.2f} | {r['ogpsa_step_ms']:.2f} | {r['step_ratio']:.2f} | "
+                   f"{r['project_fresh_ms']:.2f} | {r['project_reused_ms']:.2f} | {r['fresh_over_reused']:.2f} |")
+    out.append("")
+    out += [f"- `{r['workload']}`: {r['description']}" for r in data["results"] if r.get("status") == "ok"]
+    if data.get("targets"):
+        out += ["", "## Targets (measured ratios, not asserts)", ""] + [f"- {t}" for t in data["targets"]]
+    return "\n".join(out) + "\n"
+
+
+def plot_loop(data: dict, path) -> Optional[object]:
+    """loop.png: step and projection times per workload (None if nothing to plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r.get("status") == "ok"]
+    if not rows:
+        return None
+    keys = [("adamw_step_ms", "AdamW step"), ("ogpsa_step_ms", "AdamW step + OGPSA"),
+            ("project_fresh_ms", "project, fresh grads"), ("project_reused_ms", "project, reused buffers")]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(keys)
+    for j, (key, label) in enumerate(keys):
+        ax.bar([i + j * width for i in range(len(rows))], [r[key] for r in rows], width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([f"{r['workload']} ({r['trainable_tensors']} tensors)" for r in rows])
+    ax.set_ylabel("ms (median)")
+    ax.legend(fontsize=8)
+    env = data["env"]
+    ax.set_title(f"ogpsa loop suite on {env['hardware']} ({env['torch_threads']} threads), git "
+                 f"{env['git_commit'][:12]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_loop_suite(device: torch.device, out_dir, *, workloads: Optional[Sequence[str]] = None, plot: bool = True,
+                   log: Callable[[str], object] = print, **kwargs) -> dict:
+    """Run the loop suite and write loop.json, loop.md (and loop.png with ``plot``) into ``out_dir``.
+    ``data["files"]`` lists the files actually written."""
+    import json
+    import os
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    env = environment(device)
+    data = {"schema": 1, "suite": "loop", "env": env, "settings": dict(kwargs), "results": []}
+    data["results"] = run_loop(workloads, device=device, log=log, **kwargs)
+    _free(device)
+    if hasattr(os, "getloadavg"):
+        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    env["wall_s"] = time.perf_counter() - start
+    data["targets"] = loop_targets(data["results"])
+    files = [out_dir / "loop.json", out_dir / "loop.md"]
+    if plot and plot_loop(data, out_dir / "loop.png") is not None:
+        files.append(out_dir / "loop.png")
+    data["files"] = [f.name for f in files]
+    (out_dir / "loop.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out_dir / "loop.md").write_text(loop_markdown(data))
+    return data
