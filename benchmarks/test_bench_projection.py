@@ -27,7 +27,7 @@ K = int(os.environ.get("OGPSA_BENCH_K", "2"))
 GRAD_DTYPE, BASIS_DTYPE = os.environ.get("OGPSA_BENCH_DTYPES", "fp32/fp32").split("/")
 ROUNDS = int(os.environ.get("OGPSA_BENCH_ROUNDS", "5"))
 CONTENDERS = ["reference", "torch-foreach", "authors-hooks", "ogpsa:cuda", "ogpsa:triton", "ogpsa:cpu", "ogpsa:torch",
-              "clip_grad_norm_", "copy"]
+              "ogpsa:projector-fresh", "ogpsa:projector-reused", "clip_grad_norm_", "copy"]
 
 
 def _workload(name: str) -> bench.Workload:
@@ -47,7 +47,7 @@ def case(request):
 @pytest.mark.parametrize("name", CONTENDERS)
 def test_projection_step(benchmark, case, name):
     wl, grads, bases = case
-    found = bench.build_contenders(grads, bases, [n for n, _ in wl.shapes], only=[name])
+    found = [c for c in bench.build_contenders(grads, bases, [n for n, _ in wl.shapes], only=[name]) if c.name == name]
     if not found:
         pytest.skip(f"{name} is not part of this build")
     c = found[0]
@@ -64,7 +64,9 @@ def test_projection_step(benchmark, case, name):
     benchmark.extra_info.update(workload=wl.name, k=K, grad_dtype=GRAD_DTYPE, basis_dtype=BASIS_DTYPE,
                                 tensors=wl.tensors, numel=wl.numel, **counts)
     rounds = 1 if name == "authors-hooks" else ROUNDS
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0 if name == "authors-hooks" else 1, iterations=1)
+    # setup (untimed): fresh gradient tensors, or the same buffers rewritten, before every round
+    benchmark.pedantic(fn, setup=c.setup, rounds=rounds, warmup_rounds=0 if name == "authors-hooks" else 1,
+                       iterations=1)
     median = benchmark.stats.stats.median
     moved = counts["bytes_copy"] if name == "copy" else 3 * counts["bytes_g"] if name == "clip_grad_norm_" \
         else counts["bytes_floor"]
