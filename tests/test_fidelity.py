@@ -421,3 +421,24 @@ def test_reference_averaging_options_reach_build_subspace(tok):
     with pytest.raises(ValueError, match="averaging"):
         ogpsa.collect_reference_gradients(model, [TEXTS], tokenizer=tok, averaging="token", progress=False)
     assert OGPSAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_threshold_mode_in_the_sft_trainer(tok, tmp_path):
+    """mode="threshold" runs through the TRL trainer's clip step (project -> clip -> step)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from ogpsa.integrations.trl import OGPSASFTTrainer
+
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=0.1,
+                         optim="sgd", logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                         disable_tqdm=True, max_grad_norm=1.0, bf16=False, fp16=False, seed=0)
+    cfg = OGPSAConfig(mode="threshold", aligned_scale=0.5)
+    trainer = OGPSASFTTrainer(model=_tiny(tok), args=args, processing_class=tok,
+                              train_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+                              ogpsa_config=cfg, reference_datasets=[TEXTS])
+    trainer.train()
+    proj = trainer.ogpsa.projector
+    assert proj.config.mode == "threshold" and proj.config.aligned_scale == 0.5
+    assert proj.num_projections >= 2 and proj.last_stats is not None
+    logged = [h for h in trainer.state.log_history if "ogpsa/removed_fraction" in h]
+    assert logged and all(0.0 <= h["ogpsa/removed_fraction"] <= 1.0 for h in logged)
