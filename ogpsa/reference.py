@@ -227,12 +227,13 @@ def project_(
         weights = [mode_weights(c, torch.linalg.inv(m.double()).float(), mode, aligned_scale) for c, m in zip(cs, ms)]
     elif scope == "global":
         # one subspace for the whole model: sum the coefficients of the tensors that have a
-        # slice of it (a tensor without one has no rows and is left as is, kappa = 1)
+        # slice of it. A tensor without one has no rows (nothing to subtract) but is part of
+        # the whole gradient, so it takes kappa too (plane zeroes it, threshold scales it)
         k = max(u.shape[0] for u in us)
         c = sum(c for c in cs if c.numel() == k)
         m = sum(m for m in ms if m.shape[0] == k)
         w, kappa = mode_weights(c, torch.linalg.inv(m.double()).float(), mode, aligned_scale)
-        weights = [(w, kappa) if u.shape[0] == k else (torch.zeros(0), 1.0) for u in us]
+        weights = [(w, kappa) if u.shape[0] == k else (torch.zeros(0), kappa) for u in us]
     else:
         raise ValueError(f"scope={scope!r} is not one of ('tensor', 'global')")
 

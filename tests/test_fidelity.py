@@ -442,3 +442,28 @@ def test_threshold_mode_in_the_sft_trainer(tok, tmp_path):
     assert proj.num_projections >= 2 and proj.last_stats is not None
     logged = [h for h in trainer.state.log_history if "ogpsa/removed_fraction" in h]
     assert logged and all(0.0 <= h["ogpsa/removed_fraction"] <= 1.0 for h in logged)
+
+
+@pytest.mark.parametrize("mode", ["plane", "threshold", "orthogonal"])
+def test_global_scope_tensor_without_a_slice_follows_the_whole_gradient(mode):
+    """scope="global": a tensor without a slice of the basis is part of the whole gradient:
+    plane zeroes it, threshold (aligned) scales it; the spec, the dispatch and the float64
+    oracle agree."""
+    from oracle import float64_project
+
+    gen = torch.Generator().manual_seed(91)
+    u = torch.randn(5, generator=gen, dtype=torch.float64)
+    u = (u / u.norm()).reshape(1, 5)
+    g0 = torch.randn(5, generator=gen, dtype=torch.float64)
+    grads = [g0 - (g0 @ u[0]) * u[0] + 0.5 * g0.norm() * u[0], torch.randn(7, generator=gen, dtype=torch.float64)]
+    bases = [u.float(), torch.empty(0, 7)]
+    expected = [original_hook(torch.cat(grads), [torch.cat([u[0], torch.zeros(7, dtype=torch.float64)])],
+                              "threshold", 0.25).split([5, 7])] if mode == "threshold" else None
+    for project in (ogpsa.project_, ogpsa.reference.project_):
+        out = [g.float().clone() for g in grads]
+        project(out, bases, mode=mode, scope="global", aligned_scale=0.25)
+        if expected is not None:
+            assert rel(out, list(expected[0])) <= 1e-5
+        else:
+            want, _ = float64_project([g.float() for g in grads], bases, mode, "global")
+            assert rel(out, [torch.from_numpy(w) for w in want]) <= 1e-5
