@@ -282,6 +282,18 @@ def _rescue_overflow(tables: list, grouped: list, fused: list) -> None:
         t[idx, -1] = _sq_norms64([gs[i] for i in idx])
 
 
+def _recover_fused_sq(sq: Tensor, gs: Sequence[Tensor], kappa: float, wc: Tensor, wmw: Tensor) -> Tensor:
+    """A single-pass kernel already overwrote g when its float32 ``||g||^2`` overflowed: measure
+    ``||g'||^2`` in float64 and invert ``||g'||^2 = k^2 ||g||^2 - 2k w.c + w^T M w`` (CPU only)."""
+    bad = ~torch.isfinite(sq)
+    if not bool(bad.any()):
+        return sq
+    idx = bad.nonzero().flatten().tolist()
+    sq = sq.clone()
+    sq[idx] = (_sq_norms64([gs[i] for i in idx]) + 2 * kappa * wc[idx] - wmw[idx]) / (kappa * kappa)
+    return sq
+
+
 def execute(
     plan: ProjectionPlan,
     grads: Sequence[Tensor],
@@ -339,7 +351,7 @@ def execute(
         w_global, kappa = _mode_weights(plan.gram_total_inv @ c_total, mode, aligned_scale, plan.gram_total_inv)
 
     per_group = []
-    for grp, t in zip(plan.groups, tables):
+    for grp, gs, t, f in zip(plan.groups, grouped, tables, fused):
         c, sq = t[:, :-1], t[:, -1]
         if scope == "global":
             w = w_global.to(c.device).expand_as(c)
@@ -348,6 +360,8 @@ def execute(
                                      grp.gram)
         wc = (w * c).sum(-1)
         wmw = (w * torch.bmm(grp.gram, w.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        if cpu and f and isinstance(kappa, float) and kappa != 0.0:
+            sq = _recover_fused_sq(sq, gs, kappa, wc, wmw)
         sq_after = (kappa * kappa * sq - 2 * kappa * wc + wmw).clamp_min(0)
         removed = ((1 - kappa) ** 2 * sq + 2 * (1 - kappa) * wc + wmw).clamp_min(0)
         per_group.append([w.float().contiguous(), sq, sq_after, removed])
