@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+EPS32 = torch.finfo(torch.float32).eps
 VOCAB, HIDDEN, INTER = 37, 24, 45  # 37 and 45 rows do not split evenly over 2 ranks
 SEQ, PER_RANK = 9, 2
 
@@ -114,6 +115,57 @@ def single_run(subspace, config, step_fn="hook", max_norm=None, lr=0.1):
     return grads, {n: p.detach() - before[n] for n, p in model.named_parameters()}, proj.last_stats
 
 
+def float64_run(subspace, config, max_norm=None, lr=0.1, bases=None):
+    """The float64 oracle of :func:`single_run`: the float64 model's whole-batch gradient,
+    projected and clipped by ``oracle.float64_project`` (NumPy, float64) onto ``bases``
+    (default: the subspace's float32 bases, upcast), one SGD step computed exactly
+    (update = -lr * g). Returns (grads, updates, total_norm, removed_fraction)."""
+    import numpy as np
+    from oracle import float64_project
+
+    model = tiny_llama().double()
+    (sum(loss_of(model, rank_batch(r, 0)) for r in range(WORLD)) / WORLD).backward()
+    named = dict(model.named_parameters())
+    names = list(subspace.names)
+    grads = [named[n].grad for n in names]
+    bases = bases if bases is not None else [subspace.basis(n) for n in names]
+    kw = dict(mode=config.mode, scope=config.scope, aligned_scale=config.aligned_scale)
+    raw, total = float64_project(grads, bases, max_norm=None, **kw)
+    coef = 1.0 if max_norm is None else min(1.0, max_norm / (total + 1e-6))
+    removed = sum(float(((g.numpy().reshape(-1) - o) ** 2).sum()) for g, o in zip(grads, raw))
+    before = sum(float((g.numpy() ** 2).sum()) for g in grads)
+    out = {n: torch.from_numpy(np.ascontiguousarray(o * coef)).view_as(named[n]) for n, o in zip(names, raw)}
+    return out, {n: -lr * g for n, g in out.items()}, total, removed / before
+
+
+def float64_bases(config, names) -> dict:
+    """The float64 oracle of :func:`single_subspace`: bases built in float64 (``ogpsa.reference``)
+    from the float64 model's reference gradients."""
+    from ogpsa import reference
+
+    model = tiny_llama().double()
+    rows = {n: [] for n in names}
+    for j in range(2):
+        model.zero_grad(set_to_none=True)
+        loss_of(model, reference_batch(j)).backward()
+        for n, p in model.named_parameters():
+            rows[n].append(p.grad.detach().reshape(-1).clone())
+    bases = reference.build_bases([torch.stack(rows[n]) for n in names], scope=config.scope, method=config.method,
+                                  rank=config.rank, energy=config.energy, normalize=config.normalize_reference,
+                                  rank_tol=config.rank_tol, dtype=torch.float64)
+    return dict(zip(names, bases))
+
+
+def errors(name: str, got: dict, single: dict, exact: dict) -> dict:
+    """Relative errors of the distributed (``got``) and the single-process float32 result
+    against the float64 oracle, and between the two float32 results (for the record)."""
+    return {f"{name}_rel": rel(got, single), f"{name}_err": rel(got, exact), f"{name}_single_err": rel(single, exact)}
+
+
+def norm_errors(name: str, got: float, single: float, exact: float) -> dict:
+    return {f"{name}_err": abs(got / exact - 1), f"{name}_single_err": abs(single / exact - 1)}
+
+
 class CollectiveCounter:
     """Counts the process-group collectives (c10d ops, incl. DTensor's functional ones) run
     inside the block, via the profiler."""
@@ -156,10 +208,10 @@ def scenario_ddp(rank, out):
                                                        for n, p in model.named_parameters()}))
     opt.step()
     upd = {n: p.detach() - before[n] for n, p in model.named_parameters()}
-    out.update(type=type(proj).__name__, grad_rel=rel(grads, ref_grads), update_rel=rel(upd, ref_upd),
-               clipped=float(proj.last_stats.clip_coef) < 0.99,
-               total_norm_rel=abs(float(proj.last_stats.total_norm) / float(ref_stats.total_norm) - 1),
-               changed=rel(raw, grads))
+    ex_grads, ex_upd, ex_total, _ = float64_run(subspace, config, config.max_norm)
+    out.update(type=type(proj).__name__, clipped=float(proj.last_stats.clip_coef) < 0.99, changed=rel(raw, grads),
+               **errors("grad", grads, ref_grads, ex_grads), **errors("update", upd, ref_upd, ex_upd),
+               **norm_errors("total_norm", float(proj.last_stats.total_norm), float(ref_stats.total_norm), ex_total))
 
 
 def _fsdp_model():
@@ -209,24 +261,31 @@ def _fsdp_step(rank, subspace, config, use_clip: bool, max_norm):
 def scenario_fsdp(rank, out, tmp):
     import ogpsa
     from ogpsa.distributed import ShardedSubspace, fsdp_layout, reference_gradients
+    from ogpsa.subspace import gram64
 
     # 1. tensor scope, orthogonal, projection + clipping in one clip_grad_norm_ call
     config = ogpsa.OGPSAConfig(max_norm=None)
     subspace = single_subspace(config)
     ref_grads, ref_upd, ref_stats = single_run(subspace, config, step_fn="clip", max_norm=0.05)
     proj, upd, grads, counts = _fsdp_step(rank, subspace, config, True, 0.05)
-    out["tensor"] = dict(type=type(proj).__name__, grad_rel=rel(grads, ref_grads), update_rel=rel(upd, ref_upd),
-                         collectives=counts["clip"], clipped=float(proj.last_stats.clip_coef) < 0.99,
-                         total_norm_rel=abs(float(proj.last_stats.total_norm) / float(ref_stats.total_norm) - 1))
+    ex_grads, ex_upd, ex_total, _ = float64_run(subspace, config, 0.05)
+    out["tensor"] = dict(type=type(proj).__name__, collectives=counts["clip"],
+                         clipped=float(proj.last_stats.clip_coef) < 0.99,
+                         **errors("grad", grads, ref_grads, ex_grads), **errors("update", upd, ref_upd, ex_upd),
+                         **norm_errors("total_norm", float(proj.last_stats.total_norm), float(ref_stats.total_norm),
+                                       ex_total))
 
     # 2. global scope, conflict mode, clipping from the config, via project() (then the step hook)
     gconfig = ogpsa.OGPSAConfig(scope="global", mode="conflict", max_norm=0.05, rank=2)
     gsub = single_subspace(gconfig)
     ref_grads, ref_upd, ref_stats = single_run(gsub, gconfig)
     proj, upd, grads, counts = _fsdp_step(rank, gsub, gconfig, False, None)
-    out["global"] = dict(grad_rel=rel(grads, ref_grads), update_rel=rel(upd, ref_upd),
-                         collectives=counts["project"], clipped=float(proj.last_stats.clip_coef) < 0.99,
-                         removed_rel=abs(proj.last_stats.removed_fraction / ref_stats.removed_fraction - 1))
+    ex_grads, ex_upd, _, ex_removed = float64_run(gsub, gconfig, gconfig.max_norm)
+    out["global"] = dict(collectives=counts["project"], clipped=float(proj.last_stats.clip_coef) < 0.99,
+                         removed_fraction=ex_removed,
+                         **errors("grad", grads, ref_grads, ex_grads), **errors("update", upd, ref_upd, ex_upd),
+                         **norm_errors("removed", proj.last_stats.removed_fraction, ref_stats.removed_fraction,
+                                       ex_removed))
 
     # 3. sharded reference gradients -> sharded basis (each rank sees half the reference batch)
     model = _fsdp_model()
@@ -238,9 +297,13 @@ def scenario_fsdp(rank, out, tmp):
     local_numel = sum(sl.numel for sl in sharded.slices)
     full_numel = sum(sl.full_numel for sl in sharded.slices)
     gathered = sharded.gather(dst=None)
-    basis_rel = max(float((gathered.basis(n) - subspace.basis(n)).norm() / subspace.basis(n).norm())
-                    for n in subspace.names)
-    gram_rel = max(float((sharded.gram(n) - subspace.gram(n)).abs().max()) for n in subspace.names)
+    exact_bases = float64_bases(config, subspace.names)
+    basis = errors("basis", {n: gathered.basis(n) for n in subspace.names},
+                   {n: subspace.basis(n) for n in subspace.names}, exact_bases)
+    # each stored M = U U^T against the float64 product of the gathered basis, in units of the
+    # float32 accumulation bound (16 sqrt(N) eps32 + 2 eps32, as Subspace.load checks it)
+    gram_bound_ratio = max(float((sharded.gram(n).double() - gram64(gathered.basis(n))).abs().max())
+                           / (16 * math.sqrt(gathered.basis(n).shape[1]) * EPS32 + 2 * EPS32) for n in subspace.names)
     # a step with the directly built sharded basis equals the single-process one
     ref_grads, ref_upd, _ = single_run(subspace, config, step_fn="clip", max_norm=0.05)
     m2 = _fsdp_model()
@@ -252,7 +315,8 @@ def scenario_fsdp(rank, out, tmp):
     opt.step()
     after = _full(dict(m2.named_parameters()))
     upd = {n: after[n] - before[n] for n in after}
-    out["sharded_build"] = dict(basis_rel=basis_rel, gram_err=gram_rel, update_rel=rel(upd, ref_upd),
+    _, ex_upd, _, _ = float64_run(subspace, config, 0.05, bases=[exact_bases[n] for n in subspace.names])
+    out["sharded_build"] = dict(**basis, gram_bound_ratio=gram_bound_ratio, **errors("update", upd, ref_upd, ex_upd),
                                 local_fraction=local_numel / full_numel,
                                 ranks_equal=gathered.ranks() == subspace.ranks())
 
@@ -385,7 +449,9 @@ def scenario_zero_fake(rank, out):
     engine.step()
     wrapped_projections = proj.num_projections
     proj.remove()
-    out.update(grad_rel=rel(projected, ref_grads), update_rel=rel(upd, ref_upd), collectives=cc.ops,
+    ex_grads, ex_upd, _, _ = float64_run(subspace, config, config.max_norm)
+    out.update(**errors("grad", projected, ref_grads, ex_grads), **errors("update", upd, ref_upd, ex_upd),
+               collectives=cc.ops,
                split_params=split, type=type(proj).__name__, wrapped_projections=wrapped_projections,
                restored="step" not in zopt.__dict__)
 
@@ -418,7 +484,8 @@ def scenario_deepspeed(rank, out, stage=2):
     upd = {n: p.detach() - before[n] for n, p in model.named_parameters()}
     split = [n for n, p in model.named_parameters() if getattr(p, "_hp_mapping", None) is not None
              and p._hp_mapping.lp_fragment_address.numel < p.numel()]
-    out.update(update_rel=rel(upd, ref_upd), projections=proj.num_projections, type=type(proj).__name__,
+    _, ex_upd, _, _ = float64_run(subspace, config, config.max_norm)
+    out.update(**errors("update", upd, ref_upd, ex_upd), projections=proj.num_projections, type=type(proj).__name__,
                stage=engine.zero_optimization_stage(), unprojected_rel=rel(plain_upd, ref_upd), split_params=split)
 
 

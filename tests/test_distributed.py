@@ -24,8 +24,46 @@ from ogpsa.distributed import LocalSlice, ShardedSubspace, attach_deepspeed
 from ogpsa.ops import UnsupportedSetupError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOL = 1e-6  # fp32, relative, against the single-process projection
 TIMEOUT = 280
+
+# Tolerances, from float32 error analysis against a float64 oracle (tests/dist_worker.py:
+# float64_run, float64_bases). Every rank runs the distributed step in float32 and the same step
+# in one process in float32; both are compared with the same step computed in float64 (float64
+# model, NumPy float64 projection and clipping, exact SGD update). The two float32 runs round
+# differently (batch split over ranks, gradient all-reduce, partial dots summed over shards,
+# another BLAS blocking on another CPU), so comparing them with each other at a fixed 1e-6 fails
+# on some x86 CPUs (AMD EPYC: update 1.08e-6). What must hold on any CPU: the distributed run is
+# as accurate as a single-process float32 run, up to
+#   * a factor 4 on the single run's error: both errors are norms over thousands of elements of
+#     independent-looking rounding errors of the same size, so their ratio stays near 1;
+#   * plus 8 eps32 for the roundings only the distributed run has (the all-reduce of the
+#     gradients: an add and a halving; the all-reduce of the [T, k+1] partials; the clip factor),
+#     each at most eps32 / 2 relative per element.
+# A real fault (an unprojected step: relative error ~ sqrt(removed fraction) ~ 6e-2 here; a
+# missed all-reduce; a wrong clip norm: O(1)) is orders of magnitude beyond this bound. The
+# update errors of both float32 runs are dominated by rounding p - lr g to float32 (~6e-5 here,
+# shared by both runs), which the relative rule absorbs without loosening the gradient checks.
+EPS32 = torch.finfo(torch.float32).eps
+RATIO, EXTRA = 4.0, 8 * EPS32
+SINGLE_FP32_TOL = 1e-5  # the project's fp32 standard for the single-process run (measured ~2e-7)
+
+
+def assert_as_accurate(out: dict, name: str) -> None:
+    """``out[name_err]`` (distributed vs float64) within the bound above of
+    ``out[name_single_err]`` (single-process float32 vs float64)."""
+    err, single = out[f"{name}_err"], out[f"{name}_single_err"]
+    assert err <= RATIO * single + EXTRA, (name, err, single, out)
+
+
+def assert_gradients(out: dict) -> None:
+    assert out["grad_single_err"] <= SINGLE_FP32_TOL, out
+    assert_as_accurate(out, "grad")
+
+
+def grad_level_bound(out: dict) -> float:
+    """Relative error bound of the distributed gradient (before the projection as after it:
+    the projection is a contraction), for scalars derived from it."""
+    return RATIO * out["grad_single_err"] + EXTRA
 
 
 def _launch(outdir: str, scenarios: str, env=None) -> dict:
@@ -68,8 +106,10 @@ def _ranks(dist_results, name):
 def test_ddp_projects_the_averaged_gradient(dist_results):
     for out in _ranks(dist_results, "ddp"):
         assert out["type"] == "Projector"
-        assert out["grad_rel"] <= TOL and out["update_rel"] <= TOL, out
-        assert out["clipped"] and out["total_norm_rel"] <= TOL
+        assert_gradients(out)
+        assert_as_accurate(out, "update")
+        # | |a| - |b| | <= |a - b|: the norm is as accurate as the gradient it is the norm of
+        assert out["clipped"] and out["total_norm_err"] <= grad_level_bound(out), out
         assert out["changed"] > 0.1  # projection + clipping really changed the gradient
 
 
@@ -77,16 +117,21 @@ def test_fsdp2_tensor_scope_equals_single_process_with_one_collective(dist_resul
     for out in _ranks(dist_results, "fsdp"):
         t = out["tensor"]
         assert t["type"] == "ShardedProjector"  # ogpsa.attach picked it for the DTensor model
-        assert t["grad_rel"] <= TOL and t["update_rel"] <= TOL, t
-        assert t["clipped"] and t["total_norm_rel"] <= TOL  # the clip norm is the global one
+        assert_gradients(t)
+        assert_as_accurate(t, "update")
+        assert t["clipped"] and t["total_norm_err"] <= grad_level_bound(t), t  # the clip norm is the global one
         assert t["collectives"] == ["c10d::allreduce_"], t["collectives"]
 
 
 def test_fsdp2_global_scope_conflict_mode(dist_results):
     for out in _ranks(dist_results, "fsdp"):
         g = out["global"]
-        assert g["grad_rel"] <= TOL and g["update_rel"] <= TOL, g
-        assert g["clipped"] and g["removed_rel"] <= 1e-5
+        assert_gradients(g)
+        assert_as_accurate(g, "update")
+        # removed fraction f = |r|^2 / |g|^2 with r = g - Pg: |dr| <= |dg|, so
+        # df / f <= 2 |dg| / |g| (1 / sqrt(f) + 1)
+        bound = 2 * (1 + g["removed_fraction"] ** -0.5) * grad_level_bound(g)
+        assert g["clipped"] and g["removed_err"] <= bound, (bound, g)
         assert g["collectives"] == ["c10d::allreduce_"], g["collectives"]
 
 
@@ -95,8 +140,10 @@ def test_fsdp2_sharded_reference_gradients_build_the_sharded_basis(dist_results)
     for out in _ranks(dist_results, "fsdp"):
         b = out["sharded_build"]
         assert b["ranks_equal"]
-        assert b["basis_rel"] <= 1e-5 and b["gram_err"] <= 1e-5, b
-        assert b["update_rel"] <= 1e-5, b
+        assert b["basis_single_err"] <= SINGLE_FP32_TOL, b
+        assert_as_accurate(b, "basis")  # float64 bases from the float64 model's reference gradients
+        assert b["gram_bound_ratio"] <= 1.0, b  # each M within 16 sqrt(N) eps32 of U U^T (float64)
+        assert_as_accurate(b, "update")
         fractions.append(b["local_fraction"])
     # each rank holds only its shards, and the shards are uneven (37 and 45 rows over 2 ranks)
     assert abs(sum(fractions) - 1) < 1e-12 and fractions[0] != fractions[1]
@@ -111,7 +158,8 @@ def test_zero2_partition_projection_emulated_engine(dist_results):
     for out in _ranks(dist_results, "zero_fake"):
         assert out["type"] == "ZeroProjector"
         assert out["split_params"], "the emulated partition should cut a parameter"
-        assert out["grad_rel"] <= TOL and out["update_rel"] <= TOL, out
+        assert_gradients(out)
+        assert_as_accurate(out, "update")
         assert out["collectives"] == ["c10d::allreduce_"], out["collectives"]
         assert out["wrapped_projections"] == 2 and out["restored"]
 
@@ -128,7 +176,7 @@ def test_deepspeed_zero2_real_engine_on_cpu(tmp_path):
             assert "error" not in out, out["error"]
             assert out["type"] == "ZeroProjector" and out["stage"] == stage and out["projections"] == 1
             assert out["split_params"], "the partition should cut a parameter"
-            assert out["update_rel"] <= TOL, out
+            assert_as_accurate(out, "update")
             assert out["unprojected_rel"] > 0.02, out  # the projection really changed the step
 
 
