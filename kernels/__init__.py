@@ -7,8 +7,8 @@ the kernels run on CPU tensors through Triton's interpreter, which is how CI tes
 The :class:`ogpsa.backends.triton_backend.TritonBackend` is the public way to use them.
 """
 
-from .common import INTERPRETED, KIND, LAUNCHES, launch, segment_sum
+from .common import INTERPRETED, KIND, launch, launch_config, segment_sum
 from .tables import ChunkTable, TableCache, build_table, tensor_key
 
-__all__ = ["INTERPRETED", "KIND", "LAUNCHES", "ChunkTable", "TableCache", "build_table", "launch", "segment_sum",
+__all__ = ["INTERPRETED", "KIND", "ChunkTable", "TableCache", "build_table", "launch", "launch_config", "segment_sum",
            "tensor_key"]

@@ -16,12 +16,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .common import INTERPRETED, KIND, launch, typed_ptr
+from .common import INTERPRETED, KIND, launch, launch_config, typed_ptr
 from .tables import ChunkTable
 
 #: elements (per reference row) per chunk; very large tensors get longer chunks
 CHUNK = 32768 if INTERPRETED else 16384
-INTERPRET_BLOCK = 1024
 
 
 @triton.jit
@@ -86,26 +85,6 @@ def _combine_kernel(r_ptrs, o_ptrs, numels, ks, chunk_len, chunk_tensor, chunk_s
                  mask=row_ok[:, None] & msk[None, :])
 
 
-def _gram_configs() -> list:
-    return [triton.Config({"BLOCK": b}, num_warps=w) for b in (128, 256, 512, 1024) for w in (4, 8)]
-
-
-def _prune_gram(configs, named_args, **kwargs):
-    tm = kwargs.get("TM", named_args.get("TM", 16))
-    return [c for c in configs if tm * c.kwargs["BLOCK"] <= 8192] or configs[:1]
-
-
-def _prune_combine(configs, named_args, **kwargs):
-    k_pad = kwargs.get("K_PAD", named_args.get("K_PAD", 16))
-    return [c for c in configs if k_pad * c.kwargs["BLOCK"] <= 8192] or configs[:1]
-
-
-_gram_tuned = None if INTERPRETED else common.make_autotuned(_gram_kernel, _gram_configs(), ["TM", "R_KIND"],
-                                                              _prune_gram)
-_combine_tuned = None if INTERPRETED else common.make_autotuned(
-    _combine_kernel, _gram_configs(), ["K_PAD", "R_KIND", "O_KIND"], _prune_combine)
-
-
 def gram_tile(m: int) -> int:
     return min(16, common.pow2(m))
 
@@ -117,10 +96,7 @@ def gram(table: ChunkTable, refs: Sequence[Tensor], m: int, partials: Tensor, ou
     grid = (table.num_chunks, tiles, tiles)
     meta = dict(TM=tm, R_KIND=KIND[refs[0].dtype])
     args = (table.ptrs[0], table.numels, table.chunk_len, table.chunk_tensor, table.chunk_start, partials, m)
-    if INTERPRETED:
-        launch(_gram_kernel, grid, *args, BLOCK=INTERPRET_BLOCK, **meta)
-    else:
-        launch(_gram_tuned, grid, *args, **meta)
+    launch(_gram_kernel, grid, *args, **meta, **launch_config(tm))
     common.segment_sum(partials, table, out.view(table.num_tensors, m * m))
     # each off-diagonal entry was reduced twice (tiles (i, j) and (j, i)); make it exactly symmetric
     return (out + out.transpose(1, 2)) * 0.5
@@ -132,10 +108,7 @@ def combine(table: ChunkTable, refs: Sequence[Tensor], coefficients: Tensor, out
     meta = dict(K_PAD=common.pow2(k_max), R_KIND=KIND[refs[0].dtype], O_KIND=KIND[outs[0].dtype])
     args = (table.ptrs[0], table.ptrs[1], table.numels, table.ks, table.chunk_len, table.chunk_tensor,
             table.chunk_start, coefficients, m, k_max * m)
-    if INTERPRETED:
-        launch(_combine_kernel, (table.num_chunks,), *args, BLOCK=INTERPRET_BLOCK, **meta)
-    else:
-        launch(_combine_tuned, (table.num_chunks,), *args, **meta)
+    launch(_combine_kernel, (table.num_chunks,), *args, **meta, **launch_config(meta["K_PAD"]))
 
 
 __all__ = ["CHUNK", "combine", "gram", "gram_tile"]

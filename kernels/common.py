@@ -1,5 +1,10 @@
-"""Shared pieces of the Triton kernels: dtype codes, the interpreter switch, launch
-counting and the deterministic segment sum.
+"""Shared pieces of the Triton kernels: dtype codes, the interpreter switch, the fixed
+launch configurations, an optional launch observer for tests and the deterministic segment sum.
+
+Launch configurations are a pure function of (op, padded k, dtypes), never timed: BLOCK and
+num_warps set the summation order inside a chunk, so a timing-based autotuner could pick
+different winners in different processes (or DDP ranks) and give different bits for the
+same gradients. :func:`launch_config` is the single place that decides them.
 
 Kernels turn int64 table entries into typed pointers inline (``addr.to(tl.pointer_type(..))``
 under a constexpr ``if`` on the dtype code) rather than through a shared ``@triton.jit``
@@ -9,8 +14,7 @@ helper: the interpreter re-patches the language on every nested JIT call, which 
 from __future__ import annotations
 
 import os
-from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import triton
@@ -24,9 +28,10 @@ except ImportError:  # pragma: no cover - very old triton
 #: dtype -> integer code passed to the kernels as a constexpr (selects the pointer type)
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-#: Kernel launches issued so far, by kernel name (tests assert the count per projection
-#: does not grow with the number of tensors).
-LAUNCHES: Counter = Counter()
+#: Called as ``LAUNCH_OBSERVER(kernel_name, grid)`` before every launch when set. None in
+#: production (one attribute test per launch); tests install a counter to check that an op's
+#: launch count does not grow with the number of tensors.
+LAUNCH_OBSERVER: Optional[Callable[[str, tuple], None]] = None
 
 
 @triton.jit
@@ -79,14 +84,14 @@ INTERPRET_ENV: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
-    """Launch ``kernel[grid](*args, **kwargs)`` and count it in :data:`LAUNCHES`.
+    """Launch ``kernel[grid](*args, **kwargs)``; tell :data:`LAUNCH_OBSERVER` first if one is set.
 
-    Every kernel of this package goes through here, so the launch count of an op is
-    observable. The kernel object is looked up by the caller at call time (module
-    globals), which lets tests substitute counting proxies as an independent check.
+    Every kernel of this package goes through here. The kernel object is looked up by the
+    caller at call time (module globals), which lets tests substitute counting proxies.
     """
-    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
-    LAUNCHES[name] += 1
+    if LAUNCH_OBSERVER is not None:
+        LAUNCH_OBSERVER(getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?"),
+                        grid)
     kernel[grid](*args, **kwargs)
 
 
@@ -111,6 +116,20 @@ def pow2(n: int) -> int:
     return max(1, triton.next_power_of_2(int(n)))
 
 
-def make_autotuned(fn: Callable, configs: list, key: list, prune: Callable) -> Any:
-    """``triton.autotune`` around a JIT kernel (GPU only; never used by the interpreter)."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+#: inner block under the interpreter (its cost is per NumPy op, so wide blocks are cheap)
+INTERPRET_BLOCK = 1024
+#: float32 values of a [rows, BLOCK] register tile a config may hold (8 warps: 32 per thread)
+_TILE_BUDGET = 8192
+
+
+def launch_config(k_pad: int) -> dict:
+    """``{"BLOCK": ..., "num_warps": ...}`` for a kernel whose program holds a ``[k_pad, BLOCK]``
+    float32 tile: the widest power-of-two BLOCK in [256, 2048] within the register budget
+    (k_pad 1-4: 2048, 8: 1024, 16: 512), 8 warps. A pure function of its argument (the
+    dtypes change the load width, not the tile), identical in every process and on every
+    rank; the interpreter uses :data:`INTERPRET_BLOCK` (its results are not compared with
+    the GPU's bit for bit: a different BLOCK is a different summation order)."""
+    if INTERPRETED:
+        return {"BLOCK": INTERPRET_BLOCK}
+    block = max(256, min(2048, _TILE_BUDGET // max(1, int(k_pad))))
+    return {"BLOCK": block, "num_warps": 8}

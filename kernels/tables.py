@@ -4,10 +4,19 @@ One kernel launch covers every tensor of a group. Chunk ``c`` is a run of consec
 elements of one tensor: ``chunk_tensor[c]`` says which, ``chunk_start[c]`` where in it
 (``chunk_len[t]`` elements: ``CHUNK``, longer in very large tensors). A program handles
 ``rows`` consecutive chunks (1 on a GPU). Tensor ``t`` owns chunks ``seg[t]..seg[t+1]``
-(contiguous, in order), which is what the deterministic segment sum reduces over. Tables
-are built on the host once and copied to the device; :class:`TableCache` keeps them keyed
-by (data_ptr, shape, dtype) of every tensor, so a training loop whose gradient buffers
-stay put never rebuilds them.
+(contiguous, in order), which is what the deterministic segment sum reduces over.
+
+Two kinds of table, because gradients move every step (``zero_grad(set_to_none=True)``
+gives new addresses) while bases and shapes do not:
+
+* :class:`ChunkTable` (:func:`build_table`): shapes, chunking and the *stable* pointers
+  (basis rows, reference rows), built once and cached by the caller under a key of those
+  stable tensors (:class:`TableCache`), never under gradient addresses.
+* :func:`pointer_array`: the per-step gradient pointers, ``T`` int64 values.
+
+Either way all integers go into ONE int64 host buffer (pinned on CUDA) and reach the device
+in ONE ``non_blocking`` copy; the device buffer is the table's only allocation, so
+:func:`keep_for_stream` can mark it in use by another stream with one ``record_stream``.
 """
 
 from __future__ import annotations
@@ -28,23 +37,28 @@ CHUNK_ALIGN = 4096
 
 @dataclass(frozen=True)
 class ChunkTable:
-    """Device-resident addressing for one list of tensors (and optional companions)."""
+    """Device-resident addressing for one list of tensors (and optional companions).
 
-    ptrs: tuple  # int64 [T] tensors of data pointers, one per addressed list
+    Every tensor field is a view of ``buffer`` (int64), so the table is one allocation."""
+
+    buffer: Tensor  # int64: every array below, back to back
+    ptrs: tuple  # int64 [T] views, one per addressed (stable) list
     numels: Tensor  # int64 [T]
-    ks: Tensor  # int32 [T]: rows of each tensor's companion matrix (basis rank / refs m)
+    ks: Tensor  # int64 [T]: rows of each tensor's companion matrix (basis rank / refs m)
     chunk_len: Tensor  # int64 [T]: elements per chunk of each tensor
-    chunk_tensor: Tensor  # int32 [C]
+    chunk_tensor: Tensor  # int64 [C]
     chunk_start: Tensor  # int64 [C]
-    seg: Tensor  # int32 [T + 1]: tensor t owns partial rows seg[t]..seg[t+1]
-    seg_max: Tensor  # int32 [ceil(T / seg_tb)]: most chunks of any tensor in each block of seg_tb tensors
+    seg: Tensor  # int64 [T + 1]: tensor t owns partial rows seg[t]..seg[t+1]
+    seg_max: Tensor  # int64 [ceil(T / seg_tb)]: most chunks of any tensor in each block of seg_tb tensors
     seg_tb: int
-    prog_len: Tensor  # int32 [P]: longest chunk among each program's `rows` chunks
+    prog_len: Tensor  # int64 [P]: longest chunk among each program's `rows` chunks
     rows: int  # chunks handled side by side by one program of the projection kernels
     num_programs: int
     num_tensors: int
     num_chunks: int
     chunk: int
+    aligned: bool = False  # set by the caller: every companion row starts on 16 bytes
+    stream: Optional[int] = None  # CUDA stream id the buffer was allocated on (None on CPU)
 
 
 def chunk_lengths(numels: Sequence[int], chunk: int) -> list[int]:
@@ -57,9 +71,35 @@ def chunk_lengths(numels: Sequence[int], chunk: int) -> list[int]:
     return out
 
 
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` (int64, 1-D) on ``device`` in one copy: from pinned memory and non_blocking on
+    CUDA (the caching host allocator keeps the pinned block until the copy has run)."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def pointer_array(ptrs: Sequence[int], device: torch.device) -> Tensor:
+    """The per-step gradient pointer table: int64 ``[T]`` on ``device`` (one copy; holds
+    addresses only, so no gradient tensor is kept alive by it)."""
+    return to_device(torch.tensor([int(p) for p in ptrs], dtype=torch.int64), device)
+
+
+def keep_for_stream(table: ChunkTable) -> None:
+    """Mark ``table``'s buffer as used by the current CUDA stream when that is not the stream
+    it was allocated on, so evicting the table from a cache cannot hand its memory to
+    another allocation while a kernel on this stream still reads it."""
+    if table.stream is not None:
+        current = torch.cuda.current_stream(table.buffer.device)
+        if current.stream_id != table.stream:
+            table.buffer.record_stream(current)
+
+
 def build_table(ptr_lists: Sequence[Sequence[int]], numels: Sequence[int], ks: Sequence[int], chunk: int,
-                device: torch.device, seg_tb: int = 16, rows: int = 1) -> ChunkTable:
-    """Build a :class:`ChunkTable` (one host-to-device copy per array).
+                device: torch.device, seg_tb: int = 16, rows: int = 1, aligned: bool = False) -> ChunkTable:
+    """Build a :class:`ChunkTable`: all arrays in one int64 buffer, one host-to-device copy.
 
     ``seg_tb``: tensors per program of the segment sum; ``rows``: chunks per program of
     kernels that process several chunks side by side (``num_programs = ceil(C / rows)``).
@@ -73,7 +113,7 @@ def build_table(ptr_lists: Sequence[Sequence[int]], numels: Sequence[int], ks: S
     total = int(seg[-1])
     if total >= 2**31:
         raise ValueError(f"{total} chunks exceed the 2**31 grid limit")
-    chunk_tensor = torch.repeat_interleave(torch.arange(t, dtype=torch.int32), per)
+    chunk_tensor = torch.repeat_interleave(torch.arange(t, dtype=torch.int64), per)
     chunk_start = (torch.arange(total, dtype=torch.int64) - seg[:-1].repeat_interleave(per)) * clen.repeat_interleave(per)
     blocks = -(-t // seg_tb)
     padded = torch.zeros(blocks * seg_tb, dtype=torch.int64)
@@ -83,31 +123,42 @@ def build_table(ptr_lists: Sequence[Sequence[int]], numels: Sequence[int], ks: S
     extent = torch.zeros(progs * rows, dtype=torch.int64)
     extent[:total] = torch.minimum(clen.repeat_interleave(per), n.repeat_interleave(per) - chunk_start)
     prog_len = extent.view(progs, rows).amax(1)
-
-    def dev(x: Tensor) -> Tensor:
-        return x.to(device) if device.type != "cpu" else x
-
+    parts = [torch.tensor([int(p) for p in ps], dtype=torch.int64) for ps in ptr_lists]
+    parts += [n, torch.tensor([int(k) for k in ks], dtype=torch.int64), clen, chunk_tensor, chunk_start, seg, seg_max,
+              prog_len]
+    device = torch.device(device)
+    buffer = to_device(torch.cat(parts), device)
+    views, offset = [], 0
+    for p in parts:
+        views.append(buffer[offset:offset + p.numel()])
+        offset += p.numel()
+    np_ = len(ptr_lists)
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
     return ChunkTable(
-        ptrs=tuple(dev(torch.tensor([int(p) for p in ps], dtype=torch.int64)) for ps in ptr_lists),
-        numels=dev(n),
-        ks=dev(torch.tensor([int(k) for k in ks], dtype=torch.int32)),
-        chunk_len=dev(clen),
-        chunk_tensor=dev(chunk_tensor),
-        chunk_start=dev(chunk_start),
-        seg=dev(seg.to(torch.int32)),
-        seg_max=dev(seg_max.to(torch.int32)),
+        buffer=buffer,
+        ptrs=tuple(views[:np_]),
+        numels=views[np_],
+        ks=views[np_ + 1],
+        chunk_len=views[np_ + 2],
+        chunk_tensor=views[np_ + 3],
+        chunk_start=views[np_ + 4],
+        seg=views[np_ + 5],
+        seg_max=views[np_ + 6],
         seg_tb=seg_tb,
-        prog_len=dev(prog_len.to(torch.int32)),
+        prog_len=views[np_ + 7],
         rows=rows,
-        num_programs=-(-total // rows),
+        num_programs=progs,
         num_tensors=t,
         num_chunks=total,
         chunk=chunk,
+        aligned=aligned,
+        stream=stream,
     )
 
 
 def tensor_key(tensors: Sequence[Tensor]) -> tuple:
-    """Identity of a tensor list for caching: (address, shape, dtype, device) of each."""
+    """Identity of a tensor list for caching: (address, shape, dtype, device) of each. Use it
+    for stable tensors (bases, reference rows), not for gradients, which move every step."""
     return tuple((t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 

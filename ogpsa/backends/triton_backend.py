@@ -3,12 +3,18 @@
 Each op is a constant number of kernel launches for a whole group of tensors, however
 many tensors it holds: pass 1 (``dots``) and the Gram pass are two launches (the pass and
 a fixed-order reduction of its per-chunk partials), pass 2 (``update_``) and ``combine``
-one. Tensors are addressed through int64 pointer tables cached by (data_ptr, shape,
-dtype), so the hot path does no host work beyond hashing that key, and never
-synchronises with the device.
+one; ``fused_project_`` one for all small tensors plus the two passes for the large ones.
 
-Where it runs: CUDA tensors when Triton and a GPU are present (block sizes autotuned per
-(k, dtypes); the in-place update is tuned on scratch copies). CPU tensors only under
+Tables: the basis side (shapes, chunking, basis pointers) is built once and cached under the
+basis tensors' (data_ptr, shape, dtype), which stay put between refreshes; the gradient
+pointers are gathered every call (``zero_grad(set_to_none=True)`` moves gradients every
+step) into one int64 array, one pinned non_blocking copy on CUDA. No gradient is
+referenced after a call returns, and the hot path never synchronises with the device.
+
+Launch configurations are fixed per (padded k) (no timing-based autotuning), so results are
+bitwise identical in every process and on every rank.
+
+Where it runs: CUDA tensors when Triton and a GPU are present. CPU tensors only under
 ``TRITON_INTERPRET=1`` (set before Triton is first imported) and only when the backend is
 asked for by name (``backend="triton"`` or ``OGPSA_BACKEND=triton``): the interpreter is
 for testing, far slower than the ``cpu``/``torch`` backends.
@@ -26,7 +32,7 @@ from torch import Tensor
 from ogpsa.kernels import basis as _basis
 from ogpsa.kernels import common as _common
 from ogpsa.kernels import projection as _projection
-from ogpsa.kernels.tables import ChunkTable, TableCache, build_table, tensor_key
+from ogpsa.kernels.tables import ChunkTable, TableCache, build_table, keep_for_stream, pointer_array, tensor_key
 
 from .base import Backend
 
@@ -43,6 +49,17 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _aligned(tensors: Sequence[Tensor]) -> bool:
+    """Every tensor starts on 16 bytes (so 128-bit loads are legal from its first element)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _rows_aligned(bases: Sequence[Tensor]) -> bool:
+    """Every basis row starts on 16 bytes: the base address and the row length in bytes."""
+    return all(u.shape[0] == 0 or (u.data_ptr() % 16 == 0 and (u.shape[1] * u.element_size()) % 16 == 0)
+               for u in bases)
+
+
 def _new(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_NEW_BUFFERS and out.is_floating_point():
@@ -54,9 +71,14 @@ class TritonBackend(Backend):
     """Multi-tensor Triton kernels; see the module docstring for where they run."""
 
     name = "triton"
+    #: tensors of at most this many elements take the single-pass kernel in ``fused_project_``
+    single_pass_max_numel: int = _projection.SINGLE_PASS_MAX_NUMEL
 
     def __init__(self) -> None:
         self.tables = TableCache()
+        # one zeroed word per device: the (never dereferenced, masked) basis address of a
+        # tensor without basis rows; 16-byte aligned like every allocation
+        self._nowhere: dict = {}
 
     # -- capability -------------------------------------------------------------------
 
@@ -83,33 +105,108 @@ class TritonBackend(Backend):
             return bool(forced) and _common.INTERPRETED
         return False
 
-    # -- tables -----------------------------------------------------------------------
+    # -- tables ---------------------------------------------------------------------
 
-    def _projection_table(self, grads: Sequence[Tensor], bases: Sequence[Tensor]) -> ChunkTable:
-        key = ("project", _projection.CHUNK, _projection.ROWS, tensor_key(grads), tensor_key(bases))
+    def _basis_table(self, grads: Sequence[Tensor], bases: Sequence[Tensor]) -> ChunkTable:
+        """The cached basis side: keyed by the bases (stable between refreshes) and the
+        gradient dtype, never by gradient addresses. Shapes come from the bases."""
+        key = ("project", _projection.CHUNK, _projection.ROWS, grads[0].dtype, tensor_key(bases))
         table = self.tables.get(key)
         if table is None:
-            table = self.tables.put(key, _make_projection_table(grads, bases, _projection.CHUNK))
+            device = grads[0].device
+            if device not in self._nowhere:
+                self._nowhere[device] = torch.zeros(4, dtype=torch.float32, device=device)
+            nowhere = self._nowhere[device].data_ptr()
+            u_ptrs = [u.data_ptr() if u.shape[0] else nowhere for u in bases]
+            table = self.tables.put(key, build_table([u_ptrs], [u.shape[1] for u in bases], [u.shape[0] for u in bases],
+                                                     _projection.CHUNK, device, seg_tb=_common.SEG_TB,
+                                                     rows=_projection.ROWS, aligned=_rows_aligned(bases)))
+        keep_for_stream(table)
         return table
+
+    def _step(self, grads: Sequence[Tensor], bases: Sequence[Tensor]) -> tuple:
+        """(basis table, this call's gradient pointer array, aligned) for one call."""
+        table = self._basis_table(grads, bases)
+        g_ptrs = pointer_array([g.data_ptr() for g in grads], grads[0].device)
+        return table, g_ptrs, table.aligned and _aligned(grads)
 
     # -- projection passes ------------------------------------------------------------
 
     def dots(self, grads: Sequence[Tensor], bases: Sequence[Tensor], k_max: int) -> Tensor:
-        table = self._projection_table(grads, bases)
+        table, g_ptrs, aligned = self._step(grads, bases)
         device = grads[0].device
         partials = _new((table.num_chunks, k_max + 1), torch.float32, device)
         out = _new((len(grads), k_max + 1), torch.float32, device)
         with _on_device(device):
-            return _projection.dots(table, grads, bases, k_max, out, partials)
+            return _projection.dots(table, g_ptrs, grads[0].dtype, bases[0].dtype, aligned, k_max, out, partials)
 
     def update_(self, grads: Sequence[Tensor], bases: Sequence[Tensor], weights: Tensor, kappa: float,
                 scale: Tensor) -> None:
-        table = self._projection_table(grads, bases)
+        table, g_ptrs, aligned = self._step(grads, bases)
         weights = weights if weights.is_contiguous() else weights.contiguous()
         scale = scale if scale.is_contiguous() else scale.contiguous()
         with _on_device(grads[0].device):
-            _projection.update_(table, grads, bases, weights, kappa, scale,
-                                make_table=lambda g, u: _make_projection_table(g, u, _projection.CHUNK))
+            _projection.update_(table, g_ptrs, grads[0].dtype, bases[0].dtype, aligned, weights, kappa, scale)
+
+    def fused_project_(self, grads: Sequence[Tensor], bases: Sequence[Tensor], gram_inv: Tensor, mode: str,
+                       aligned_scale: float) -> Tensor:
+        """Project a group for ``scope="tensor"`` without clipping; tensors of at most
+        :attr:`single_pass_max_numel` elements in one pass (one launch for all of them), the
+        rest with the two passes and the same k x k step. ``gram_inv``: ``[T, k_max, k_max]``
+        (float32 or float64, ``M_i^{-1}`` zero padded). Returns ``[c, ||g||^2]`` per tensor
+        (``[T, k_max + 1]`` float32) of the gradients before the update, like :meth:`dots`."""
+        if mode not in _projection.MODE_CODE:
+            raise ValueError(f"mode={mode!r} is not one of {tuple(_projection.MODE_CODE)}")
+        if gram_inv.dtype not in (torch.float32, torch.float64) or gram_inv.dim() != 3 or \
+                gram_inv.shape[0] != len(grads) or gram_inv.shape[1] != gram_inv.shape[2]:
+            raise ValueError(f"gram_inv must be a float32/float64 [T={len(grads)}, k_max, k_max] tensor, got "
+                             f"{gram_inv.dtype} {tuple(gram_inv.shape)}")
+        k_max = max(1, int(gram_inv.shape[1]))
+        device = grads[0].device
+        gram_inv = gram_inv.to(device).contiguous()
+        small, large = self._split(bases)
+        out = _new((len(grads), k_max + 1), torch.float32, device)
+        if small is not None:
+            table, g_ptrs, aligned = self._step(grads, bases)
+            ids, block_n = small
+            with _on_device(device):
+                _projection.fused_small_(table, g_ptrs, ids, block_n, grads[0].dtype, bases[0].dtype, aligned,
+                                         gram_inv, mode, aligned_scale, out)
+        if large:
+            pos = large[0]
+            gs, us = [grads[i] for i in pos], [bases[i] for i in pos]
+            part = self.dots(gs, us, k_max)
+            inv = gram_inv[large[1]].double()
+            w = torch.bmm(inv, part[:, :-1].double().unsqueeze(-1)).squeeze(-1).float()
+            kappa = 1.0
+            if mode == "conflict":
+                w = torch.where(w < 0, w, (1.0 - aligned_scale) * w)
+            elif mode == "plane":
+                w, kappa = -w, 0.0
+            self.update_(gs, us, w.contiguous(), kappa, torch.ones(len(pos), dtype=torch.float32, device=device))
+            out[large[1]] = part
+        return out
+
+    def _split(self, bases: Sequence[Tensor]) -> tuple:
+        """((small tensor ids on the device, BLOCK_N) or None, (large positions, their ids) or
+        ()), cached with the bases: the split depends on shapes only."""
+        key = ("split", self.single_pass_max_numel, tensor_key(bases))
+        hit = self.tables.get(key)
+        if hit is not None:
+            return hit
+        device = bases[0].device
+        limit = int(self.single_pass_max_numel)
+        small = [i for i, u in enumerate(bases) if u.shape[1] <= limit]
+        large = [i for i, u in enumerate(bases) if u.shape[1] > limit]
+        small_part = None
+        if small:
+            ids = torch.tensor(small, dtype=torch.int64)
+            ids = ids.to(device, non_blocking=True) if device.type != "cpu" else ids
+            # BLOCK_N in two size classes (1024, single_pass_max_numel rounded up): few compiles
+            largest = max(bases[i].shape[1] for i in small)
+            small_part = (ids, 1024 if largest <= 1024 else _common.pow2(limit))
+        large_part = (large, torch.tensor(large, dtype=torch.int64, device=device)) if large else ()
+        return self.tables.put(key, (small_part, large_part))
 
     # -- basis building ---------------------------------------------------------------
 
@@ -124,6 +221,7 @@ class TritonBackend(Backend):
             table = self.tables.put(key, build_table([[r.data_ptr() for r in refs]], [r.shape[1] for r in refs],
                                                      [m] * len(refs), _basis.CHUNK, device,
                                                      seg_tb=_common.SEG_TB))
+        keep_for_stream(table)
         partials = _new((table.num_chunks, m * m), torch.float32, device)
         out = _new((len(refs), m, m), torch.float64, device)
         with _on_device(device):
@@ -153,11 +251,3 @@ def _interpret_env_now() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _make_projection_table(grads: Sequence[Tensor], bases: Sequence[Tensor], chunk: int) -> ChunkTable:
-    # a tensor without basis rows still needs a valid address: its (masked, never read) rows point at g
-    u_ptrs = [u.data_ptr() if u.shape[0] else g.data_ptr() for g, u in zip(grads, bases)]
-    return build_table([[g.data_ptr() for g in grads], u_ptrs], [g.numel() for g in grads],
-                       [u.shape[0] for u in bases], chunk, grads[0].device, seg_tb=_common.SEG_TB,
-                       rows=_projection.ROWS)
