@@ -362,6 +362,52 @@ def test_cuda_project_matrix(grad_dtype, mode, max_norm):
     assert all(torch.equal(a, b) for a, b in zip(grads, again))  # deterministic
 
 
+def _shifted(t):
+    """The same values one element past a 16-byte boundary (the CUDA kernels' scalar path)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("grad_dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cuda_vector_and_scalar_paths_give_the_same_bits(grad_dtype):
+    """Aligned tensors take 16-byte loads, shifted ones scalar loads of the same elements by the
+    same threads in the same order: the results are bitwise equal."""
+    grads, bases = make_case(72, (64, 8192, 70_000, 5000), 4, grad_dtype, device="cuda")
+    shifted = [_shifted(g) for g in grads]
+    a = torch.ops.ogpsa.dots(grads, bases, 4)
+    b = torch.ops.ogpsa.dots(shifted, bases, 4)
+    assert torch.equal(a, b)
+    w, s = torch.randn(len(grads), 4, device="cuda"), torch.rand(len(grads), device="cuda")
+    torch.ops.ogpsa.update_(grads, bases, w, 0.5, s)
+    torch.ops.ogpsa.update_(shifted, bases, w, 0.5, s)
+    assert all(torch.equal(x, y) for x, y in zip(grads, shifted))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CUDA kernels")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gi_dtype", (torch.float32, torch.float64), ids=str)
+def test_cuda_fused_project_single_and_two_pass(mode, gi_dtype):
+    """Tensors up to single_pass_max_numel in one pass, larger ones in two; the returned rows
+    are the pass-1 statistics of the gradients before the update."""
+    limit = cext.CudaBackend.single_pass_max_numel
+    grads, bases = make_case(73, (1, 33, limit, limit + 1, 70_001), 4, device="cuda")
+    k_max = 4
+    inv = torch.zeros(len(grads), k_max, k_max, dtype=torch.float64, device="cuda")
+    for i, u in enumerate(bases):
+        k = u.shape[0]
+        inv[i, :k, :k] = torch.linalg.inv(u.double() @ u.double().T)
+    before = torch.ops.ogpsa.dots(grads, bases, k_max)
+    expected, _ = float64_project(grads, bases, mode, aligned_scale=0.3)
+    rows = cext.CudaBackend().fused_project_(grads, bases, inv.to(gi_dtype), mode, 0.3)
+    torch.testing.assert_close(rows, before, rtol=2e-6, atol=1e-6)
+    assert rel_err(grads, expected) <= 1e-5
+
+
 def test_oracle_sanity():
     # the oracle itself distinguishes a projected from an unprojected gradient
     grads, bases = make_case(81, (50,), 2)

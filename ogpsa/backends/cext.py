@@ -125,6 +125,9 @@ class CpuBackend(_ExtBackend):
 
     name = "cpu"
     device_type = "cpu"
+    #: tensors up to this many elements are projected in one work item by ``fused_project_``
+    #: (``kFuseMaxNumel`` in csrc/ops.cpp); larger ones are chunked across threads
+    single_pass_max_numel: int = 1 << 18
 
     def availability(self) -> tuple[bool, str]:
         if _C is None:
@@ -145,6 +148,18 @@ class CudaBackend(_ExtBackend):
 
     name = "cuda"
     device_type = "cuda"
+    #: tensors up to this many elements are projected by one block in one pass by
+    #: ``fused_project_`` (``kSingleMax`` in csrc/cuda/kernels.cuh); larger ones take two passes
+    single_pass_max_numel: int = 8192
+
+    def fused_project_(self, grads: Sequence[Tensor], bases: Sequence[Tensor], gram_inv: Tensor, mode: str,
+                       aligned_scale: float) -> Tensor:
+        """As :meth:`CpuBackend.fused_project_` (``gram_inv`` float32 or float64): one launch
+        projects every tensor of at most :attr:`single_pass_max_numel` elements in a single
+        pass (g read once, written once); the others get dots, a device-side k x k step and
+        the update. Returns ``[c, ||g||^2]`` (``[T, k_max + 1]``) of the gradients before."""
+        return torch.ops.ogpsa.fused_project_(list(grads), list(bases), gram_inv.contiguous(), mode,
+                                              float(aligned_scale))
 
     def availability(self) -> tuple[bool, str]:
         if _C is None:
