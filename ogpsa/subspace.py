@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .config import OGPSAConfig
+from .plan import gram64
 
 FORMAT_VERSION = "1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -23,7 +24,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: trainer integrations (``ogpsa.integrations.common.SUBSPACE_FILE``) write the same name
 SUBSPACE_FILE = "ogpsa_subspace.safetensors"
 _EPS32 = float(torch.finfo(torch.float32).eps)
-_GRAM_CHUNK = 1 << 22  # elements of a basis slice upcast to float64 at a time (32 MiB)
 
 
 class SubspaceMismatchError(ValueError):
@@ -298,20 +298,6 @@ def iter_named_grads(model: torch.nn.Module, names: Optional[Iterable[str]] = No
 # ----------------------------------------------------------------------------------------
 # Gram matrices and the basis-file checks
 # ----------------------------------------------------------------------------------------
-
-
-def gram64(u: Tensor) -> Tensor:
-    """U U^T in float64 on U's device, in column chunks: accurate (no float32 rounding, never
-    TF32, whatever ``allow_tf32`` says) and without a float64 copy of the whole basis."""
-    k, n = u.shape
-    out = torch.zeros(k, k, dtype=torch.float64, device=u.device)
-    if k == 0:
-        return out
-    step = max(1, _GRAM_CHUNK // k)
-    for s in range(0, n, step):
-        part = u[:, s:s + step].double()
-        out += part @ part.T
-    return out
 
 
 def _resolve_file(path: Union[str, os.PathLike]) -> str:
