@@ -123,12 +123,24 @@ def test_a_step_is_never_projected_twice():
     assert proj.num_projections == 2
 
 
-def test_parameters_replaced_after_attach_are_followed_by_name():
+@pytest.mark.parametrize("how", ["load_state_dict_assign", "to_empty_overwrite"])
+def test_parameters_replaced_after_attach_are_followed_by_name(how):
     model = _model(3)
     sub = _subspace(model)
     proj = ogpsa.attach(model, None, sub)
     state = {n: p.detach().clone() * 1.5 for n, p in model.named_parameters()}
-    model.load_state_dict(state, assign=True)  # new Parameter objects
+    old = [id(p) for p in model.parameters()]
+    if how == "load_state_dict_assign":
+        model.load_state_dict(state, assign=True)  # new Parameter objects
+    else:
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            model.to_empty(device="cpu")  # new Parameter objects with uninitialised data
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        model.load_state_dict(state)
+    assert all(id(p) not in old for p in model.parameters())
     _backward(model, 9)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     proj.project()
@@ -136,6 +148,44 @@ def test_parameters_replaced_after_attach_are_followed_by_name():
     projected = {n: p.grad for n, p in model.named_parameters()}
     assert _in_subspace(sub, model, projected) < 1e-5
     assert _in_subspace(sub, model, grads) > 1e-2  # it really was projected
+
+
+def test_grad_scaler_skipped_step_then_projected_step():
+    """AMP loop: unscale_ -> clip_grad_norm_ -> scaler.step. An inf step is skipped by the
+    scaler after OGPSA has projected; the next (finite) step is projected again."""
+    model = _model(12)
+    sub = _subspace(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    proj = ogpsa.attach(model, opt, sub)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step, poison in enumerate([True, False]):
+        opt.zero_grad()
+        x, y = _batch(20 + step)
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if poison:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        proj.clip_grad_norm_(1.0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        scaler.step(opt)
+        scaler.update()
+        delta = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        if poison:
+            assert all(float(d.abs().max()) == 0 for d in delta.values())  # skipped by the scaler
+        else:
+            assert max(float(d.abs().max()) for d in delta.values()) > 0
+            assert _in_subspace(sub, model, delta) < 1e-5
+    assert proj.num_projections == 2
+
+
+def test_single_pass_count_in_statistics():
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(40, generator=gen), torch.randn(3, 11, generator=gen)]
+    bases = [torch.linalg.qr(torch.randn(n, 2, generator=gen))[0].T.contiguous() for n in (40, 33)]
+    assert ogpsa.project_(grads, bases, backend="torch").single_pass == 0  # no single-pass kernel
+    if ogpsa.backends()["cpu"][0]:
+        assert ogpsa.project_(grads, bases, backend="cpu").single_pass == 2
+        assert ogpsa.project_(grads, bases, backend="cpu", max_norm=1.0).single_pass == 0  # clipping: two passes
 
 
 def test_removed_or_reshaped_parameter_is_a_clear_error():
