@@ -61,6 +61,9 @@ def test_extra_peak_memory_within_the_gradient_bytes(gdt, udt):
     weights, scale = torch.randn(1, 2, generator=gen), torch.tensor([0.5])
     grad_bytes = g.numel() * g.element_size()
     be = TorchBackend()
+    small_g, small_u = g[:4097].clone(), u[:, :4097].contiguous()
+    be.dots([small_g], [small_u], 2)  # one-off library initialisation is not the backend's peak
+    be.update_([small_g], [small_u], weights, 1.0, scale)
     dots = _extra_peak_bytes(lambda: be.dots([g], [u], 2))
     update = _extra_peak_bytes(lambda: be.update_([g], [u], weights, 1.0, scale))
     assert dots <= grad_bytes and update <= grad_bytes, (dots / grad_bytes, update / grad_bytes)
