@@ -290,12 +290,16 @@ class Projector:
         params = [p for p in self._clip_params() if p.grad is not None and p.grad.numel()]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=error_if_nonfinite)
         if not self._paused:
-            self._check_params()
-            self._record.mark(self._gather(True)[0])
+            self._record.mark(self._current_grads())
         return norm
 
     def _clip_params(self) -> list:
         return [p for _n, _m, _a, p, _e in self._tracked]
+
+    def _current_grads(self) -> list:
+        """The gradient tensors a clipping projection would touch now."""
+        grads, _index, sparse = self._gather(True)
+        return grads + sparse
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         self.project()

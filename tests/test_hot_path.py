@@ -348,3 +348,42 @@ def test_building_a_plan_allocates_no_basis_sized_temporaries(basis_dtype):
     # float64 Gram accumulation works on [k, 32768] column blocks: 1 MiB at k=4, never a basis copy
     assert at_attach.largest <= 4 * 32768 * 8 < largest_tensor_basis / 2
     assert at_plan.largest < 4096
+
+
+def test_piece_projection_builds_its_plan_once_for_fresh_pieces():
+    """The sharded/ZeRO path shares the basis-side plan: fresh local pieces every step, one
+    build; a piece shorter than k goes through its zero-padded stand-in."""
+    from oracle import float64_project, random_basis
+
+    from ogpsa.distributed.pieces import PieceProjection
+
+    gen = torch.Generator().manual_seed(21)
+    bases = [random_basis(50, 3, gen).contiguous(), torch.empty(0, 2), random_basis(31, 2, gen).contiguous()]
+    # k=3 rows over a 2-element piece (a rank's sliver of a parameter): padded to 3 columns
+    short = torch.linalg.qr(torch.randn(5, 3, generator=gen, dtype=torch.float64))[0].T[:, :2].float().contiguous()
+    bases.append(short)
+    grams = [None, None, None, (short.double() @ short.double().T).float()]
+    runner = PieceProjection(["a", "b", "c", "d"], bases, grams, OGPSAConfig(), None)
+    for step in range(4):
+        pieces = [torch.randn(u.shape[1], generator=gen) for u in bases]
+        full = [p.clone() for p in pieces]
+        runner.run(pieces, torch.float32, "cpu", None)
+        expected, _ = float64_project(full[:3], bases[:3])
+        for got, want in zip(pieces[:3], expected):
+            torch.testing.assert_close(got.double(), torch.as_tensor(want).double().reshape(-1), rtol=1e-5,
+                                       atol=1e-6)
+    assert runner.num_plan_builds == 1
+
+
+def test_projector_and_plan_do_not_import_distributed():
+    """One direction only: ogpsa.distributed builds on the projector; attach decides in attaching.py."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(ogpsa.__file__).parent
+    for name in ("projector.py", "plan.py", "ops.py"):
+        tree = ast.parse((root / name).read_text())
+        mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in mods if "distributed" in m.split(".") and "torch" not in m], (name, mods)
+        assert "attaching" not in mods, name

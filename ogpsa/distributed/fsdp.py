@@ -83,6 +83,9 @@ class ShardedProjector(Projector):
     def _clip_params(self) -> list:
         return [p for _n, p in self._named]
 
+    def _current_grads(self) -> list:
+        return self._pieces(self._runners[True])
+
     def _pieces(self, runner: PieceProjection) -> list:
         params = dict(self._named)
         pieces = []
