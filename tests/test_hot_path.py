@@ -364,7 +364,7 @@ def test_piece_projection_builds_its_plan_once_for_fresh_pieces():
     bases.append(short)
     grams = [None, None, None, (short.double() @ short.double().T).float()]
     runner = PieceProjection(["a", "b", "c", "d"], bases, grams, OGPSAConfig(), None)
-    for step in range(4):
+    for _step in range(4):
         pieces = [torch.randn(u.shape[1], generator=gen) for u in bases]
         full = [p.clone() for p in pieces]
         runner.run(pieces, torch.float32, "cpu", None)
