@@ -18,8 +18,9 @@ and that has not been written since. So ``project()`` / ``clip_grad_norm_()`` fo
 step (a validation batch, a GradScaler-skipped step, an exception), then new gradients,
 never leaves the next ``optimizer.step()`` unprojected, and a step is never projected twice.
 
-Parameters are followed by name: a parameter replaced after attach
-(``load_state_dict(..., assign=True)``, ``to_empty``) is picked up again by its name
+Parameters are followed by name: a parameter or module replaced after attach
+(``load_state_dict(..., assign=True)``, ``to_empty``, PEFT ``merge_and_unload``) is
+picked up again by its name
 (a basis whose parameter disappeared or changed shape raises
 :class:`~ogpsa.SubspaceMismatchError`); parameters added to the optimizer after attach count
 in clipping. Zero-element parameters are skipped (as torch's clipping does).
@@ -172,6 +173,10 @@ class Projector:
             tracked.append((name, module, attr, p, entry))
         self._tracked = tracked
         self._entries = entries
+        # every parent -> child link of the module tree: a module swapped out (PEFT
+        # merge_and_unload, a replaced layer) leaves its old parameters in place
+        modules = dict(self.model.named_modules())
+        self._links = [(modules[n.rpartition(".")[0]], n.rpartition(".")[2], m) for n, m in modules.items() if n]
         self._opt_sig = self._optimizer_signature()
         self._plans.clear()
         self._record.clear()
@@ -186,6 +191,10 @@ class Projector:
         the optimizer has not gained parameters (else they join clipping)."""
         for _name, module, attr, p, _e in self._tracked:
             if module._parameters.get(attr) is not p:
+                self._resolve()
+                return
+        for parent, key, child in self._links:
+            if parent._modules.get(key) is not child:
                 self._resolve()
                 return
         if self.optimizer is None or self._optimizer_signature() != self._opt_sig:

@@ -387,3 +387,39 @@ def test_projector_and_plan_do_not_import_distributed():
         mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert not [m for m in mods if "distributed" in m.split(".") and "torch" not in m], (name, mods)
         assert "attaching" not in mods, name
+
+
+def test_replaced_module_is_followed_by_name():
+    model = _model(13)
+    sub = _subspace(model)
+    proj = ogpsa.attach(model, None, sub)
+    model[2] = torch.nn.Linear(17, 5)  # the old layer keeps its old parameters
+    _backward(model, 14)
+    proj.project()
+    assert _in_subspace(sub, model, {n: p.grad for n, p in model.named_parameters()}) < 1e-5
+
+
+def test_peft_merge_unmerge_and_unload():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5))
+    cfg = peft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    model = peft.get_peft_model(base, cfg)
+    refs = []
+    for i in range(2):
+        model.zero_grad(set_to_none=True)
+        x, y = _batch(30 + i)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        refs.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    sub = Subspace.from_gradients(refs)
+    proj = ogpsa.attach(model, None, sub)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    x, y = _batch(40)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    proj.project()
+    assert _in_subspace(sub, model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}) < 1e-5
+    model.merge_and_unload()  # the adapters are gone: their bases cannot be applied any more
+    with pytest.raises(ogpsa.SubspaceMismatchError, match="lora_A"):
+        proj.project()
