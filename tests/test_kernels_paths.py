@@ -125,3 +125,12 @@ def test_launch_config_is_a_fixed_function(monkeypatch):
 
     for mod in (kcommon, kproj, kbasis):
         assert not any(isinstance(v, triton.runtime.Autotuner) for v in vars(mod).values())
+
+
+def test_statistics_count_the_single_pass_tensors(monkeypatch):
+    monkeypatch.setattr(tb.TritonBackend, "single_pass_max_numel", 700)
+    monkeypatch.setattr(ops, "_instances", {})
+    grads, bases = make_case(44, [5, 700, 701, 3000], 2)
+    stats = ogpsa.project_(grads, bases, mode="orthogonal", backend="triton")
+    assert stats.single_pass == 2  # 5 and 700 elements; 701 and 3000 take the two passes
+    assert ogpsa.project_(grads, bases, mode="orthogonal", max_norm=1.0, backend="triton").single_pass == 0

@@ -389,7 +389,7 @@ def test_no_host_sync_on_cuda():
     grads, bases = _on("cuda", *make_case(16, [33, 4097, 70000], 4))
     w, s = torch.zeros(3, 4, device="cuda"), torch.ones(3, device="cuda")
     be.dots(grads, bases, 4)
-    be.update_(grads, bases, w, 1.0, s)  # first calls: tables + autotuning
+    be.update_(grads, bases, w, 1.0, s)  # first calls: basis table + compiles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
