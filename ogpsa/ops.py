@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +38,7 @@ from .plan import (
     label,
 )
 from .reference import CLIP_EPS
+from .stats import ProjectionStats, recover_fused_sq, rescue_overflow, sq_norms64
 
 __all__ = ["MAX_RANK", "GRAD_DTYPES", "BASIS_DTYPES", "ProjectionInputError", "BackendUnavailableError",
            "UnsupportedSetupError", "ProjectionPlan", "ProjectionStats", "backends", "get_backend",
@@ -185,58 +185,6 @@ def plan_projection(
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class ProjectionStats:
-    """What one projection did. Tensors stay on the device (float64); the float properties sync.
-
-    ``sq_before``/``sq_after``: per-tensor squared norms before projection and after it
-    (before clipping); ``removed_sq``: ||g - g'||^2 per tensor; ``total_norm``: the
-    post-projection, pre-clip global norm (what clip_grad_norm_ returns);
-    ``clip_coef``: the factor applied (1 without clipping); ``single_pass``: how many
-    tensors the backends projected in one pass over their gradient.
-    """
-
-    sq_before: Tensor
-    sq_after: Tensor
-    removed_sq: Tensor
-    total_norm: Tensor
-    clip_coef: Tensor
-    names: Optional[list[str]] = None
-    backends: tuple = ()
-    single_pass: int = 0
-
-    @property
-    def norm_before(self) -> float:
-        return float(self.sq_before.sum().sqrt())
-
-    @property
-    def norm_after(self) -> float:
-        """Norm after projection and clipping."""
-        return float(self.total_norm * self.clip_coef)
-
-    @property
-    def removed_fraction(self) -> float:
-        """Fraction of the gradient's squared norm removed by the projection (whole model)."""
-        total = float(self.sq_before.sum())
-        return float(self.removed_sq.sum()) / total if total > 0 else 0.0
-
-    def removed_fraction_per_tensor(self) -> Tensor:
-        return torch.where(self.sq_before > 0, self.removed_sq / self.sq_before.clamp_min(1e-300),
-                           torch.zeros_like(self.sq_before))
-
-    def as_dict(self) -> dict:
-        return {
-            "norm_before": self.norm_before,
-            "norm_after": self.norm_after,
-            "total_norm": float(self.total_norm),
-            "removed_fraction": self.removed_fraction,
-            "clip_coef": float(self.clip_coef),
-            "num_tensors": int(self.sq_before.numel()),
-            "backends": list(self.backends),
-            "single_pass": self.single_pass,
-        }
-
-
 def _mode_weights(w: Tensor, mode: str, aligned_scale: float, gram: Optional[Tensor] = None):
     """The mode rule on float64 coefficients ``w = M^-1 c`` ([T, K]): returns the weights
     to subtract (``g' = kappa g - U^T w``) and kappa (a float, or a per-tensor tensor).
@@ -263,35 +211,6 @@ def _check_call(mode: str, max_norm: Optional[float], aligned_scale: float) -> N
         raise ProjectionInputError(f"max_norm={max_norm!r} must be None or > 0")
     if not float(aligned_scale) >= 0:
         raise ProjectionInputError(f"aligned_scale={aligned_scale!r} must be >= 0")
-
-
-def _sq_norms64(grads: Sequence[Tensor]) -> Tensor:
-    """Squared norms accumulated in float64 (no float32 overflow); the rare exact path only."""
-    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square()
-
-
-def _rescue_overflow(tables: list, grouped: list, fused: list) -> None:
-    """CPU only (reading a CPU tensor is no device sync): a finite gradient whose float32
-    ``||g||^2`` overflowed (|g| > ~1.8e19) gets its squared norm again in float64."""
-    for t, gs, f in zip(tables, grouped, fused):
-        sq = t[:, -1]
-        bad = ~torch.isfinite(sq)
-        if f or not bool(bad.any()):
-            continue
-        idx = bad.nonzero().flatten().tolist()
-        t[idx, -1] = _sq_norms64([gs[i] for i in idx])
-
-
-def _recover_fused_sq(sq: Tensor, gs: Sequence[Tensor], kappa: float, wc: Tensor, wmw: Tensor) -> Tensor:
-    """A single-pass kernel already overwrote g when its float32 ``||g||^2`` overflowed: measure
-    ``||g'||^2`` in float64 and invert ``||g'||^2 = k^2 ||g||^2 - 2k w.c + w^T M w`` (CPU only)."""
-    bad = ~torch.isfinite(sq)
-    if not bool(bad.any()):
-        return sq
-    idx = bad.nonzero().flatten().tolist()
-    sq = sq.clone()
-    sq[idx] = (_sq_norms64([gs[i] for i in idx]) + 2 * kappa * wc[idx] - wmw[idx]) / (kappa * kappa)
-    return sq
 
 
 def execute(
@@ -344,7 +263,7 @@ def execute(
     tables = [p.double() for p in partials]
     cpu = home.type == "cpu" and process_group is None
     if cpu:
-        _rescue_overflow(tables, grouped, fused)
+        rescue_overflow(tables, grouped, fused)
 
     if scope == "global":
         c_total = sum(t[:, :-1].sum(0).to(home) for t in tables)
@@ -361,7 +280,7 @@ def execute(
         wc = (w * c).sum(-1)
         wmw = (w * torch.bmm(grp.gram, w.unsqueeze(-1)).squeeze(-1)).sum(-1)
         if cpu and f and isinstance(kappa, float) and kappa != 0.0:
-            sq = _recover_fused_sq(sq, gs, kappa, wc, wmw)
+            sq = recover_fused_sq(sq, gs, kappa, wc, wmw)
         sq_after = (kappa * kappa * sq - 2 * kappa * wc + wmw).clamp_min(0)
         removed = ((1 - kappa) ** 2 * sq + 2 * (1 - kappa) * wc + wmw).clamp_min(0)
         per_group.append([w.float().contiguous(), sq, sq_after, removed])
@@ -390,7 +309,7 @@ def execute(
     if exact:
         # almost all of g was in the subspace: measure the projected norm, then scale
         for gs, vals in zip(grouped, per_group):
-            vals[2] = _sq_norms64(gs).to(vals[2].device)
+            vals[2] = sq_norms64(gs).to(vals[2].device)
         total_sq = sum(v[2].sum().to(home) for v in per_group)
         if extra_sq is not None:
             total_sq = total_sq + extra_sq.to(home, torch.float64)
