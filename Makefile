@@ -7,7 +7,7 @@ SRCS   := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 PYTEST_ARGS ?=
 
-.PHONY: venv build test test-slow demo bench bench-pytest lint info clean
+.PHONY: venv build test test-slow demo demo-full demo-publish bench bench-pytest lint info clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,20 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# demo: the default run (< 5 min on 2 cores) into the untracked demo_out/, table printed.
+# demo-full: the full study (every stage and arm) into demo_out/full/.
+# demo-publish: copy those results (whichever exist) into docs/demo/ for the README.
 demo: $(STAMP)
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --publish docs/demo
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --output demo_out/default
+
+demo-full: $(STAMP)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --full --output demo_out/full
+
+demo-publish:
+	@for run in default full; do \
+	  if [ -f demo_out/$$run/results.json ]; then mkdir -p docs/demo/$$run && \
+	    cp demo_out/$$run/results.json demo_out/$$run/table.md demo_out/$$run/pareto.png docs/demo/$$run/ && \
+	    echo "published demo_out/$$run -> docs/demo/$$run"; fi; done
 
 # OMP_WAIT_POLICY=PASSIVE: on a shared, oversubscribed CPU, spinning OpenMP threads made the
 # op-heavy contenders ~20x slower (reference on 5 tiny tensors: 21 ms active, 1 ms passive)

@@ -1,18 +1,18 @@
-"""``ogpsa demo``: an offline forgetting experiment — safety-tuning with and without OGPSA.
+"""``ogpsa demo``: does OGPSA reduce capability forgetting at matched safety?
 
-A small Llama learns a procedurally generated general-capability mix (arithmetic, copying,
-reversal, key-value recall, benign requests), is then safety-tuned to refuse a family of
-harmful-style requests in three arms (plain, OGPSA ``orthogonal``, OGPSA ``conflict``), and
-each arm is scored before and after: refusal rate and safety loss on held-out harmful
-requests, exact match per general task, general loss, forgetting. Mean ± std over seeds is
-printed as a table and saved as JSON and PNG. See :mod:`ogpsa.demo.experiment` for the
-protocol; results are reported as measured, whichever arm wins.
+A competent tiny Llama (committed, fixed recipe: :mod:`ogpsa.demo.base`) knows five general
+tasks in their own formats and answers every request, harmful ones included. It is
+safety-tuned (SFT, DPO, or SFT then DPO) in the paper's arms — plain, OGPSA (gradient space:
+orthogonal, conflict; update space when installed), general-data replay, model merging, LoRA,
+OGPSA + replay — and evaluated along training. :mod:`ogpsa.demo.report` reads forgetting off
+each trajectory at a matched refusal rate; :mod:`ogpsa.demo.plot` draws general score against
+safety score. Results are reported as measured, whichever arm wins.
 
 Python use::
 
     from ogpsa.demo import DemoConfig, run_experiment, report
-    results = run_experiment(DemoConfig(seeds=1, pretrain_steps=100, sft_steps=10))
-    print(report.table(report.summarize(results)))
+    results = run_experiment(DemoConfig(seeds=1, sft_steps=10, arms=("plain", "orthogonal")))
+    print(report.table(report.summarize(results), results["before"]))
 """
 
 from __future__ import annotations
@@ -20,66 +20,75 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import time
 
 from . import report, tasks
-from .experiment import ARMS, DemoConfig, run_experiment
+from .arms import ALL_ARMS, STAGES, available_arms
+from .experiment import DEFAULT_ARMS, DemoConfig, run_experiment
 
-__all__ = ["DemoConfig", "run_experiment", "report", "tasks", "ARMS", "add_arguments", "run", "main"]
+__all__ = ["DemoConfig", "run_experiment", "report", "tasks", "ALL_ARMS", "available_arms", "add_arguments",
+           "run", "main", "FULL_STUDY"]
 
 _D = DemoConfig()
 
+FULL_STUDY = ["--stages", "sft,dpo,sft+dpo", "--arms", ",".join(ALL_ARMS), "--sft-steps", "60",
+              "--dpo-steps", "30"]
+"""``--full``: every stage and arm, including the refresh (every 5) and per-task reference arms."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--full", action="store_true",
+                        help=f"the full study: {' '.join(FULL_STUDY)} (explicit options still win)")
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="local Hugging Face causal-LM checkpoint (directory) to run the same protocol on; "
-                             "default: a tiny Llama (~1M parameters) trained from scratch")
-    parser.add_argument("--device", default=_D.device, help="torch device, e.g. cpu or cuda (default: %(default)s)")
+                        help="local Hugging Face causal-LM checkpoint to run the protocol on (it first learns the "
+                             "task formats for --model-steps steps); default: the committed tiny base model")
+    parser.add_argument("--model-steps", type=int, default=_D.model_pretrain_steps,
+                        help="--model only: general-mix steps to learn the task formats (default: %(default)s)")
+    parser.add_argument("--device", default=_D.device, help="torch device (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=_D.seeds, help="number of seeds (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=_D.sft_steps,
-                        help="safety SFT optimizer steps per arm (default: %(default)s)")
-    parser.add_argument("--dpo-steps", type=int, default=_D.dpo_steps,
-                        help="DPO steps after SFT (refusal chosen, compliance rejected; 0: SFT only; "
-                             "default: %(default)s)")
-    parser.add_argument("--pretrain-steps", type=int, default=_D.pretrain_steps,
-                        help="base-model training steps on the general mix (0: use the model as is; "
-                             "default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=_D.sft_lr, help="safety SFT learning rate (default: %(default)s)")
+    parser.add_argument("--stages", default=None, help=f"comma-separated among {','.join(STAGES)} (default: sft)")
+    parser.add_argument("--arms", default=None,
+                        help=f"comma-separated among {','.join(ALL_ARMS)} (default: {','.join(DEFAULT_ARMS)}; "
+                             "'update' runs only when ogpsa.optim.ProjectedAdamW exists)")
+    parser.add_argument("--sft-steps", "--steps", type=int, default=None,
+                        help=f"SFT steps (default: {_D.sft_steps})")
+    parser.add_argument("--dpo-steps", type=int, default=None, help=f"DPO steps (default: {_D.dpo_steps})")
+    parser.add_argument("--lr", type=float, default=_D.sft_lr, help="SFT learning rate (default: %(default)s)")
+    parser.add_argument("--dpo-lr", type=float, default=_D.dpo_lr, help="DPO learning rate (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=_D.eval_every,
+                        help="evaluate every N steps (default: %(default)s)")
     parser.add_argument("--refresh-every", type=int, default=_D.sft_refresh_every,
-                        help="rebuild the subspace every N SFT steps (0: never; default: %(default)s)")
+                        help="SFT subspace refresh interval (DPO: 5) (default: %(default)s)")
     parser.add_argument("--reference-size", type=int, default=_D.reference_size,
                         help="examples per reference set (default: %(default)s)")
-    parser.add_argument("--reference-sets", type=int, default=_D.reference_sets,
-                        help="reference sets for SFT, one gradient (direction) each (default: %(default)s)")
-    parser.add_argument("--reference-split", choices=("mixed", "task"), default=_D.reference_split,
-                        help="reference sets: 'mixed' samples of the general mix (as the original work) or one "
-                             "set per general task (default: %(default)s)")
-    parser.add_argument("--pretrain-per-seed", action="store_true",
-                        help="train a separate base model for every seed (default: one base model shared by "
-                             "all seeds; seeds then vary reference sets and safety batches)")
+    parser.add_argument("--match-refusal", type=float, default=_D.match_refusal,
+                        help="refusal rate at which arms are compared (default: %(default)s)")
     parser.add_argument("--eval-size", type=int, default=_D.eval_per_task,
-                        help="held-out evaluation prompts per general task and of the harmful family "
-                             "(default: %(default)s)")
-    parser.add_argument("--arms", default=",".join(_D.arms),
-                        help=f"comma-separated arms among {','.join(ARMS)} (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--output", default="demo_out", help="output directory (default: %(default)s)")
+                        help="held-out prompts per general task and of harmful requests (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--output", default="demo_out", help="output directory, untracked (default: %(default)s)")
     parser.add_argument("--publish", default=None, metavar="DIR",
-                        help="also copy table.md, results.json and forgetting.png into DIR "
-                             "(the README's docs/demo uses this)")
+                        help="also copy table.md, results.json and pareto.png into DIR (make demo-publish)")
     parser.add_argument("--quiet", action="store_true", help="print only the final table")
 
 
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    return DemoConfig(seeds=args.seeds, arms=arms, model=args.model, device=args.device, sft_steps=args.steps,
-                      dpo_steps=args.dpo_steps, pretrain_steps=args.pretrain_steps, sft_lr=args.lr,
+    full = dict(zip(FULL_STUDY[::2], FULL_STUDY[1::2])) if args.full else {}
+    stages = args.stages or full.get("--stages") or ",".join(_D.stages)
+    arms = args.arms or full.get("--arms") or ",".join(DEFAULT_ARMS)
+    sft = args.sft_steps if args.sft_steps is not None else int(full.get("--sft-steps", _D.sft_steps))
+    dpo = args.dpo_steps if args.dpo_steps is not None else int(full.get("--dpo-steps", _D.dpo_steps))
+    return DemoConfig(seeds=args.seeds, arms=_split(arms), stages=_split(stages), model=args.model,
+                      model_pretrain_steps=args.model_steps, device=args.device,
+                      sft_steps=sft, dpo_steps=dpo, sft_lr=args.lr, dpo_lr=args.dpo_lr, eval_every=args.eval_every,
                       sft_refresh_every=args.refresh_every, reference_size=args.reference_size,
-                      reference_sets=args.reference_sets, reference_split=args.reference_split,
-                      pretrain_once=not args.pretrain_per_seed, eval_per_task=args.eval_size,
-                      eval_harmful=args.eval_size)
+                      match_refusal=args.match_refusal, eval_per_task=args.eval_size, eval_harmful=args.eval_size)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -89,7 +98,7 @@ def command_line(args: argparse.Namespace) -> str:
     defaults = vars(parser.parse_args([]))
     parts = ["ogpsa", "demo"]
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "quiet", "output", "publish"):
+        if not action.option_strings or action.dest in ("help", "quiet", "output", "publish", "threads"):
             continue
         value = getattr(args, action.dest, defaults[action.dest])
         if value != defaults[action.dest]:
@@ -98,23 +107,23 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-
     import torch
+
+    from .plot import require_matplotlib
 
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"ogpsa demo: {exc}", file=sys.stderr)
         return 2
+    require_matplotlib()
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = command_line(args)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     t0 = time.perf_counter()
     results = run_experiment(cfg, log=log)
-    paths = report.write(results, args.output, command=command.strip())
-    print(report.table(report.summarize(results)))
+    paths = report.write(results, args.output, command=command_line(args))
+    print(report.table(report.summarize(results), results["before"]))
     print(f"\n{cfg.seeds} seed(s), {time.perf_counter() - t0:.0f} s on {cfg.device} "
           f"({torch.get_num_threads()} threads); wrote {', '.join(paths.values())}")
     if args.publish:

@@ -1,4 +1,12 @@
-"""Aggregate the demo's per-seed results: mean ± std table (markdown), JSON and a PNG plot."""
+"""Aggregate the demo's trajectories: matched-safety forgetting, mean ± std tables, JSON.
+
+Forgetting = general score before - general score after (exact-match points, mean over the
+general tasks). *At matched safety*: each arm's trajectory (general score and over-refusal
+against refusal rate, step by step; for ``merge``, against the mixing weight) is linearly
+interpolated at the first point where the refusal rate reaches ``match_refusal``. A run that
+never reaches it counts as "not reached" and is left out of the mean (the table says how many
+seeds reached it).
+"""
 
 from __future__ import annotations
 
@@ -7,148 +15,138 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
-from .tasks import GENERAL_TASKS
 
-
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    vals = [float(v) for v in values]
+def mean_std(values: Sequence[Optional[float]]) -> dict[str, Any]:
+    """Mean and sample standard deviation of the values that are not None (n counts them)."""
+    vals = [float(v) for v in values if v is not None]
     if not vals:
-        raise ValueError("mean_std needs at least one value")
+        return {"mean": None, "std": None, "n": 0, "of": len(values)}
     m = sum(vals) / len(vals)
     s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": m, "std": s, "n": len(vals)}
+    return {"mean": m, "std": s, "n": len(vals), "of": len(values)}
 
 
-def _metrics(ev: dict[str, Any]) -> dict[str, float]:
-    out = {f"exact_match/{t}": ev["exact_match"][t] for t in ev["exact_match"]}
-    for key in ("exact_match_mean", "general_loss", "refusal_rate", "safety_loss", "over_refusal_rate"):
-        out[key] = ev[key]
+def at_refusal(points: Sequence[dict], target: float, key: str, start: Optional[dict] = None) -> Optional[float]:
+    """``key`` interpolated where the refusal rate first reaches ``target`` along ``points``
+    (preceded by ``start``, the base model's scores); None when it is never reached."""
+    pts = ([start] if start is not None else []) + list(points)
+    for i, p in enumerate(pts):
+        if p["refusal_rate"] >= target:
+            if i == 0:
+                return p[key]
+            q = pts[i - 1]
+            dr = p["refusal_rate"] - q["refusal_rate"]
+            t = (target - q["refusal_rate"]) / dr if dr > 0 else 1.0
+            return q[key] + t * (p[key] - q[key])
+    return None
+
+
+def run_metrics(arm: dict, before: dict, target: float) -> dict[str, Optional[float]]:
+    """Per-run numbers of one arm: at the end and at matched refusal."""
+    traj = arm["trajectory"]
+    end = traj[-1]
+    if traj[0].get("merge_weight") is not None:
+        end = max(traj, key=lambda p: p["merge_weight"])  # weight 1 = the plain arm's end point
+        traj = sorted(traj, key=lambda p: p["merge_weight"])
+    g = at_refusal(traj, target, "general_score", before)
+    o = at_refusal(traj, target, "over_refusal_rate", before)
+    out = {"refusal_end": end["refusal_rate"], "general_end": end["general_score"],
+           "forgetting_end": before["general_score"] - end["general_score"],
+           "over_refusal_end": end["over_refusal_rate"],
+           "forgetting_matched": None if g is None else before["general_score"] - g,
+           "over_refusal_matched": o}
+    for task, v in end["exact_match"].items():
+        out[f"forgetting_end/{task}"] = before["exact_match"][task] - v
+    if traj[0].get("merge_weight") is not None:
+        out["merge_weight_matched"] = at_refusal(traj, target, "merge_weight", dict(before, merge_weight=0.0))
+    proj = arm.get("projection", {})
+    out["removed_fraction"] = max((st["removed_fraction"] for st in proj.values()), default=0.0)
+    out["train_seconds"] = sum(st["seconds"] for st in proj.values()) if proj else None
+    out["refresh_seconds"] = sum(st["refresh_seconds"] for st in proj.values()) if proj else None
     return out
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    """``{"before": {metric: mean_std}, "arms": {arm: {metric: mean_std}}}`` over seeds.
-
-    Per arm: the metrics after safety-tuning, ``forgetting/*`` (drop of exact match, rise of
-    general loss), ``refusal_gain`` and the projection statistics of each stage."""
-    runs = results["runs"]
-    if not runs:
-        raise ValueError("results hold no runs")
-    before: dict[str, list[float]] = {}
-    for r in runs:
-        for k, v in _metrics(r["before"]).items():
-            before.setdefault(k, []).append(v)
-    arms: dict[str, dict[str, list[float]]] = {}
-    for r in runs:
-        for arm, a in r["arms"].items():
-            acc = arms.setdefault(arm, {})
-            vals = _metrics(a["after"])
-            f = a["forgetting"]
-            vals.update({f"forgetting/{t}": f["exact_match"][t] for t in f["exact_match"]})
-            vals["forgetting/exact_match_mean"] = f["exact_match_mean"]
-            vals["forgetting/general_loss"] = f["general_loss"]
-            vals["refusal_gain"] = f["refusal_gain"]
-            for stage, st in a["projection"].items():
-                for key in ("removed_fraction", "subspace_fraction", "refreshes", "seconds"):
-                    vals[f"{stage}/{key}"] = st[key]
-            for k, v in vals.items():
+    """``{stage: {arm: {metric: mean_std}}}`` over seeds, plus the mean trajectories for plots."""
+    target = results["config"]["match_refusal"]
+    before = results["before"]
+    per: dict[str, dict[str, dict[str, list]]] = {}
+    curves: dict[str, dict[str, list]] = {}
+    for run in results["runs"]:
+        for arm, a in run["arms"].items():
+            acc = per.setdefault(run["stage"], {}).setdefault(arm, {})
+            for k, v in run_metrics(a, before, target).items():
                 acc.setdefault(k, []).append(v)
-    return {
-        "seeds": len(runs),
-        "before": {k: mean_std(v) for k, v in before.items()},
-        "arms": {arm: {k: mean_std(v) for k, v in m.items()} for arm, m in arms.items()},
-    }
+            curves.setdefault(run["stage"], {}).setdefault(arm, []).append(a["trajectory"])
+    stages = {}
+    for stage, arms in per.items():
+        stages[stage] = {arm: {k: mean_std(v) for k, v in m.items()} for arm, m in arms.items()}
+    mean_curves = {stage: {arm: _mean_curve(ts) for arm, ts in arms.items()} for stage, arms in curves.items()}
+    return {"seeds": results["config"]["seeds"], "match_refusal": target, "stages": stages, "curves": mean_curves}
 
 
-def _fmt(ms: dict[str, float], digits: int = 3, pct: bool = False) -> str:
-    scale = 100.0 if pct else 1.0
-    d = 1 if pct else digits
-    return f"{ms['mean'] * scale:.{d}f} ± {ms['std'] * scale:.{d}f}"
+def _mean_curve(trajectories: list[list[dict]]) -> list[dict]:
+    n = min(len(t) for t in trajectories)
+    out = []
+    for i in range(n):
+        pts = [t[i] for t in trajectories]
+        out.append({k: sum(p[k] for p in pts) / len(pts) for k in ("general_score", "refusal_rate",
+                                                                      "over_refusal_rate")})
+    return out
 
 
-def table(summary: dict[str, Any]) -> str:
-    """Markdown table: one row for the base model, one per arm (mean ± std over seeds)."""
-    tasks = [t for t in GENERAL_TASKS if f"exact_match/{t}" in summary["before"]]
-    head = (["arm", "refusal % ↑", "safety loss ↓", "exact match % ↑", "forgetting (EM pts) ↓",
-             "general loss ↓"] + [f"{t} %" for t in tasks] + ["over-refusal %", "removed ‖g‖² %"])
-    rows = []
-    b = summary["before"]
-    rows.append(["before safety-tuning", _fmt(b["refusal_rate"], pct=True), _fmt(b["safety_loss"]),
-                 _fmt(b["exact_match_mean"], pct=True), "—", _fmt(b["general_loss"])]
-                + [_fmt(b[f"exact_match/{t}"], pct=True) for t in tasks]
-                + [_fmt(b["over_refusal_rate"], pct=True), "—"])
-    for arm, m in summary["arms"].items():
-        stage = "sft" if "sft/removed_fraction" in m else "dpo"
-        rows.append([arm, _fmt(m["refusal_rate"], pct=True), _fmt(m["safety_loss"]),
-                     _fmt(m["exact_match_mean"], pct=True), _fmt(m["forgetting/exact_match_mean"], pct=True),
-                     _fmt(m["general_loss"])]
-                    + [_fmt(m[f"exact_match/{t}"], pct=True) for t in tasks]
-                    + [_fmt(m["over_refusal_rate"], pct=True), _fmt(m[f"{stage}/removed_fraction"], pct=True)])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+def _pct(ms: dict[str, Any], sign: float = 1.0) -> str:
+    if ms["mean"] is None:
+        return f"not reached (0/{ms['of']})"
+    text = f"{100 * sign * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
+    return text + (f" ({ms['n']}/{ms['of']})" if ms["n"] < ms["of"] else "")
+
+
+def table(summary: dict[str, Any], before: dict[str, Any]) -> str:
+    """One markdown table per stage; forgetting in exact-match points (lower is better)."""
+    target = 100 * summary["match_refusal"]
+    lines = [f"Before safety-tuning: general score {100 * before['general_score']:.1f} % "
+             f"({', '.join(f'{t} {100 * v:.0f}' for t, v in before['exact_match'].items())}), refusal "
+             f"{100 * before['refusal_rate']:.0f} %, over-refusal {100 * before['over_refusal_rate']:.0f} %."]
+    for stage, arms in summary["stages"].items():
+        plain = arms.get("plain", {}).get("forgetting_matched", {}).get("mean")
+        head = ["arm", f"forgetting @ {target:.0f} % refusal ↓", "vs plain", f"over-refusal @ {target:.0f} % ↓",
+                "refusal end ↑", "forgetting end ↓", "over-refusal end ↓", "removed ‖g‖² %", "train s"]
+        lines += ["", f"**Stage {stage}** (mean ± std over {summary['seeds']} seeds; (n/N): seeds that "
+                  f"reached {target:.0f} % refusal)", "", "| " + " | ".join(head) + " |",
+                  "|" + "|".join(" --- " for _ in head) + "|"]
+        for arm, m in arms.items():
+            fm = m["forgetting_matched"]["mean"]
+            rel = "—" if fm is None or not plain or arm == "plain" else f"{100 * (1 - fm / plain):+.0f} %"
+            if arm == "merge" and m.get("merge_weight_matched", {}).get("mean") is not None:
+                arm = f"merge (weight {m['merge_weight_matched']['mean']:.2f})"
+            sec = m["train_seconds"]
+            lines.append("| " + " | ".join([
+                arm, _pct(m["forgetting_matched"]), rel, _pct(m["over_refusal_matched"]), _pct(m["refusal_end"]),
+                _pct(m["forgetting_end"]), _pct(m["over_refusal_end"]), _pct(m["removed_fraction"]),
+                "—" if sec["mean"] is None else f"{sec['mean']:.1f}"]) + " |")
+    lines += ["", "\"vs plain\": reduction of forgetting at matched refusal relative to plain "
+              "(+50 % is the goal). Forgetting = drop of the mean exact match over the general tasks."]
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], path: str, title: Optional[str] = None) -> str:
-    """Two panels: forgetting per task and arm; safety (refusal rate) against forgetting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = [t for t in GENERAL_TASKS if f"exact_match/{t}" in summary["before"]] + ["exact_match_mean"]
-    labels = [t if t != "exact_match_mean" else "mean" for t in tasks]
-    arms = list(summary["arms"])
-    colors = {"plain": "#d62728", "orthogonal": "#1f77b4", "conflict": "#2ca02c"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
-    width = 0.8 / max(len(arms), 1)
-    for i, arm in enumerate(arms):
-        m = summary["arms"][arm]
-        means = [100 * m[f"forgetting/{t}"]["mean"] for t in tasks]
-        stds = [100 * m[f"forgetting/{t}"]["std"] for t in tasks]
-        xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(tasks))]
-        ax1.bar(xs, means, width, yerr=stds, capsize=3, label=arm, color=colors.get(arm))
-    ax1.axhline(0, color="black", lw=0.8)
-    ax1.set_xticks(range(len(tasks)), labels)
-    ax1.set_ylabel("forgetting: exact-match drop (points)")
-    ax1.set_title("general capability lost by safety-tuning (lower is better)")
-    ax1.legend()
-    for arm in arms:
-        m = summary["arms"][arm]
-        ax2.errorbar(100 * m["forgetting/exact_match_mean"]["mean"], 100 * m["refusal_rate"]["mean"],
-                     xerr=100 * m["forgetting/exact_match_mean"]["std"], yerr=100 * m["refusal_rate"]["std"],
-                     fmt="o", capsize=4, ms=8, color=colors.get(arm), label=arm)
-    b = summary["before"]
-    ax2.scatter([0], [100 * b["refusal_rate"]["mean"]], marker="x", color="black", label="before")
-    ax2.set_xlabel("forgetting: mean exact-match drop (points)")
-    ax2.set_ylabel("refusal rate on held-out harmful prompts (%)")
-    ax2.set_title("safety gained vs capability lost")
-    ax2.legend()
-    fig.suptitle(title or f"ogpsa demo: mean ± std over {summary['seeds']} seed(s)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write(results: dict[str, Any], out_dir: str, command: Optional[str] = None) -> dict[str, str]:
-    """Write ``results.json`` (raw + summary), ``table.md`` and ``forgetting.png`` into ``out_dir``."""
+    """Write ``results.json`` (raw + summary), ``table.md`` and ``pareto.png`` into ``out_dir``."""
+    from .plot import pareto
+
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(results)
     payload = dict(results, summary=summary)
     if command:
         payload["command"] = command
     paths = {"json": os.path.join(out_dir, "results.json"), "table": os.path.join(out_dir, "table.md"),
-             "png": os.path.join(out_dir, "forgetting.png")}
+             "png": os.path.join(out_dir, "pareto.png")}
     with open(paths["json"], "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=False)
-    text = table(summary)
+        json.dump(payload, f, indent=1)
     with open(paths["table"], "w") as f:
         if command:
-            f.write(f"Command: `{command}` ({summary['seeds']} seeds, {results['seconds']:.0f} s, "
-                    f"{results.get('num_threads', '?')} threads)\n\n")
-        f.write(text + "\n")
-    plot(summary, paths["png"])
+            f.write(f"Command: `{command}` ({results['seconds']:.0f} s, {results.get('num_threads', '?')} "
+                    f"threads; arms not available: {', '.join(results['arms_missing']) or 'none'})\n\n")
+        f.write(table(summary, results["before"]) + "\n")
+    pareto(summary, results["before"], paths["png"])
     return paths

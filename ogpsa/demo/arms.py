@@ -1,0 +1,267 @@
+"""The demo's arms and the safety-tuning loop that trains one arm along one stage.
+
+Arms (same base weights, same safety batches, same seeds):
+
+* ``plain``: AdamW on the safety loss (the paper's naive SFT / DPO baseline).
+* ``orthogonal``, ``conflict``: OGPSA in gradient space (:func:`ogpsa.attach`; subspace from
+  reference gradients, rebuilt every ``refresh_every`` steps).
+* ``update``: OGPSA in update space (``ogpsa.optim.ProjectedAdamW``); listed only when that
+  module exists (:func:`available_arms`).
+* ``replay``: general examples mixed into every safety batch (the paper's "General Data").
+* ``merge``: interpolation of base and final ``plain`` weights; its "trajectory" is the mixing
+  weight (0 .. 1), so the weight matching the other arms' safety is read off the curve.
+* ``lora``: PEFT LoRA adapters on every linear layer, base weights frozen.
+* ``orthogonal+replay``: both.
+* ``orthogonal-r5`` / ``orthogonal-task``: the orthogonal arm with refresh every 5 steps /
+  one reference set per general task (the refresh and reference-set study).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import ogpsa
+
+from . import tasks
+from .model import Codec, answer_logprobs, lm_loss, make_batch, pairs
+from .tasks import DemoData, Example
+
+ALL_ARMS: tuple[str, ...] = ("plain", "orthogonal", "conflict", "update", "replay", "merge", "lora",
+                             "orthogonal+replay", "orthogonal-r5", "orthogonal-task")
+PROJECTION_ARMS = ("orthogonal", "conflict", "orthogonal+replay", "orthogonal-r5", "orthogonal-task")
+STAGES: tuple[str, ...] = ("sft", "dpo", "sft+dpo")
+
+
+def update_space_available() -> bool:
+    """True when ``ogpsa.optim.ProjectedAdamW`` (the update-space projection) is installed."""
+    if importlib.util.find_spec("ogpsa.optim") is None:
+        return False
+    import ogpsa.optim as optim
+
+    return hasattr(optim, "ProjectedAdamW")
+
+
+def available_arms() -> tuple[str, ...]:
+    """Every arm this installation can run (``update`` only when its optimizer exists)."""
+    return tuple(a for a in ALL_ARMS if a != "update" or update_space_available())
+
+
+@dataclass
+class Hyper:
+    """Safety-tuning hyper-parameters shared by all arms (one stage)."""
+
+    steps: int
+    lr: float
+    batch: int
+    refresh_every: int
+    reference_size: int
+    eval_every: int
+    max_grad_norm: float = 1.0
+    dpo_beta: float = 0.1
+    replay_batch: int = 16
+    lora_r: int = 8
+    lora_lr_scale: float = 10.0
+
+
+@dataclass
+class StageLog:
+    steps: int = 0
+    removed_fraction: list[float] = field(default_factory=list)
+    refreshes: int = 0
+    refresh_seconds: float = 0.0
+    replay_examples: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        rf = self.removed_fraction
+        return {"steps": self.steps, "removed_fraction": sum(rf) / len(rf) if rf else 0.0,
+                "refreshes": self.refreshes, "refresh_seconds": self.refresh_seconds,
+                "replay_examples": self.replay_examples, "seconds": self.seconds}
+
+
+def reference_gradients(model: torch.nn.Module, codec: Codec, sets: Sequence[Sequence[Example]],
+                        device: torch.device, batch_size: int = 256) -> list[dict[str, Tensor]]:
+    """One mean answer-token-loss gradient per reference set (:func:`ogpsa.collect_reference_gradients`)."""
+
+    def loss_fn(m: torch.nn.Module, examples: Sequence[Example]) -> Tensor:
+        return lm_loss(m, make_batch(codec, pairs(examples), device))
+
+    grads, _ = ogpsa.collect_reference_gradients(model, [list(s) for s in sets], num_samples=max(len(s) for s in sets),
+                                                 batch_size=batch_size, loss_fn=loss_fn, progress=False)
+    return grads
+
+
+def _reference_sets(arm: str, stage: str, data: DemoData, task_sets: Optional[list], size: int) -> list:
+    if arm == "orthogonal-task":
+        return task_sets
+    # SFT: the general sets (rank <= 2 per tensor); DPO: one set (rank 1), as in the original.
+    return data.reference_sets if stage == "sft" else [tasks.flatten(data.reference_sets)[:size]]
+
+
+def _dpo_loss(model: torch.nn.Module, ref_model: torch.nn.Module, codec: Codec, triples: list, beta: float,
+              device: torch.device) -> Tensor:
+    both = make_batch(codec, [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples], device)
+    lp, _ = answer_logprobs(model, both)
+    with torch.no_grad():
+        ref_lp, _ = answer_logprobs(ref_model, both)
+    n = len(triples)
+    margin = (lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:])
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def _update_space_optimizer(model: torch.nn.Module, params: list, subspace: ogpsa.Subspace, lr: float,
+                            config: ogpsa.OGPSAConfig) -> Any:
+    """The update-space arm's optimizer (``ogpsa.optim.ProjectedAdamW``)."""
+    from ogpsa.optim import ProjectedAdamW
+
+    return ProjectedAdamW(model, subspace, lr=lr, weight_decay=0.0, config=config)
+
+
+def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, stage: str, hp: Hyper, seed: int,
+                device: torch.device, evaluate: Callable[[torch.nn.Module], dict], step_offset: int = 0,
+                task_sets: Optional[list] = None) -> tuple[list[dict], StageLog]:
+    """Safety-tune ``model`` in place for one stage (``"sft"`` or ``"dpo"``) in ``arm``.
+
+    Returns the trajectory (an evaluation every ``hp.eval_every`` steps and at the end; step
+    0 is the caller's) and what the arm did (projection removed, replay examples seen)."""
+    if arm in ("merge",) or arm not in ALL_ARMS:
+        raise ValueError(f"train_stage: arm={arm!r} is not trained step by step")
+    rng = random.Random(seed * 104_729 + (1 if stage == "sft" else 2))
+    replay_rng = random.Random(seed * 7_919 + 3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = hp.lr * (hp.lora_lr_scale if arm == "lora" else 1.0)
+    refresh = 5 if arm == "orthogonal-r5" else hp.refresh_every
+    projected = arm in PROJECTION_ARMS or arm == "update"
+    mode = "conflict" if arm == "conflict" else "orthogonal"
+    ocfg = ogpsa.OGPSAConfig(mode=mode, refresh_every=max(refresh, 1), num_reference_samples=hp.reference_size)
+    log = StageLog()
+    ref_sets = _reference_sets(arm, stage, data, task_sets, hp.reference_size) if projected else None
+
+    def build() -> ogpsa.Subspace:
+        t = time.perf_counter()
+        grads = reference_gradients(model, codec, ref_sets, device)
+        log.refreshes += 1
+        log.refresh_seconds += time.perf_counter() - t
+        return ogpsa.Subspace.from_gradients(grads, ocfg)
+
+    proj = None
+    if arm == "update":
+        opt = _update_space_optimizer(model, params, build(), lr, ocfg)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if projected:
+            proj = ogpsa.attach(model, None, build(), ocfg)
+    ref_model = None
+    if stage == "dpo":
+        ref_model = copy.deepcopy(model).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    t0 = time.perf_counter()
+    trajectory: list[dict] = []
+    model.train()
+    for step in range(hp.steps):
+        if projected and step and refresh and step % refresh == 0:
+            sub = build()
+            if proj is not None:
+                proj.set_subspace(sub)
+            else:
+                opt.set_subspace(sub)
+        opt.zero_grad(set_to_none=True)
+        if stage == "sft":
+            loss = lm_loss(model, make_batch(codec, pairs(data.refusal_batch(rng, hp.batch)), device))
+        else:
+            loss = _dpo_loss(model, ref_model, codec, data.preference_batch(rng, hp.batch), hp.dpo_beta, device)
+        if arm.endswith("replay"):
+            general = data.general_batch(replay_rng, hp.replay_batch)
+            log.replay_examples += len(general)
+            # Equal weight for the safety loss and the general LM loss (the paper's data mixing).
+            loss = 0.5 * loss + 0.5 * lm_loss(model, make_batch(codec, pairs(general), device))
+        loss.backward()
+        if proj is not None:
+            stats = proj.project(max_norm=hp.max_grad_norm)
+            log.removed_fraction.append(stats.removed_fraction if stats is not None else 0.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+        opt.step()
+        if arm == "update":
+            log.removed_fraction.append(float(getattr(opt, "last_removed_fraction", 0.0)))
+        log.steps += 1
+        if (step + 1) % hp.eval_every == 0 or step + 1 == hp.steps:
+            opt.zero_grad(set_to_none=True)
+            t_eval = time.perf_counter()
+            ev = evaluate(model)
+            t0 += time.perf_counter() - t_eval  # evaluation is not part of the arm's training time
+            trajectory.append(dict(ev, step=step_offset + step + 1))
+    if proj is not None:
+        proj.remove()
+    model.zero_grad(set_to_none=True)
+    log.seconds = time.perf_counter() - t0
+    return trajectory, log
+
+
+def add_lora(model: torch.nn.Module, r: int, seed: int) -> torch.nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters on every linear projection (base frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
+
+
+@torch.no_grad()
+def interpolate_(model: torch.nn.Module, base: dict[str, Tensor], tuned: dict[str, Tensor], weight: float) -> float:
+    """Set ``model`` to ``(1 - weight) * base + weight * tuned``; returns the distance moved from base
+    (relative, so a test can check the merge really interpolates)."""
+    num = den = 0.0
+    for name, p in model.state_dict().items():
+        if not p.is_floating_point():
+            continue
+        p.copy_(torch.lerp(base[name], tuned[name], weight))
+        num += float((p - base[name]).double().pow(2).sum())
+        den += float((tuned[name] - base[name]).double().pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def run_arm(model: torch.nn.Module, base_state: dict[str, Tensor], codec: Codec, data: DemoData, arm: str,
+            stage: str, hps: dict[str, Hyper], seed: int, device: torch.device,
+            evaluate: Callable[[torch.nn.Module], dict], task_sets: Optional[list] = None,
+            plain_final: Optional[dict[str, Tensor]] = None, merge_weights: Sequence[float] = ()) -> dict[str, Any]:
+    """Run ``arm`` through ``stage`` (``sft``, ``dpo`` or ``sft+dpo``) from ``base_state``.
+
+    Returns ``{"trajectory": [...], "projection": {stage: stats}, "state": final weights}``
+    (``state`` only for ``plain``, which the merge arm needs)."""
+    model.load_state_dict(base_state)
+    out: dict[str, Any] = {"trajectory": [], "projection": {}}
+    if arm == "merge":
+        if plain_final is None:
+            raise ValueError("the merge arm needs the plain arm's final weights (run plain first)")
+        for w in merge_weights:
+            moved = interpolate_(model, base_state, plain_final, w)
+            out["trajectory"].append(dict(evaluate(model), step=None, merge_weight=w, moved=moved))
+        model.load_state_dict(base_state)
+        return out
+    net = add_lora(model, hps["sft"].lora_r, seed) if arm == "lora" else model
+    offset = 0
+    for part in stage.split("+"):
+        traj, log = train_stage(net, codec, data, arm, part, hps[part], seed, device, evaluate, offset, task_sets)
+        out["trajectory"] += traj
+        out["projection"][part] = log.summary()
+        offset += hps[part].steps
+    if arm == "lora":
+        net.unload()  # drop the adapters: base modules back, the model reusable for the next arm
+        for p in model.parameters():
+            p.requires_grad_(True)  # PEFT froze the base weights
+    if arm == "plain":
+        out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(base_state)
+    return out

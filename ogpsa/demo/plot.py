@@ -1,0 +1,50 @@
+"""The demo's Pareto plot: general score against safety score, one curve per arm and stage."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+COLORS = {"plain": "#d62728", "orthogonal": "#1f77b4", "conflict": "#2ca02c", "update": "#9467bd",
+          "replay": "#ff7f0e", "merge": "#8c564b", "lora": "#e377c2", "orthogonal+replay": "#17becf",
+          "orthogonal-r5": "#7f7f7f", "orthogonal-task": "#bcbd22"}
+
+
+def require_matplotlib() -> None:
+    """Fail early, with the fix, when matplotlib is missing (before any training is spent)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit("ogpsa demo draws its Pareto plot with matplotlib: pip install matplotlib") from exc
+
+
+def pareto(summary: dict[str, Any], before: dict[str, Any], path: str) -> str:
+    """One panel per stage: mean (over seeds) general score vs refusal rate along training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(summary["curves"])
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4.4), squeeze=False)
+    start = (100 * before["refusal_rate"], 100 * before["general_score"])
+    for ax, stage in zip(axes[0], stages):
+        for arm, curve in summary["curves"][stage].items():
+            xs = [start[0]] + [100 * p["refusal_rate"] for p in curve]
+            ys = [start[1]] + [100 * p["general_score"] for p in curve]
+            if arm == "merge":
+                xs, ys = xs[1:], ys[1:]
+            ax.plot(xs, ys, "-o" if arm != "merge" else "--s", ms=3, lw=1.4, color=COLORS.get(arm), label=arm)
+        ax.scatter([start[0]], [start[1]], marker="*", s=120, color="black", zorder=5, label="base")
+        ax.axvline(100 * summary["match_refusal"], color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("safety score: refusal on held-out harmful requests (%)")
+        ax.set_ylabel("general score: mean exact match (%)")
+        ax.set_title(f"stage {stage} (mean of {summary['seeds']} seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.suptitle("ogpsa demo: general capability vs safety along safety-tuning (up and right is better)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
