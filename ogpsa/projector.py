@@ -247,18 +247,23 @@ class Projector:
         return plan
 
     def _project(self, max_norm: Optional[float], error_if_nonfinite: bool):
-        """(statistics, already projected): project unless every current gradient was
-        projected by this projector and not written since."""
+        """``(statistics, already projected, norm of a plain clip done here or None)``: project
+        unless every current gradient was projected by this projector and not written since.
+        Gradients projected earlier without clipping that now need clipping are only clipped."""
         self._check_params()
         clipping = max_norm is not None
         grads, index, sparse = self._gather(clipping)
         if self._record.covers(grads + sparse):
-            return self.last_stats, True
+            return self.last_stats, True, None
+        if clipping:
+            with_basis = [g for g, j in zip(grads, index) if self._tracked[j][4] is not None]
+            if with_basis and self._record.covers(with_basis):
+                return self.last_stats, True, self._plain_clip(max_norm, error_if_nonfinite)
         if not grads:
             if sparse and clipping:
                 torch.nn.utils.clip_grad_norm_(sparse, max_norm, error_if_nonfinite=error_if_nonfinite)
                 self._record.mark(sparse)
-            return None, False
+            return None, False, None
         plan = self._plan(grads, index, clipping)
         extra = sum(torch.linalg.vector_norm(g.coalesce().values(), dtype=torch.float64).square()
                     for g in sparse) if sparse else None
@@ -270,7 +275,7 @@ class Projector:
         self._record.mark(grads + sparse)
         self.last_stats = stats
         self.num_projections += 1
-        return stats, False
+        return stats, False, None
 
     def project(self, max_norm: Optional[float] = None) -> Optional[ProjectionStats]:
         """Project (and, with ``max_norm``, clip) the current gradients now.
@@ -292,14 +297,19 @@ class Projector:
         Gradients already projected (by an earlier ``project()``) are only clipped."""
         if float(norm_type) != 2.0:
             raise ValueError(f"norm_type={norm_type!r}: the fused projection+clipping supports the L2 norm only")
-        if not self._paused:
-            stats, covered = self._project(max_norm, error_if_nonfinite)
-            if not covered:
-                return stats.total_norm if stats is not None else torch.zeros((), dtype=torch.float64)
+        if self._paused:
+            params = [p for p in self._clip_params() if p.grad is not None and p.grad.numel()]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=error_if_nonfinite)
+        stats, covered, norm = self._project(max_norm, error_if_nonfinite)
+        if not covered:
+            return stats.total_norm if stats is not None else torch.zeros((), dtype=torch.float64)
+        return norm if norm is not None else self._plain_clip(max_norm, error_if_nonfinite)
+
+    def _plain_clip(self, max_norm: float, error_if_nonfinite: bool) -> Tensor:
+        """torch's clipping of already projected gradients (then remembered as handled)."""
         params = [p for p in self._clip_params() if p.grad is not None and p.grad.numel()]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=error_if_nonfinite)
-        if not self._paused:
-            self._record.mark(self._current_grads())
+        self._record.mark(self._current_grads())
         return norm
 
     def _clip_params(self) -> list:

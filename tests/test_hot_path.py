@@ -423,3 +423,26 @@ def test_peft_merge_unmerge_and_unload():
     model.merge_and_unload()  # the adapters are gone: their bases cannot be applied any more
     with pytest.raises(ogpsa.SubspaceMismatchError, match="lora_A"):
         proj.project()
+
+
+def test_project_then_clip_with_unprojected_parameters_projects_once():
+    """project() covers the tensors with a basis only; a following clip_grad_norm_ must clip
+    everything without projecting those again (conflict, aligned_scale=0.5: not idempotent)."""
+    config = OGPSAConfig(mode="conflict", aligned_scale=0.5)
+    model, twin = _model(15), _model(15)
+    full = _subspace(model, config)
+    keep = [n for n in full.names if n != "2.bias"]
+    sub = Subspace(keep, [full.shapes[full.names.index(n)] for n in keep], [full.basis(n) for n in keep], config)
+    proj = ogpsa.attach(model, None, sub)
+    _backward(model, 16)
+    _backward(twin, 16)
+    proj.project()
+    total = proj.clip_grad_norm_(1e-3)
+    assert proj.num_projections == 1
+    grads = [p.grad for _, p in twin.named_parameters()]
+    bases = [sub.basis(n) if n in sub else torch.empty(0, p.numel()) for n, p in twin.named_parameters()]
+    ogpsa.project_(grads, bases, mode="conflict", aligned_scale=0.5)
+    expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 1e-3)
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-10)

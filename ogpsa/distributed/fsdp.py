@@ -110,15 +110,19 @@ class ShardedProjector(Projector):
         runner = self._runners[max_norm is not None]
         pieces = self._pieces(runner)
         if not pieces:
-            return None, False
+            return None, False, None
         if self._record.covers(pieces):
-            return self.last_stats, True
+            return self.last_stats, True, None
+        if max_norm is not None:
+            with_basis = [g for n, g in zip(runner.names, pieces) if n in self.subspace]
+            if with_basis and self._record.covers(with_basis):  # projected earlier: clip only
+                return self.last_stats, True, self._plain_clip(max_norm, error_if_nonfinite)
         first = pieces[0]
         stats = runner.run(pieces, first.dtype, first.device, max_norm, error_if_nonfinite)
         self._record.mark(pieces)
         self.last_stats = stats
         self.num_projections += 1
-        return stats, False
+        return stats, False, None
 
 
 def attach_fsdp(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
