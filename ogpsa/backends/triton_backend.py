@@ -32,6 +32,7 @@ from torch import Tensor
 from ogpsa.kernels import basis as _basis
 from ogpsa.kernels import common as _common
 from ogpsa.kernels import projection as _projection
+from ogpsa.kernels import tables as _tables
 from ogpsa.kernels.tables import ChunkTable, TableCache, build_table, keep_for_stream, pointer_array, tensor_key
 
 from .base import Backend
@@ -200,12 +201,11 @@ class TritonBackend(Backend):
         large = [i for i, u in enumerate(bases) if u.shape[1] > limit]
         small_part = None
         if small:
-            ids = torch.tensor(small, dtype=torch.int64)
-            ids = ids.to(device, non_blocking=True) if device.type != "cpu" else ids
+            ids = _tables.to_device(torch.tensor(small, dtype=torch.int64), device)  # pinned, non_blocking
             # BLOCK_N in two size classes (1024, single_pass_max_numel rounded up): few compiles
             largest = max(bases[i].shape[1] for i in small)
             small_part = (ids, 1024 if largest <= 1024 else _common.pow2(limit))
-        large_part = (large, torch.tensor(large, dtype=torch.int64, device=device)) if large else ()
+        large_part = (large, _tables.to_device(torch.tensor(large, dtype=torch.int64), device)) if large else ()
         return self.tables.put(key, (small_part, large_part))
 
     # -- basis building ---------------------------------------------------------------
