@@ -56,8 +56,11 @@ def _aligned(tensors: Sequence[Tensor]) -> bool:
 
 
 def _rows_aligned(bases: Sequence[Tensor]) -> bool:
-    """Every basis row starts on 16 bytes: the base address and the row length in bytes."""
-    return all(u.shape[0] == 0 or (u.data_ptr() % 16 == 0 and (u.shape[1] * u.element_size()) % 16 == 0)
+    """Every basis row starts on 16 bytes (base address and row length in bytes), and every row
+    length is a whole number of 16-byte vectors even for tensors without basis rows: the
+    ALIGNED kernels tell the compiler so about the length, which also bounds the masked tail of
+    the gradient (a false hint there could widen a tail load past the tensor's end)."""
+    return all((u.shape[1] * u.element_size()) % 16 == 0 and (u.shape[0] == 0 or u.data_ptr() % 16 == 0)
                for u in bases)
 
 
