@@ -39,7 +39,7 @@
 # when the tree has no .git; PYTHON picks the interpreter (default python3).
 #
 # Output folder: env.txt stages.tsv gpu_check.log info.json tests*.xml results.json results.md
-# bench.png loop/ summary.txt. Commit results.json, results.md, bench.png, loop/, summary.txt and
+# bench.png loop.json loop.md summary.txt. Commit results.*, bench.png, loop.*, summary.txt and
 # env.txt under benchmarks/results/<machine>/<date>/ (env.txt names the folder).
 set -u
 cd "$(dirname "$0")/.."
@@ -227,8 +227,7 @@ RESERVE=70 run_stage bench "$LEFT" "$PY" -m ogpsa.cli bench --out "$OUTDIR" --ma
     ${GPU_CHECK_BENCH_ARGS:---suite gpu}
 
 # ---- the loop suite: a training loop with zero_grad(set_to_none=True) ---------------------------
-mkdir -p "$OUTDIR/loop"
-RESERVE=5 run_stage loop 60 "$PY" -m ogpsa.cli bench --suite loop --out "$OUTDIR/loop" --no-plot
+RESERVE=5 run_stage loop 60 "$PY" -m ogpsa.cli bench --suite loop --out "$OUTDIR" --no-plot
 
 # ---- summary ---------------------------------------------------------------------------------
 echo "== total $(( $(date +%s) - START ))s; stages:" | tee -a "$LOG"

@@ -1,6 +1,6 @@
 """The last lines of ``benchmarks/gpu_check.sh``: one line per target, met or short, from the
 benchmark's results (``OUTDIR/results.json`` of ``ogpsa bench --suite gpu`` and
-``OUTDIR/loop/results.json`` of ``ogpsa bench --suite loop``).
+``OUTDIR/loop.json`` of ``ogpsa bench --suite loop``).
 
 Each target is judged on its worst measured case (the fastest ogpsa backend per case), so "met"
 means met everywhere it was measured; the best case is shown too. A target without data says why
@@ -47,7 +47,7 @@ def _best_per_case(rows: list, key: str) -> list:
 def summarize(outdir: Path, why_missing: str = "") -> list[str]:
     lines = []
     micro = _load(outdir / "results.json")
-    loop = _load(outdir / "loop" / "results.json")
+    loop = _load(outdir / "loop.json")
     for label, key, goal, sense, workload, unit in TARGETS:
         goal_s = f"{'>=' if sense == 'ge' else '<='} {goal:g}{unit}"
         rows = [] if micro is None else [r for r in micro.get("results", []) if workload in (None, r.get("workload"))]
@@ -67,7 +67,7 @@ def summarize(outdir: Path, why_missing: str = "") -> list[str]:
                                     and r.get("step_ratio") is not None]
     lora = [r for r in rows if r.get("workload") == "lora"] or rows
     if not lora:
-        reason = why_missing or ("no loop/results.json" if loop is None else "no measured case")
+        reason = why_missing or ("no loop.json" if loop is None else "no measured case")
         lines.append(f"{label} (target <= {goal:g}x): not measured ({reason})")
     else:
         worst = max(r["step_ratio"] for r in lora)

@@ -59,8 +59,7 @@ def test_summary_judges_measured_results(tmp_path):
             {"status": "ok", "contender": "ogpsa:cuda", "workload": "125m", "k": 2, "grad_dtype": "fp32",
              "basis_dtype": "fp32", "pct_copy": 80.0, "x_reference": 6.0, "x_authors": 90.0, "over_clip": 1.2}]
     (tmp_path / "results.json").write_text(json.dumps({"results": rows}))
-    (tmp_path / "loop").mkdir()
-    (tmp_path / "loop" / "results.json").write_text(json.dumps(
+    (tmp_path / "loop.json").write_text(json.dumps(
         {"results": [{"status": "ok", "workload": "lora", "step_ratio": 1.4}]}))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
