@@ -113,3 +113,36 @@ def test_cuda_sources_are_the_ones_checked():
     """The probe covers the header the extension includes (a second copy would go unchecked)."""
     sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "ops_cuda.cu"))
     assert sources and '#include "kernels.cuh"' in open(sources[0]).read()
+
+
+def test_built_extension_sass_has_128bit_loads():
+    """The same check on the extension actually built here (every dtype and rank instantiation
+    of the streaming ops in the sm_90 cubin of ogpsa._C)."""
+    import torch  # noqa: F401  (ogpsa._C needs torch loaded)
+
+    from ogpsa.backends import cext
+
+    if cext._C is None or not cext.build_info().get("cuda"):
+        pytest.skip("ogpsa._C was built without CUDA kernels")
+    if "9.0" not in cext.build_info()["cuda_archs"]:
+        pytest.skip(f"no sm_90 cubin in this build ({cext.build_info()['cuda_archs']})")
+    tool = _tool("cuobjdump")
+    if tool is None:
+        pytest.skip("needs cuobjdump")
+    run = subprocess.run([tool, "-sass", "-arch", "sm_90", cext._C.__file__], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loads: dict = {}
+    current = None
+    for line in run.stdout.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = m.group(1)
+            loads.setdefault(current, [])
+        elif current is not None:
+            loads[current] += re.findall(r"\bLDG(?:\.[A-Z0-9_]+)*", line)
+    streaming = {f: ops for f, ops in loads.items() if any(s in f for s in ("DotsOp", "UpdateOp", "FusedSmallOp"))}
+    # 3 gradient x 2 basis dtypes: dots and single pass in 4 rank buckets (x2 M^-1 dtypes), update once
+    assert len(streaming) >= 6 * (4 + 1 + 8), len(streaming)
+    missing = [f for f, ops in streaming.items() if not any(".128" in op for op in ops)]
+    assert not missing, missing
