@@ -173,10 +173,22 @@ class Projector:
             tracked.append((name, module, attr, p, entry))
         self._tracked = tracked
         self._entries = entries
-        # every parent -> child link of the module tree: a module swapped out (PEFT
-        # merge_and_unload, a replaced layer) leaves its old parameters in place
+        # (container, key, object) slots that must still hold what they held: the parameter slot
+        # of every trainable or projected parameter, and every module link above it (a module
+        # swapped out, as by PEFT merge_and_unload, leaves its old parameters in place)
         modules = dict(self.model.named_modules())
-        self._links = [(modules[n.rpartition(".")[0]], n.rpartition(".")[2], m) for n, m in modules.items() if n]
+        watch, linked = [], set()
+        for name, module, attr, p, entry in tracked:
+            if not (p.requires_grad or entry is not None):
+                continue
+            watch.append((module._parameters, attr, p))
+            parts = name.split(".")[:-1]
+            for i in range(len(parts)):
+                child = ".".join(parts[:i + 1])
+                if child not in linked and child in modules:
+                    linked.add(child)
+                    watch.append((modules[".".join(parts[:i])]._modules, parts[i], modules[child]))
+        self._watch = watch
         self._opt_sig = self._optimizer_signature()
         self._plans.clear()
         self._record.clear()
@@ -189,12 +201,8 @@ class Projector:
     def _check_params(self) -> None:
         """O(T): every tracked parameter is still its module's (else re-resolve by name);
         the optimizer has not gained parameters (else they join clipping)."""
-        for _name, module, attr, p, _e in self._tracked:
-            if module._parameters.get(attr) is not p:
-                self._resolve()
-                return
-        for parent, key, child in self._links:
-            if parent._modules.get(key) is not child:
+        for slots, key, obj in self._watch:
+            if slots.get(key) is not obj:
                 self._resolve()
                 return
         if self.optimizer is None or self._optimizer_signature() != self._opt_sig:
