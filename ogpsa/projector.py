@@ -136,27 +136,28 @@ class Projector:
         if subspace.config.scope != self.config.scope:
             raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
                              f"uses scope={self.config.scope!r}")
-        self.subspace = subspace
-        self._entries: dict[str, BasisEntry] = {}
-        self._resolve()
+        self._resolve(subspace)  # validates everything first: a bad subspace leaves the old one in use
 
-    def _entry(self, name: str, p: Tensor) -> BasisEntry:
+    def _entry(self, subspace: Subspace, name: str, p: Tensor) -> BasisEntry:
         dev = torch.device(self.config.basis_device) if self.config.basis_device else p.device
-        u = self.subspace.basis(name).to(dev)
+        u = subspace.basis(name).to(dev)
         try:
             return basis_entry(u, p.numel(), p.device, f"parameter {name!r}", scope=self.config.scope,
-                               gram=self.subspace.gram(name))
+                               gram=subspace.gram(name))
         except ProjectionInputError as exc:
             raise ProjectionInputError(f"cannot attach OGPSA: {exc}") from None
 
-    def _resolve(self) -> None:
+    def _resolve(self, subspace: Optional[Subspace] = None) -> None:
         """(Re)bind parameters by name: the model's current parameter objects, each basis
-        checked against its parameter. Runs at attach and whenever a parameter was replaced."""
+        checked against its parameter. Runs at attach / set_subspace (``subspace``: the new
+        one) and whenever a parameter was replaced (the current one, validated entries kept)."""
+        new = subspace is not None
+        sub = subspace if new else self.subspace
         params = dict(self.model.named_parameters())
         problems = [f"{n!r}: in the subspace but no longer a parameter of the model (replaced or removed after "
-                    f"attach?)" for n in self.subspace.names if n not in params]
+                    f"attach?)" for n in sub.names if n not in params]
         problems += [f"{n!r}: basis for shape {s} but the parameter now has shape {tuple(params[n].shape)}"
-                     for n, s in zip(self.subspace.names, self.subspace.shapes)
+                     for n, s in zip(sub.names, sub.shapes)
                      if n in params and tuple(params[n].shape) != tuple(s)]
         if problems:
             raise SubspaceMismatchError("subspace does not match the model:\n  " + "\n  ".join(problems))
@@ -166,11 +167,12 @@ class Projector:
             mod_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(mod_name) if mod_name else self.model
             entry = None
-            if name in self.subspace:
-                old = self._entries.get(name)
-                entry = old if old is not None and old.basis.device == p.device else self._entry(name, p)
+            if name in sub:
+                old = None if new else self._entries.get(name)
+                entry = old if old is not None and old.basis.device == p.device else self._entry(sub, name, p)
                 entries[name] = entry
             tracked.append((name, module, attr, p, entry))
+        self.subspace = sub
         self._tracked = tracked
         self._entries = entries
         # (container, key, object) slots that must still hold what they held: the parameter slot

@@ -446,3 +446,17 @@ def test_project_then_clip_with_unprojected_parameters_projects_once():
     assert float(total) == pytest.approx(float(expected), rel=1e-5)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-10)
+
+
+def test_a_rejected_refresh_keeps_the_previous_subspace():
+    model = _model(17)
+    sub = _subspace(model)
+    proj = ogpsa.attach(model, None, sub)
+    bad = _subspace(model)
+    bad.bases[0][0, 0] = float("inf")
+    with pytest.raises(ProjectionInputError, match=r"'0.weight'.*NaN or Inf"):
+        proj.set_subspace(bad)
+    assert proj.subspace is sub
+    _backward(model, 18)
+    proj.project()
+    assert _in_subspace(sub, model, {n: p.grad for n, p in model.named_parameters()}) < 1e-5
