@@ -322,7 +322,7 @@ def execute(
     def gather(j: int) -> Tensor:
         out = torch.empty(plan.count, dtype=torch.float64, device=home)
         for grp, vals in zip(plan.groups, per_group):
-            out[grp.positions] = vals[j].to(home)
+            out.index_copy_(0, grp.positions, vals[j].to(home))  # integer index: no device sync
         return out
 
     single = sum(grp.single_pass for grp, f in zip(plan.groups, fused) if f)
