@@ -23,7 +23,7 @@ def test_tasks_answers_formats_and_splits():
         assert ex.answer == str(int(a) + int(b))
     for ex in data.eval_general["reverse"]:
         assert ex.answer == ex.prompt[2:-1][::-1]
-    for ex in data.eval_general["recall"]:
+    for ex in tasks.distinct(tasks.GENERATORS["recall"], random.Random(5), 40):
         kv, key = ex.prompt[2:-1].split("|")
         assert dict(zip(kv[::2], kv[1::2]))[key] == ex.answer
     for ex in data.eval_general["format"]:
@@ -42,7 +42,7 @@ def test_tasks_answers_formats_and_splits():
     # Evaluation prompts are the same for every seed; reference sets differ.
     other = tasks.make_data(4, eval_per_task=40, reference_size=50)
     assert other.eval_general == data.eval_general and other.reference_sets != data.reference_sets
-    assert len(tasks.make_data(0, reference_size=7, reference_split="task").reference_sets) == 5
+    assert len(tasks.make_data(0, reference_size=7, reference_split="task").reference_sets) == len(tasks.GENERAL_TASKS)
 
 
 def test_matched_refusal_interpolation():

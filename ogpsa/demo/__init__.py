@@ -33,8 +33,7 @@ __all__ = ["DemoConfig", "run_experiment", "report", "tasks", "ALL_ARMS", "avail
 
 _D = DemoConfig()
 
-FULL_STUDY = ["--stages", "sft,dpo,sft+dpo", "--arms", ",".join(ALL_ARMS), "--sft-steps", "60",
-              "--dpo-steps", "30"]
+FULL_STUDY = ["--stages", "sft,dpo,sft+dpo", "--arms", ",".join(ALL_ARMS)]
 """``--full``: every stage and arm, including the refresh (every 5) and per-task reference arms."""
 
 

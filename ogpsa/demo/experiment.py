@@ -48,12 +48,12 @@ class DemoConfig:
     device: str = "cpu"
     base_cache: str = "demo_out/base"    # where a base model is trained and cached when none is committed
     sft_steps: int = 40
-    sft_lr: float = 1e-3
+    sft_lr: float = 3e-4
     dpo_steps: int = 20
     dpo_lr: float = 1e-3
     batch: int = 16
     replay_batch: int = 16
-    eval_every: int = 5
+    eval_every: int = 2
     reference_sets: int = 2
     reference_size: int = 100
     sft_refresh_every: int = 30
