@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 
 # demo: the default run (< 5 min on 2 cores) into the untracked demo_out/, table printed.
 # demo-full: the full study (every stage and arm) into demo_out/full/.
-# demo-publish: copy those results (whichever exist) into docs/demo/ for the README.
+# demo-publish: copy every finished run under demo_out/ into docs/demo/<run>/ for the README.
 demo: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --output demo_out/default
 
@@ -38,10 +38,10 @@ demo-full: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --full --output demo_out/full
 
 demo-publish:
-	@for run in default full; do \
-	  if [ -f demo_out/$$run/results.json ]; then mkdir -p docs/demo/$$run && \
-	    cp demo_out/$$run/results.json demo_out/$$run/table.md demo_out/$$run/pareto.png docs/demo/$$run/ && \
-	    echo "published demo_out/$$run -> docs/demo/$$run"; fi; done
+	@for dir in demo_out/*/; do run=$$(basename $$dir); \
+	  if [ -f $$dir/results.json ]; then mkdir -p docs/demo/$$run && \
+	    cp $$dir/results.json $$dir/table.md $$dir/pareto.png docs/demo/$$run/ && \
+	    echo "published $$dir -> docs/demo/$$run"; fi; done
 
 # OMP_WAIT_POLICY=PASSIVE: on a shared, oversubscribed CPU, spinning OpenMP threads made the
 # op-heavy contenders ~20x slower (reference on 5 tiny tensors: 21 ms active, 1 ms passive)

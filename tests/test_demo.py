@@ -113,7 +113,7 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
             for key in ("general_score", "refusal_rate", "over_refusal_rate", "exact_match"):
                 assert key in traj[-1]
             for stage, st in a["projection"].items():
-                removes = name in ("orthogonal", "conflict", "update", "orthogonal+replay", "orthogonal-r5",
+                removes = name in ("orthogonal", "conflict", "update", "orthogonal+replay", "orthogonal-r5", "orthogonal-k16",
                                    "orthogonal-task")
                 assert (st["removed_fraction"] > 0) == removes, (name, stage)
                 assert (st["replay_examples"] > 0) == name.endswith("replay"), (name, stage)

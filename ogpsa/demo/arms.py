@@ -14,6 +14,8 @@ Arms (same base weights, same safety batches, same seeds):
 * ``orthogonal+replay``: both.
 * ``orthogonal-r5`` / ``orthogonal-task``: the orthogonal arm with refresh every 5 steps /
   one reference set per general task (the refresh and reference-set study).
+* ``orthogonal-k16``: the SFT reference examples split into 16 chunks, one direction each
+  (rank up to 16 per tensor instead of 2).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from .model import Codec, answer_logprobs, lm_loss, make_batch, pairs
 from .tasks import DemoData, Example
 
 ALL_ARMS: tuple[str, ...] = ("plain", "orthogonal", "conflict", "update", "replay", "merge", "lora",
-                             "orthogonal+replay", "orthogonal-r5", "orthogonal-task")
-PROJECTION_ARMS = ("orthogonal", "conflict", "orthogonal+replay", "orthogonal-r5", "orthogonal-task")
+                             "orthogonal+replay", "orthogonal-r5", "orthogonal-task", "orthogonal-k16")
+PROJECTION_ARMS = ("orthogonal", "conflict", "orthogonal+replay", "orthogonal-r5", "orthogonal-task",
+                   "orthogonal-k16")
 STAGES: tuple[str, ...] = ("sft", "dpo", "sft+dpo")
 
 
@@ -103,6 +106,9 @@ def reference_gradients(model: torch.nn.Module, codec: Codec, sets: Sequence[Seq
 def _reference_sets(arm: str, stage: str, data: DemoData, task_sets: Optional[list], size: int) -> list:
     if arm == "orthogonal-task":
         return task_sets
+    if arm == "orthogonal-k16":
+        flat = tasks.flatten(data.reference_sets)
+        return [flat[i::16] for i in range(16)]
     # SFT: the general sets (rank <= 2 per tensor); DPO: one set (rank 1), as in the original.
     return data.reference_sets if stage == "sft" else [tasks.flatten(data.reference_sets)[:size]]
 

@@ -33,7 +33,8 @@ from .arms import ALL_ARMS, STAGES, Hyper, available_arms, run_arm
 from .evaluate import evaluate
 from .model import lm_loss, load_checkpoint, make_batch, pairs
 
-DEFAULT_ARMS = ("plain", "orthogonal", "conflict", "update", "replay", "merge", "lora", "orthogonal+replay")
+DEFAULT_ARMS = ("plain", "orthogonal", "conflict", "orthogonal-k16", "update", "replay", "merge", "lora",
+                "orthogonal+replay")
 
 
 @dataclass
@@ -50,7 +51,7 @@ class DemoConfig:
     sft_steps: int = 40
     sft_lr: float = 3e-4
     dpo_steps: int = 20
-    dpo_lr: float = 1e-3
+    dpo_lr: float = 1e-4
     batch: int = 16
     replay_batch: int = 16
     eval_every: int = 2

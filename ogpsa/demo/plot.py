@@ -7,7 +7,7 @@ from typing import Any
 
 COLORS = {"plain": "#d62728", "orthogonal": "#1f77b4", "conflict": "#2ca02c", "update": "#9467bd",
           "replay": "#ff7f0e", "merge": "#8c564b", "lora": "#e377c2", "orthogonal+replay": "#17becf",
-          "orthogonal-r5": "#7f7f7f", "orthogonal-task": "#bcbd22"}
+          "orthogonal-r5": "#7f7f7f", "orthogonal-task": "#bcbd22", "orthogonal-k16": "#393b79"}
 
 
 def require_matplotlib() -> None:
@@ -26,7 +26,7 @@ def pareto(summary: dict[str, Any], before: dict[str, Any], path: str) -> str:
     import matplotlib.pyplot as plt
 
     stages = list(summary["curves"])
-    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(stages), figsize=(max(7.5, 5.5 * len(stages)), 4.6), squeeze=False)
     start = (100 * before["refusal_rate"], 100 * before["general_score"])
     for ax, stage in zip(axes[0], stages):
         for arm, curve in summary["curves"][stage].items():
@@ -42,7 +42,7 @@ def pareto(summary: dict[str, Any], before: dict[str, Any], path: str) -> str:
         ax.set_title(f"stage {stage} (mean of {summary['seeds']} seeds)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="lower left")
-    fig.suptitle("ogpsa demo: general capability vs safety along safety-tuning (up and right is better)")
+    fig.suptitle("ogpsa demo: general score vs safety score along safety-tuning (up-right is better)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
