@@ -58,7 +58,8 @@ class OGPSAConfig:
             with the reference gradient (1.0 keeps them; 0.0 equals ``"orthogonal"``); in
             ``"threshold"`` mode, factor applied to a whole aligned gradient.
         refresh_every: rebuild the subspace every this many optimizer steps (0: never).
-            30 for SFT and 5 for DPO in the original work.
+            None (default): the stage's default, 30 for SFT and 5 for DPO as in the
+            original work (30 outside a trainer).
         num_reference_samples: examples per reference dataset averaged into one
             reference gradient (200 in the original work).
         basis_dtype: ``"float32"`` or ``"bfloat16"`` storage of the basis. A bf16 basis
@@ -87,7 +88,7 @@ class OGPSAConfig:
     normalize_reference: bool = True
     rank_tol: float = 1e-6
     aligned_scale: float = 1.0
-    refresh_every: int = 30
+    refresh_every: Optional[int] = None
     num_reference_samples: int = 200
     basis_dtype: str = "float32"
     basis_device: Optional[str] = None
@@ -120,7 +121,9 @@ class OGPSAConfig:
             raise ValueError(f"OGPSAConfig.rank_tol={self.rank_tol!r} must be in [0, 1)")
         if not (float(self.aligned_scale) >= 0.0):
             raise ValueError(f"OGPSAConfig.aligned_scale={self.aligned_scale!r} must be >= 0")
-        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+        if self.refresh_every is not None and (
+            not isinstance(self.refresh_every, int) or isinstance(self.refresh_every, bool) or self.refresh_every < 0
+        ):
             raise ValueError(f"OGPSAConfig.refresh_every={self.refresh_every!r} must be an integer >= 0")
         if not isinstance(self.num_reference_samples, int) or self.num_reference_samples < 1:
             raise ValueError(

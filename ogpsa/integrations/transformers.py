@@ -24,6 +24,7 @@ and, when training resumes from a checkpoint, restores it bit-identically.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -60,10 +61,12 @@ class OGPSACallback(TrainerCallback):
                  tokenizer: Any = None, loss_fn: Optional[Callable] = None, batch_size: int = 8,
                  num_samples: Optional[int] = None, progress: bool = False,
                  resume_from_checkpoint: Optional[str] = None):
-        if refresh_every is None:
-            refresh_every = config.refresh_every if config is not None else SFT_REFRESH_EVERY
         if config is not None and not isinstance(config, OGPSAConfig):
             raise TypeError(f"config must be an ogpsa.OGPSAConfig, got {type(config).__name__}")
+        if refresh_every is None:
+            refresh_every = config.refresh_every if config is not None else None
+        if refresh_every is None:  # config.refresh_every=None means "the stage default"
+            refresh_every = SFT_REFRESH_EVERY
         config = (config or OGPSAConfig()).replace(refresh_every=refresh_every)
         self.engine = OGPSAEngine(config, reference_datasets, refresh_every=refresh_every, subspace=subspace,
                                   tokenizer=tokenizer, loss_fn=loss_fn, batch_size=batch_size,
@@ -95,6 +98,28 @@ class OGPSACallback(TrainerCallback):
             resume = candidate if os.path.isdir(candidate) else None
         self.engine.setup(model, optimizer, step=state.global_step, resume_dir=resume)
         self._seen_projections = self.engine.projector.num_projections
+        self._run_before_reporters()
+
+    def _run_before_reporters(self) -> None:
+        """Move this callback to the front of the Trainer's callback list.
+
+        The Trainer puts user callbacks after its reporting callbacks (TensorBoard, W&B,
+        trackio...), and every ``on_log`` gets the same ``logs`` dict: only a callback that
+        runs first can add ``ogpsa/*`` metrics that the reporters then write. A callback is
+        never given its handler, so find the list that holds it. Moving an element that was
+        already called to the front is safe during the handler's own iteration: the items
+        after it keep their indices.
+        """
+        for holder in gc.get_referrers(self):
+            if not isinstance(holder, list) or not any(c is self for c in holder):
+                continue
+            for owner in gc.get_referrers(holder):
+                cbs = owner.get("callbacks") if isinstance(owner, dict) else getattr(owner, "callbacks", None)
+                if cbs is holder and type(owner).__name__ in ("CallbackHandler", "dict"):
+                    idx = next(i for i, c in enumerate(holder) if c is self)
+                    if idx:
+                        holder.insert(0, holder.pop(idx))
+                    return
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.engine.maybe_refresh(state.global_step)
@@ -109,7 +134,7 @@ class OGPSACallback(TrainerCallback):
         if logs is None or "loss" not in logs:
             return
         metrics = self.engine.pop_metrics()
-        logs.update(metrics)
+        logs.update(metrics)  # this callback runs first (see _run_before_reporters): reporters see these
         # The Trainer appended its copy of `logs` to the history before calling us.
         if state.log_history and state.log_history[-1].get("loss") == logs.get("loss"):
             state.log_history[-1].update(metrics)

@@ -115,8 +115,10 @@ class OGPSATrainerMixin:
         """Validate the OGPSA arguments (before the Trainer's slow dataset preparation)."""
         if ogpsa_config is not None and not isinstance(ogpsa_config, OGPSAConfig):
             raise TypeError(f"ogpsa_config must be an ogpsa.OGPSAConfig, got {type(ogpsa_config).__name__}")
-        if refresh_every is None:
-            refresh_every = ogpsa_config.refresh_every if ogpsa_config is not None else self.ogpsa_default_refresh_every
+        if refresh_every is None and ogpsa_config is not None:
+            refresh_every = ogpsa_config.refresh_every
+        if refresh_every is None:  # not set anywhere: the stage's default (30 SFT, 5 DPO), never the config's
+            refresh_every = self.ogpsa_default_refresh_every
         config = (ogpsa_config or OGPSAConfig()).replace(refresh_every=refresh_every)
         self._ogpsa_engine = OGPSAEngine(
             config, reference_datasets, refresh_every=refresh_every, subspace=subspace, loss_fn=reference_loss_fn,
@@ -256,7 +258,7 @@ class OGPSASFTTrainer(OGPSATrainerMixin, _trl.SFTTrainer):
             each (the original work: two sets, 200 examples each). Formats: see
             :mod:`ogpsa.collect` (text, prompt/completion, messages, preference pairs, ids).
         refresh_every: rebuild the subspace every this many optimizer steps (0: never).
-            Default: ``ogpsa_config.refresh_every`` if a config is given, else 30.
+            Default: ``ogpsa_config.refresh_every`` if set there, else the stage default (30 SFT, 5 DPO).
         subspace: start from this subspace (object, file, or directory with
             ``ogpsa_subspace.safetensors``) instead of building one at step 0.
         reference_loss_fn: ``fn(model, examples) -> mean loss``; default next-token loss.
@@ -270,7 +272,8 @@ class OGPSASFTTrainer(OGPSATrainerMixin, _trl.SFTTrainer):
 
 class OGPSADPOTrainer(OGPSATrainerMixin, _trl.DPOTrainer):
     """TRL ``DPOTrainer`` with OGPSA. Same extra arguments as :class:`OGPSASFTTrainer`;
-    ``refresh_every`` defaults to 5 (the original work's DPO setting) when no config is given.
+    ``refresh_every`` defaults to 5 (the original work's DPO setting) unless set here or in
+    ``ogpsa_config.refresh_every``.
 
     The original DPO reference set is one set of preference pairs whose reference loss is
     the plain LM loss on the chosen and rejected sequences together: pass preference
