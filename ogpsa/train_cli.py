@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from typing import Any
 
 from .config import BASIS_DTYPES, MODES, SCOPES
@@ -58,7 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--basis-dtype", choices=BASIS_DTYPES, default="float32")
     parser.add_argument("--refresh-every", type=int, default=None, help="optimizer steps (default: 30 SFT, 5 DPO)")
     parser.add_argument("--num-reference-samples", type=int, default=200, help="examples per reference set")
-    parser.add_argument("--reference-batch-size", type=int, default=None)
+    parser.add_argument("--reference-batch-size", type=int, default=None,
+                        help="micro-batch size of reference collection (default: the train batch size)")
+    parser.add_argument("--reference-averaging", choices=("example", "batch"), default=None,
+                        help="average reference losses per example or per batch (OGPSAConfig.reference_averaging)")
+    parser.add_argument("--space", choices=("gradient", "update"), default=None,
+                        help="project the gradient or the optimizer's update (OGPSAConfig.space)")
     parser.add_argument("--no-ogpsa", action="store_true", help="train without projection (a baseline)")
     # PEFT
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
@@ -104,24 +110,94 @@ def load_model_and_tokenizer(spec: str, *, seed: int = 0) -> tuple[Any, Any]:
     tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    adapter_config = os.path.join(spec, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        # A LoRA output of an earlier stage (e.g. `ogpsa train --stage sft --lora-r ...`): load its base and
+        # the adapter *trainable*, so the next stage continues training the same adapter.
+        from peft import PeftModel
+
+        with open(adapter_config) as f:
+            base_path = json.load(f).get("base_model_name_or_path")
+        if not base_path or not os.path.isdir(base_path):
+            raise FileNotFoundError(f"--model {spec!r} is a LoRA adapter whose base model {base_path!r} is not a "
+                                    "local directory; pass a merged checkpoint or keep the base where it was")
+        base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=torch.float32)
+        return PeftModel.from_pretrained(base, spec, is_trainable=True), tok
     model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=torch.float32)
     return model, tok
 
 
+class UsageError(Exception):
+    """A mistake in the command line or its files: reported as usage + one line, exit code 2."""
+
+
+def _usage_error(message: str) -> int:
+    parser = argparse.ArgumentParser(prog="ogpsa train")
+    add_arguments(parser)
+    parser.print_usage(sys.stderr)
+    print(f"ogpsa train: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    """Check the arguments, load the data and model, build the trainer, train, save.
+
+    Mistakes found before training starts (missing or malformed files, bad flag
+    combinations, settings OGPSAConfig rejects) print the usage and one line, exit code 2;
+    errors during training propagate with their traceback."""
+    try:
+        trainer = _prepare(args)
+    except (UsageError, FileNotFoundError, NotADirectoryError, ValueError, TypeError) as exc:
+        return _usage_error(str(exc) or type(exc).__name__)
+    return _train(args, trainer)
+
+
+def _config_kwargs(args: argparse.Namespace) -> dict:
+    """OGPSAConfig fields from the flags; newer fields only where this OGPSAConfig has them."""
+    import dataclasses
+
+    from .config import OGPSAConfig
+
+    fields = {f.name for f in dataclasses.fields(OGPSAConfig)}
+    kw = dict(mode=args.mode, scope=args.scope, rank=args.rank, basis_dtype=args.basis_dtype,
+              num_reference_samples=args.num_reference_samples)
+    optional = {"space": args.space, "reference_averaging": args.reference_averaging,
+                "reference_batch_size": args.reference_batch_size}
+    for name, value in optional.items():
+        if value is None:
+            continue
+        if name not in fields:
+            if name == "reference_batch_size":
+                continue  # still passed to the trainer as reference_batch_size
+            raise UsageError(f"--{name.replace('_', '-')} needs a newer ogpsa (OGPSAConfig has no {name!r})")
+        kw[name] = value
+    return kw
+
+
+def _prepare(args: argparse.Namespace) -> Any:
     from datasets import Dataset
 
     import ogpsa
 
     if not args.reference and not (args.subspace and args.refresh_every == 0) and not args.no_ogpsa:
-        raise SystemExit("ogpsa train: give at least one --reference FILE.jsonl "
+        raise UsageError("give at least one --reference FILE.jsonl "
                          "(or --subspace with --refresh-every 0, or --no-ogpsa)")
+    for flag in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.refresh_every is not None and args.refresh_every < 0:
+        raise UsageError(f"--refresh-every must be >= 0, got {args.refresh_every}")
+    if args.reference_batch_size is not None and args.reference_batch_size < 1:
+        raise UsageError(f"--reference-batch-size must be >= 1, got {args.reference_batch_size}")
+    if args.ref_model and args.stage != "dpo":
+        raise UsageError("--ref-model is for --stage dpo")
+    if args.subspace and not os.path.exists(args.subspace):
+        raise UsageError(f"--subspace {args.subspace!r} does not exist")
     train_rows = read_jsonl(args.data)
     references = [read_jsonl(p) for p in args.reference]
+    config = ogpsa.OGPSAConfig(**_config_kwargs(args))
     model, tok = load_model_and_tokenizer(args.model, seed=args.seed)
     lr = args.lr if args.lr is not None else (1e-4 if args.model == "tiny" else 1e-6)
-    config = ogpsa.OGPSAConfig(mode=args.mode, scope=args.scope, rank=args.rank, basis_dtype=args.basis_dtype,
-                               num_reference_samples=args.num_reference_samples)
     common = dict(output_dir=args.output, learning_rate=lr, max_grad_norm=args.max_grad_norm,
                   num_train_epochs=args.epochs, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
                   gradient_accumulation_steps=args.grad_accum, optim=args.optim, seed=args.seed,
@@ -133,6 +209,11 @@ def run(args: argparse.Namespace) -> int:
 
         common["use_cpu"] = not torch.cuda.is_available()
     peft_config = None
+    is_adapter = hasattr(model, "peft_config")
+    if is_adapter and args.lora_r:
+        # A new adapter on top of the old one would stack them: merge the old one first, start a new one.
+        model = model.merge_and_unload()
+        is_adapter = False
     if args.lora_r:
         from peft import LoraConfig
 
@@ -161,13 +242,24 @@ def run(args: argparse.Namespace) -> int:
 
         targs = DPOConfig(beta=args.beta, **common)
         ref_model = None
-        if peft_config is None:  # PEFT disables the adapter for reference log-probs instead
-            ref_model = (load_model_and_tokenizer(args.ref_model)[0] if args.ref_model
-                         else copy.deepcopy(model)).eval()
+        if args.ref_model:
+            ref_model = load_model_and_tokenizer(args.ref_model)[0].eval()
+        elif is_adapter:
+            # Continuing an SFT adapter: the reference policy is the SFT model (base + adapter), not the base
+            # that TRL's "disable the adapter" reference would give.
+            ref_model = copy.deepcopy(model).merge_and_unload().eval()
+        elif peft_config is None:  # with a new adapter, PEFT disables it for reference log-probs instead
+            ref_model = copy.deepcopy(model).eval()
         cls = DPOTrainer if args.no_ogpsa else OGPSADPOTrainer
         extra = {} if args.no_ogpsa else ogpsa_kwargs
         trainer = cls(model=model, ref_model=ref_model, args=targs, train_dataset=dataset, processing_class=tok,
                       peft_config=peft_config, **extra)
+    trainer._ogpsa_cli_tokenizer = tok
+    return trainer
+
+
+def _train(args: argparse.Namespace, trainer: Any) -> int:
+    tok = trainer._ogpsa_cli_tokenizer
     result = trainer.train()
     trainer.save_model(args.output)
     tok.save_pretrained(args.output)

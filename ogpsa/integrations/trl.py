@@ -268,6 +268,7 @@ class OGPSASFTTrainer(OGPSATrainerMixin, _trl.SFTTrainer):
     """
 
     ogpsa_default_refresh_every = SFT_REFRESH_EVERY
+    _tag_names = [*getattr(_trl.SFTTrainer, "_tag_names", ["trl", "sft"]), "ogpsa"]  # model-card tags
 
 
 class OGPSADPOTrainer(OGPSATrainerMixin, _trl.DPOTrainer):
@@ -283,6 +284,7 @@ class OGPSADPOTrainer(OGPSATrainerMixin, _trl.DPOTrainer):
     """
 
     ogpsa_default_refresh_every = DPO_REFRESH_EVERY
+    _tag_names = [*getattr(_trl.DPOTrainer, "_tag_names", ["trl", "dpo"]), "ogpsa"]  # model-card tags
 
 
 __all__ = ["OGPSATrainerMixin", "OGPSASFTTrainer", "OGPSADPOTrainer"]
