@@ -72,6 +72,7 @@ def test_trainer_metrics_reach_reporters(tok, tmp_path):
     trainer = OGPSASFTTrainer(model=tiny_llama(tok, hidden=32, layers=1, seed=0),
                               args=_args(tmp_path, trl.SFTConfig), train_dataset=data, processing_class=tok,
                               reference_datasets=REFERENCE, callbacks=[rep])
+    assert "ogpsa" in (getattr(trainer.model, "model_tags", None) or [])  # model-card tag
     trainer.train()
     assert len(rep.seen) == 2 and all("ogpsa/removed_fraction" in e for e in rep.seen)
 
