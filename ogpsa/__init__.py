@@ -19,11 +19,13 @@ from .ops import (
     project_,
 )
 from .projector import GradientHooks, Projector, register_gradient_hooks
+from .session import OGPSA
 from .subspace import Subspace, SubspaceMismatchError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OGPSA",
     "OGPSAConfig",
     "Subspace",
     "SubspaceMismatchError",

@@ -1,0 +1,103 @@
+"""ogpsa.OGPSA, the one-call object for hand-written loops: builds, refreshes on the configured
+schedule (counted in optimizer steps), projects, and round-trips basis + schedule through
+state_dict()/load_state_dict() and save_pretrained()/from_pretrained()."""
+
+import torch
+
+import ogpsa
+
+REF = [[{"input_ids": [1, 5, 7, 2, 9, 4]}, {"input_ids": [3, 3, 8, 1]}],
+       [{"input_ids": [6, 2, 2, 9, 1]}, {"input_ids": [4, 7, 5]}]]
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=11, hidden=6, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g) * 0.3)
+        self.out = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g) * 0.3)
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        class Out:
+            pass
+
+        o = Out()
+        o.logits = self.emb[input_ids] @ self.out.T
+        return o
+
+
+def _loss(model, examples):
+    ids = torch.tensor([e["input_ids"][:3] for e in examples])
+    logits = model(ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _train_step(model, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    logits = model(ids).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 11), ids.roll(1, 1).reshape(-1)).backward()
+    before = [p.detach().clone().double() for p in model.parameters()]
+    opt.step()
+    opt.zero_grad()
+    return [p.detach().double() - b for p, b in zip(model.parameters(), before)]
+
+
+def _make(seed=0, **kw):
+    model = TinyLM(seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    og = ogpsa.OGPSA(model, opt, reference=REF, config=ogpsa.OGPSAConfig(refresh_every=3), loss_fn=_loss,
+                     progress=False, **kw)
+    return model, opt, og
+
+
+def test_builds_refreshes_on_schedule_and_projects():
+    model, opt, og = _make()
+    assert og.refresh_steps == [0] and og.step == 0
+    names = [n for n, _ in model.named_parameters()]
+    for s in range(7):
+        sub = og.subspace
+        deltas = _train_step(model, opt, s)
+        for n, d in zip(names, deltas):  # every update orthogonal to the basis in use at that step
+            u = sub.bases[sub.names.index(n)].double()
+            assert (u @ d.flatten()).norm() <= 1e-5 * d.norm() + 1e-12
+    assert og.step == 7 and og.refresh_steps == [0, 3, 6] and og.built_at == 6
+
+
+def test_state_dict_and_save_pretrained_round_trip(tmp_path):
+    model, opt, og = _make()
+    for s in range(4):
+        _train_step(model, opt, s)
+    state = og.state_dict()
+    torch.save(state, tmp_path / "og.pt")
+    og.save_pretrained(tmp_path / "ckpt")
+    og.remove()
+    # Resume into a fresh optimizer (new model copy with the same weights).
+    model2 = TinyLM(seed=1)
+    model2.load_state_dict(model.state_dict())
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    og2 = ogpsa.OGPSA(model2, opt2, reference=REF, config=ogpsa.OGPSAConfig(refresh_every=3), loss_fn=_loss,
+                      progress=False)
+    og2.load_state_dict(torch.load(tmp_path / "og.pt", weights_only=True))
+    assert og2.subspace.equal(og.subspace) and og2.step == 4 and og2.built_at == 3
+    og2.remove()
+    opt3 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    og3 = ogpsa.OGPSA.from_pretrained(tmp_path / "ckpt", model2, opt3, reference=REF, loss_fn=_loss, progress=False)
+    assert og3.subspace.equal(og.subspace) and og3.step == 4 and og3.refresh_every == 3
+    _train_step(model2, opt3, 10)
+    _train_step(model2, opt3, 11)
+    assert og3.step == 6 and og3.built_at == 6  # the schedule continues: next refresh at step 6
+
+
+def test_bad_arguments():
+    import pytest
+
+    model = TinyLM()
+    with pytest.raises(TypeError, match="optimizer"):
+        ogpsa.OGPSA(model, object(), reference=REF, loss_fn=_loss)
+    with pytest.raises(TypeError, match="config"):
+        ogpsa.OGPSA(model, torch.optim.SGD(model.parameters(), lr=0.1), reference=REF, config={"mode": "x"})
+    with pytest.raises(ValueError, match="reference"):
+        ogpsa.OGPSA(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(FileNotFoundError, match="ogpsa_subspace"):
+        ogpsa.OGPSA.from_pretrained("/nonexistent-dir", model, torch.optim.SGD(model.parameters(), lr=0.1))
