@@ -107,3 +107,35 @@ def test_config_refresh_every_validation():
     for bad in (-1, 1.5, True, "5"):
         with pytest.raises(ValueError, match="refresh_every"):
             ogpsa.OGPSAConfig(refresh_every=bad)
+
+
+def test_trl_native_config_fields_drive_the_trainer(tok, tmp_path):
+    import json
+
+    from trl import TrlParser
+
+    from ogpsa.integrations.trl_config import OGPSADPOConfig, OGPSASFTConfig
+
+    ref = tmp_path / "general.jsonl"
+    ref.write_text("".join(json.dumps({"text": t}) + "\n" for t in REFERENCE[0]))
+    yaml = tmp_path / "cfg.yaml"
+    yaml.write_text(f"output_dir: {tmp_path / 'o'}\nuse_cpu: true\nbf16: false\nmax_steps: 1\nreport_to: none\n"
+                    f"ogpsa_mode: conflict\nogpsa_reference: [{ref}]\n")
+    (args,) = TrlParser((OGPSADPOConfig,)).parse_args_and_config(
+        ["--config", str(yaml), "--ogpsa_num_reference_samples", "3", "--per_device_train_batch_size", "2"])
+    model = tiny_llama(tok, hidden=32, layers=1, seed=0)
+    dpo = OGPSADPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=_dpo_data(),
+                          processing_class=tok)
+    cfg = dpo.ogpsa.config
+    assert cfg.mode == "conflict" and cfg.num_reference_samples == 3
+    assert dpo.ogpsa.refresh_every == 5  # ogpsa_refresh_every unset: the DPO default
+    assert len(dpo.ogpsa.reference_datasets) == 1 and dpo.ogpsa.reference_datasets[0][0]["text"] == REFERENCE[0][0]
+    assert "ogpsa" in (getattr(dpo.model, "model_tags", None) or [])
+    dpo.train()
+    assert dpo.ogpsa.refresh_steps == [0]
+    # An explicit trainer argument still wins over the config's fields; SFT config too.
+    sargs = OGPSASFTConfig(**{**_args(tmp_path).to_dict(), "ogpsa_refresh_every": 2, "ogpsa_reference": [str(ref)]})
+    data = datasets.Dataset.from_dict({"text": ["a b c", "d e f"]})
+    sft = OGPSASFTTrainer(model=tiny_llama(tok, hidden=32, layers=1, seed=0), args=sargs, train_dataset=data,
+                          processing_class=tok, refresh_every=7)
+    assert sft.ogpsa.refresh_every == 7

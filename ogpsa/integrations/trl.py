@@ -103,6 +103,18 @@ class OGPSATrainerMixin:
                  subspace: Union[Subspace, str, os.PathLike, None] = None,
                  reference_loss_fn: Optional[Callable] = None, reference_batch_size: Optional[int] = None,
                  reference_num_samples: Optional[int] = None, reference_progress: bool = False, **kwargs: Any):
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if hasattr(targs, "to_ogpsa_config"):
+            # OGPSASFTConfig / OGPSADPOConfig (ogpsa.integrations.trl_config): settings from the trainer's
+            # own config, YAML or command line; explicit keyword arguments win.
+            if ogpsa_config is None:
+                ogpsa_config = targs.to_ogpsa_config()
+            if subspace is None:
+                subspace = targs.ogpsa_subspace
+            if reference_datasets is None:
+                reference_datasets = targs.ogpsa_reference_datasets()
+            if reference_batch_size is None:
+                reference_batch_size = targs.ogpsa_reference_batch_size
         self._ogpsa_prepare(ogpsa_config, reference_datasets, refresh_every, subspace, reference_loss_fn,
                             reference_batch_size, reference_num_samples, reference_progress)
         super().__init__(*args, **kwargs)
