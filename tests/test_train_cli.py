@@ -94,3 +94,10 @@ def test_sft_then_dpo_with_lora_continues_the_sft_adapter(files, tmp_path):
     assert names and all("lora_" in n for n in names)
     short = {n.split("lora_")[0].rsplit(".", 1)[0].split("layers.")[-1] for n in names}
     assert short == {k.split("lora_")[0].rsplit(".", 1)[0].split("layers.")[-1] for k in sft_adapter}
+
+    # Or reuse the SFT basis: --subspace matches it to the continued adapter by parameter names.
+    reuse_out = str(tmp_path / "dpo_reuse")
+    assert main(["train", "--stage", "dpo", "--model", sft_out, "--data", files["prefs"], "--subspace", sft_out,
+                 "--refresh-every", "0", "--output", reuse_out, "--max-steps", "1"] + common) == 0
+    sft_sub = Subspace.load(sft_out)
+    assert Subspace.load(reuse_out).equal(sft_sub) and set(sft_sub.ranks()) == names
