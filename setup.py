@@ -31,11 +31,20 @@ def _log(msg: str) -> None:
 
 
 def _cuda_home():
-    """A CUDA toolkit directory with bin/nvcc, or None; exports CUDA_HOME for torch when found."""
+    """A CUDA toolkit directory with bin/nvcc, or None; exports CUDA_HOME for torch when found.
+
+    An explicit CUDA_HOME / CUDA_PATH is respected: if it has no bin/nvcc the build stops with
+    an error naming it (never a silent switch to another toolkit). Unset, /usr/local/cuda and
+    then the toolkit around `nvcc` on PATH are tried.
+    """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(var)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
+        if home:
+            if os.path.exists(os.path.join(home, "bin", "nvcc")):
+                return home
+            raise SystemExit(f"ogpsa setup: {var}={home} has no bin/nvcc. Point {var} at a CUDA toolkit root, "
+                             "unset it to use /usr/local/cuda or nvcc on PATH, or set OGPSA_BUILD_CUDA=0 "
+                             "for a CPU-only build.")
     # torch would guess from `which nvcc`, which may be a shim outside the toolkit
     candidates = ["/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
@@ -76,11 +85,28 @@ def _cuda_plan():
     return False, why
 
 
+def _torch_version_macro() -> list:
+    """OGPSA_TORCH_VERSION: the torch this build compiles against, stringified in csrc/ops.cpp.
+
+    `import ogpsa` compares it with the running torch (ogpsa/buildcheck.py): an extension built
+    in an isolated environment against another torch loads badly or not at all.
+    """
+    import re
+
+    import torch
+
+    version = torch.__version__
+    if not re.fullmatch(r"[0-9A-Za-z.+]+", version):  # only what survives as macro tokens
+        _log(f"torch version {version!r} cannot be recorded in ogpsa._C; the import-time check is skipped")
+        return []
+    return [("OGPSA_TORCH_VERSION", version)]
+
+
 def _extension(with_cuda: bool):
     from torch.utils import cpp_extension
 
     cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
-    macros = []
+    macros = _torch_version_macro()
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         macros += [("OGPSA_WITH_CUDA", "1"), ("OGPSA_CUDA_ARCHS", _arch_token(archs))]
@@ -104,7 +130,9 @@ def ext_modules() -> list:
         _log("torch is not importable at build time (build with --no-build-isolation): not building ogpsa._C")
         return []
     with_cuda, why = _cuda_plan()
-    _log(f"building ogpsa._C with {'CPU and CUDA' if with_cuda else 'CPU'} kernels ({why})")
+    # pip shows this only with -v (or when the build fails); `ogpsa info` reports the same afterwards
+    _log(f"building ogpsa._C with {'CPU and CUDA' if with_cuda else 'CPU'} kernels against torch "
+         f"{torch.__version__} ({why}); check the result with `ogpsa info`")
     return [_extension(with_cuda)]
 
 

@@ -553,13 +553,19 @@ static PyObject* build_info(PyObject*, PyObject*) {
 #else
   PyObject* omp = Py_False;
 #endif
-  return Py_BuildValue("{s:O,s:s,s:O,s:i,s:s}", "cuda", cuda, "cuda_archs", archs, "openmp", omp, "max_rank",
-                       static_cast<int>(ogpsa::kMaxRank), "compiler", __VERSION__);
+#ifdef OGPSA_TORCH_VERSION  // set by setup.py: the torch this build compiled against
+  const char* torch_version = OGPSA_STR(OGPSA_TORCH_VERSION);
+#else
+  const char* torch_version = "";
+#endif
+  return Py_BuildValue("{s:O,s:s,s:O,s:i,s:s,s:s}", "cuda", cuda, "cuda_archs", archs, "openmp", omp, "max_rank",
+                       static_cast<int>(ogpsa::kMaxRank), "compiler", __VERSION__, "torch_version", torch_version);
 }
 
 static PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
-     "dict: cuda (CUDA kernels compiled in), cuda_archs (encoded TORCH_CUDA_ARCH_LIST), openmp, max_rank, compiler"},
+     "dict: cuda (CUDA kernels compiled in), cuda_archs (encoded TORCH_CUDA_ARCH_LIST), openmp, max_rank, compiler, "
+     "torch_version (the torch it was built against)"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "ogpsa compiled ops (registered as torch.ops.ogpsa)",

@@ -7,7 +7,9 @@ Quick start::
     proj = ogpsa.attach(model, optimizer, subspace)  # projects before every optimizer.step()
 """
 
+from . import buildcheck as _buildcheck
 from .attaching import attach
+from .buildcheck import OGPSABuildWarning
 from .collect import build_subspace, collect_reference_gradients
 from .config import OGPSAConfig
 from .ops import (
@@ -23,6 +25,9 @@ from .session import OGPSA
 from .subspace import Subspace, SubspaceMismatchError
 
 __version__ = "0.1.0"
+
+# ogpsa._C built but unloadable, or built against another torch: warn once, with the fix
+_buildcheck.check()
 
 __all__ = [
     "OGPSA",
@@ -40,6 +45,7 @@ __all__ = [
     "ProjectionInputError",
     "BackendUnavailableError",
     "UnsupportedSetupError",
+    "OGPSABuildWarning",
     "backends",
     "__version__",
 ]

@@ -44,6 +44,10 @@ def info() -> dict:
         out["triton"] = f"not importable ({type(exc).__name__})"
     out["backends"] = {name: {"available": ok, "detail": why} for name, (ok, why) in ops.backends().items()}
     out["selected_backend"] = ops.requested_backend()
+    from ogpsa import buildcheck
+
+    # the same text `import ogpsa` warns with; "ok" when _C is usable or deliberately absent
+    out["build_check"] = buildcheck.check(warn=False) or "ok"
     for name, extra in EXTRA_INFO.items():
         try:
             out[name] = importlib.import_module(extra).info()
