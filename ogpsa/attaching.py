@@ -33,7 +33,15 @@ def attach(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], s
     :class:`ogpsa.distributed.ShardedProjector`: each rank projects its own gradient shards
     with its slice of the basis, with one all_reduce per projection. DeepSpeed engines use
     :func:`ogpsa.distributed.attach_deepspeed`.
+
+    With ``config.space == "update"`` the optimizer's update is projected instead of the
+    gradient: see :func:`ogpsa.optim.attach_update_space` (AdamW / ProjectedAdamW only).
     """
+    if (config if config is not None else subspace.config).space == "update":
+        # update space: project AdamW's final direction (ogpsa.optim), not the gradient
+        from .optim import attach_update_space
+
+        return attach_update_space(model, optimizer, subspace, config)
     if any(is_dtensor(p) for p in model.parameters()):
         return ShardedProjector(model, optimizer, subspace, config)
     return Projector(model, optimizer, subspace, config)

@@ -18,6 +18,7 @@ METHODS = ("gram_schmidt", "eigen")
 BASIS_DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 REFERENCE_AVERAGING = ("example", "batch")
+SPACES = ("gradient", "update")
 
 
 def _choice(field: str, value: Any, allowed: tuple) -> None:
@@ -78,6 +79,13 @@ class OGPSAConfig:
             ``per_device_train_batch_size``). See :mod:`ogpsa.collect`.
         reference_batch_size: examples per forward/backward batch when collecting
             reference gradients (and, for ``reference_averaging="batch"``, per averaged batch).
+        space: what is projected. ``"gradient"`` (the paper's default): the accumulated
+            gradient, before clipping and the optimizer; with Adam the applied update is then
+            NOT orthogonal to the subspace (Adam rescales each element by 1/sqrt(v)).
+            ``"update"``: the optimizer's final direction (AdamW only; see
+            :class:`ogpsa.optim.ProjectedAdamW`): moments from the raw gradient, the Adam
+            direction projected, so every applied update (up to decoupled weight decay,
+            unless ``project_weight_decay``) is orthogonal to the subspace.
     """
 
     mode: str = "orthogonal"
@@ -96,6 +104,7 @@ class OGPSAConfig:
     max_norm: Optional[float] = None
     reference_averaging: str = "example"
     reference_batch_size: int = 8
+    space: str = "gradient"
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -130,6 +139,7 @@ class OGPSAConfig:
                 f"OGPSAConfig.num_reference_samples={self.num_reference_samples!r} must be an integer >= 1"
             )
         _choice("reference_averaging", self.reference_averaging, REFERENCE_AVERAGING)
+        _choice("space", self.space, SPACES)
         if (not isinstance(self.reference_batch_size, int) or isinstance(self.reference_batch_size, bool)
                 or self.reference_batch_size < 1):
             raise ValueError(

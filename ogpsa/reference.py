@@ -258,3 +258,102 @@ def project_(
         "total_norm": total_norm,
         "clip_coef": clip_coef,
     }
+
+
+# ----------------------------------------------------------------------------------------
+# Update-space projection: the projected AdamW step (issue 13)
+# ----------------------------------------------------------------------------------------
+
+
+def adam_direction(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor],
+                   step: int, *, beta1: float, beta2: float, eps: float, maximize: bool = False) -> Tensor:
+    """Update the moments in place from the RAW gradient (as torch.optim.AdamW does) and return
+    the float32 Adam direction d = m_hat / (sqrt(v_hat) + eps), flattened.
+
+    The arithmetic follows torch's single-tensor AdamW (lerp for m, addcmul for v, the bias
+    corrections as step size and sqrt(bc2) divisor) so that with an empty basis the step is
+    torch's AdamW step."""
+    g = -grad if maximize else grad
+    exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g.to(exp_avg_sq.dtype), g.to(exp_avg_sq.dtype), value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    v = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    denom = (v.float().sqrt() / bias_correction2_sqrt).add_(eps)
+    return (exp_avg.float() / bias_correction1 / denom).reshape(-1)
+
+
+def projected_adamw_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Optional[Tensor]],
+    steps: Sequence[int],
+    bases: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    project_weight_decay: bool = False,
+    mode: str = "orthogonal",
+    scope: str = "tensor",
+    aligned_scale: float = 1.0,
+) -> dict:
+    """One projected AdamW step, in place on params and moments (the specification).
+
+    Per tensor i (``steps[i]`` is the step count AFTER this step's increment):
+
+    1. m, v from the raw gradient; d_i = m_hat / (sqrt(v_hat) + eps)            (float32)
+    2. with ``project_weight_decay``: d_i <- d_i + weight_decay * p_i (decay projected too)
+    3. c_i = U_i d_i; weights w from ``mode`` (per tensor, or ``scope="global"``: one
+       whole-model subspace, c = sum_i U_i d_i); d_i <- kappa d_i - U_i^T w
+    4. without ``project_weight_decay``: p_i <- p_i (1 - lr * weight_decay) (decoupled, along
+       p_i itself: NOT orthogonal to U_i); then p_i <- p_i - lr * d_i
+
+    Guarantees: with ``weight_decay == 0`` or ``project_weight_decay=True`` the whole applied
+    update is orthogonal to U_i (up to rounding of p). Without it, the projected Adam part is
+    orthogonal and the decay part shrinks p along itself (as torch's AdamW does).
+
+    Returns float32 tensors ``sq_before`` / ``removed_sq`` [T] (||d||^2 before projection and
+    ||removed part||^2) and the projected directions ``updates`` (the list of d_i, flattened).
+    """
+    ds = []
+    for p, g, m, v, vmax, t in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        d = adam_direction(g, m, v, vmax, int(t), beta1=beta1, beta2=beta2, eps=eps, maximize=maximize)
+        if project_weight_decay and weight_decay != 0:
+            d = d + weight_decay * p.detach().float().reshape(-1)
+        ds.append(d)
+    us = [u.reshape(u.shape[0], d.numel()).float() for u, d in zip(bases, ds)]
+    cs = [u @ d for u, d in zip(us, ds)]
+    ms = [u @ u.T for u in us]
+    if scope == "tensor":
+        weights = [mode_weights(c, torch.linalg.inv(m.double()).float(), mode, aligned_scale) for c, m in zip(cs, ms)]
+    elif scope == "global":
+        k = max((u.shape[0] for u in us), default=0)
+        c = sum((c for c in cs if c.numel() == k), torch.zeros(k))
+        m = sum((m for m in ms if m.shape[0] == k), torch.zeros(k, k))
+        w, kappa = mode_weights(c, torch.linalg.inv(m.double()).float(), mode, aligned_scale)
+        weights = [(w, kappa) if u.shape[0] == k else (torch.zeros(0), kappa) for u in us]
+    else:
+        raise ValueError(f"scope={scope!r} is not one of ('tensor', 'global')")
+    out, sq_before, removed_sq = [], [], []
+    for p, d, u, (w, kappa) in zip(params, ds, us, weights):
+        new = kappa * d - u.T @ w
+        sq_before.append(d.dot(d))
+        removed_sq.append((d - new).dot(d - new))
+        if not project_weight_decay and weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        p.copy_((p.float().reshape(-1) - lr * new).reshape(p.shape).to(p.dtype))
+        out.append(new)
+    return {
+        "sq_before": torch.stack(sq_before) if sq_before else torch.zeros(0),
+        "removed_sq": torch.stack(removed_sq) if removed_sq else torch.zeros(0),
+        "updates": out,
+    }

@@ -1,0 +1,201 @@
+"""``ProjectedAdamW``: AdamW whose final update is projected off the capability subspace.
+
+Update-space projection (DESIGN.md, "Update space"): Adam divides every element by its own
+sqrt(v), so projecting the *gradient* leaves the applied update with a component in the
+subspace. Here the moments come from the raw gradient and the Adam direction itself is
+projected, per tensor (or over one whole-model subspace):
+
+    d = m_hat / (sqrt(v_hat) + eps);  w = M^{-1} U d;  d <- d - U^T w;  p <- p - lr d
+
+It is a subclass of :class:`torch.optim.AdamW`: same hyperparameters, param groups,
+``state_dict`` keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), LR schedulers
+and GradScaler (``scaler.step(opt)`` unscales, skips on inf/NaN, else calls :meth:`step`).
+Gradient clipping (``clip_grad_norm_`` before ``step``) clips the raw gradient, which feeds
+the moments; gradient accumulation needs nothing special (the step sees the summed gradient).
+The math of one step is :func:`ogpsa.reference.projected_adamw_step_`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..config import OGPSAConfig
+from ..stats import ProjectionStats
+from ..subspace import Subspace
+from .functional import StepHyper, projected_step
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class ProjectedAdamW(torch.optim.AdamW):
+    """Drop-in :class:`torch.optim.AdamW` with update-space OGPSA projection.
+
+    Args:
+        params: parameters or param groups, as for AdamW; or an ``nn.Module`` (its trainable
+            parameters, and the module is used as ``model``).
+        subspace: the capability subspace (bases by parameter name); None runs plain AdamW
+            until :meth:`set_subspace`.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as :class:`torch.optim.AdamW`
+            (``foreach`` is accepted and ignored; ``fused``, ``capturable`` and
+            ``differentiable`` are refused with a clear error).
+        model: the module whose ``named_parameters()`` names match the subspace (required
+            with a subspace unless ``params`` is the module).
+        config: mode (orthogonal/conflict/plane/threshold), scope (tensor/global) and
+            aligned_scale of the projection; default: the subspace's config.
+        project_weight_decay: False (default): decoupled decay ``p <- p (1 - lr wd)`` as in
+            AdamW, applied outside the projection, so the applied update is orthogonal to the
+            subspace only up to that shrink of p along itself. True: the decay is added to the
+            direction before projecting (``d + wd p`` projected together), so the WHOLE applied
+            update is orthogonal to the subspace; the decay then no longer shrinks the part
+            of p inside the subspace.
+        fp32_states: keep exp_avg/exp_avg_sq in float32 for bf16/fp16 parameters (default
+            True; also restored in float32 by :meth:`load_state_dict`). False: states in the
+            parameter's dtype, exactly as torch's AdamW.
+        keep_updates: remember the last applied float32 direction per parameter in
+            ``last_updates`` (for tests and analysis; costs one fp32 copy of the model).
+    """
+
+    def __init__(self, params: Union[Iterable[Any], torch.nn.Module], subspace: Optional[Subspace] = None,
+                 lr: Union[float, Tensor] = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, model: Optional[torch.nn.Module] = None,
+                 config: Optional[OGPSAConfig] = None, project_weight_decay: bool = False,
+                 fp32_states: bool = True, keep_updates: bool = False) -> None:
+        if fused:
+            raise ValueError("ProjectedAdamW: fused=True is not supported (the projected step is its own fused "
+                             "kernel); leave fused=None")
+        if capturable or differentiable:
+            raise ValueError("ProjectedAdamW: capturable=True / differentiable=True are not supported")
+        if isinstance(params, torch.nn.Module):
+            model = params if model is None else model
+            params = [p for p in params.parameters() if p.requires_grad]
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, foreach=None)
+        self._init_projection(model, config, project_weight_decay, fp32_states, keep_updates)
+        if subspace is not None:
+            self.set_subspace(subspace)
+
+    # -- projection state (also set up by :func:`ogpsa.optim.attach_update_space` on a converted AdamW) --
+
+    def _init_projection(self, model: Optional[torch.nn.Module], config: Optional[OGPSAConfig],
+                         project_weight_decay: bool, fp32_states: bool, keep_updates: bool) -> None:
+        self.model = model
+        self.ogpsa_config = config
+        self.project_weight_decay = bool(project_weight_decay)
+        self.fp32_states = bool(fp32_states)
+        self.keep_updates = bool(keep_updates)
+        self.subspace: Optional[Subspace] = None
+        self._bases: dict[Tensor, tuple[str, Tensor, Tensor]] = {}
+        self.paused = False
+        self.last_updates: dict[Tensor, Tensor] = {}
+        self.last_stats: Optional[ProjectionStats] = None
+        self.num_projections = 0
+
+    def set_subspace(self, subspace: Optional[Subspace], model: Optional[torch.nn.Module] = None) -> None:
+        """Use ``subspace`` from the next step on (None: plain AdamW). Every basis is checked
+        against its parameter here; on error nothing changes."""
+        model = model if model is not None else self.model
+        if subspace is None:
+            self.subspace, self._bases = None, {}
+            return
+        if model is None:
+            raise ValueError("ProjectedAdamW: a subspace is matched to parameters by name; pass model= "
+                             "(or the module itself as params)")
+        mine = {p for g in self.param_groups for p in g["params"]}
+        bases: dict[Tensor, tuple[str, Tensor, Tensor]] = {}
+        for name, p in model.named_parameters():
+            if p not in mine or name not in subspace:
+                continue
+            u = subspace.basis(name)
+            if u.dim() != 2 or u.shape[1] != p.numel():
+                raise ValueError(f"ProjectedAdamW: basis of {name!r} has shape {tuple(u.shape)}, expected "
+                                 f"[k, {p.numel()}] for parameter shape {tuple(p.shape)}")
+            if u.shape[0] == 0:
+                continue
+            u = u.to(p.device)
+            m = subspace.gram(name).to(device=p.device, dtype=torch.float64)
+            # float64 inverse of M = U U^T once per subspace (identity for an exact fp32 basis)
+            bases[p] = (name, u, torch.linalg.inv(m).float())
+        self.model = model
+        self.subspace, self._bases = subspace, bases
+
+    def _config(self) -> OGPSAConfig:
+        if self.ogpsa_config is not None:
+            return self.ogpsa_config
+        if self.subspace is not None and getattr(self.subspace, "config", None) is not None:
+            return self.subspace.config
+        return OGPSAConfig()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _state_for(self, p: Tensor, amsgrad: bool) -> dict:
+        state = self.state[p]
+        dtype = torch.float32 if (self.fp32_states and p.dtype in _LOW_PRECISION) else p.dtype
+        if len(state) == 0:
+            # same keys and types as torch.optim.AdamW (step: a float32 scalar tensor)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict` (accepts a torch AdamW state dict),
+        but low-precision parameters get their moments back in float32 (``fp32_states``),
+        not rounded to the parameter dtype."""
+        super().load_state_dict(state_dict)
+        if not getattr(self, "fp32_states", True):
+            return
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        mine = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, mine):
+            saved = state_dict["state"].get(pid)
+            if saved is None or p.dtype not in _LOW_PRECISION:
+                continue
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One projected AdamW step over every param group (projection skipped while paused)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._projected_step()
+        return loss
+
+    @torch.no_grad()
+    def _projected_step(self) -> None:
+        """The step's body, without hooks or closure (also run by the update-space projector on
+        a plain torch AdamW, sharing its param_groups and state)."""
+        cfg = self._config()
+        items = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = StepHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                              weight_decay=float(group["weight_decay"]), maximize=bool(group.get("maximize", False)),
+                              amsgrad=bool(group["amsgrad"]))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("ProjectedAdamW does not support sparse gradients")
+                state = self._state_for(p, hyper.amsgrad)
+                basis = None if self.paused else self._bases.get(p)
+                items.append((p, state, hyper, basis))
+        result = projected_step(items, mode=cfg.mode, scope=cfg.scope, aligned_scale=float(cfg.aligned_scale),
+                                project_weight_decay=self.project_weight_decay, keep_updates=self.keep_updates)
+        if self.keep_updates:
+            self.last_updates = result.updates
+        if result.stats is not None:
+            self.last_stats = result.stats
+            self.num_projections += 1
