@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # ----------------------------------------------------------------------------------------
 # ogpsa._C: CPU kernels always; CUDA kernels when torch has CUDA and nvcc is found.
@@ -22,7 +22,7 @@ from setuptools import setup
 # A failing C++ compiler never fails the install: the package then installs without _C.
 # ----------------------------------------------------------------------------------------
 
-_CPU_SOURCES = ["csrc/ops.cpp"]
+_CPU_SOURCES = ["csrc/ops.cpp", "csrc/adamw.cpp"]
 _CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu"))
 
 
@@ -172,7 +172,10 @@ def cmdclass() -> dict:
 
 
 setup(
-    packages=["ogpsa", "ogpsa.backends", "ogpsa.integrations", "ogpsa.kernels", "ogpsa.demo"],
+    # every subpackage (a hand-kept list missed ogpsa.distributed, found by tests/test_install.py),
+    # kernels/ as ogpsa.kernels (package-dir in pyproject.toml), and the demo's committed base model
+    packages=find_packages(include=["ogpsa", "ogpsa.*"]) + ["ogpsa.kernels"],
+    package_data={"ogpsa.demo": ["data/base/*"]},
     ext_modules=ext_modules(),
     cmdclass=cmdclass(),
 )
