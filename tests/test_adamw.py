@@ -175,7 +175,8 @@ def test_empty_subspace_equals_torch_adamw_and_state_dict_compat():
     train(a, ta, 5)
     train(b, pb, 5)
     for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+        # |update| <= lr per element per step: rounding differences stay ~1e-5 of the 5 steps' travel
+        assert float((p - q).abs().max()) <= 1e-5 * 5 * 1e-2
     sa, sb = ta.state_dict(), pb.state_dict()
     assert sa["param_groups"][0].keys() == sb["param_groups"][0].keys()
     assert all(sa["state"][i].keys() == sb["state"][i].keys() for i in sa["state"])

@@ -193,7 +193,8 @@ class ProjectedAdamW(torch.optim.AdamW):
                 basis = None if self.paused else self._bases.get(p)
                 items.append((p, state, hyper, basis))
         result = projected_step(items, mode=cfg.mode, scope=cfg.scope, aligned_scale=float(cfg.aligned_scale),
-                                project_weight_decay=self.project_weight_decay, keep_updates=self.keep_updates)
+                                project_weight_decay=self.project_weight_decay, keep_updates=self.keep_updates,
+                                backend=cfg.backend)
         if self.keep_updates:
             self.last_updates = result.updates
         if result.stats is not None:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..reference import mode_weights
 from ..stats import ProjectionStats
+from .backends import choose, cpu_step, cpu_supports
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,33 @@ def _apply(p: Tensor, d: Tensor, h: StepHyper, project_weight_decay: bool) -> No
 
 
 def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tensor", aligned_scale: float = 1.0,
-                   project_weight_decay: bool = False, keep_updates: bool = False) -> StepResult:
+                   project_weight_decay: bool = False, keep_updates: bool = False,
+                   backend: str = "auto") -> StepResult:
     """Run one projected AdamW step.
 
     ``items``: ``(param, state, StepHyper, basis)`` with ``basis`` None (not projected) or
     ``(name, U [k, N], M^{-1} [k, k] float32)``. Returns per-tensor statistics of the
     projected tensors (||d||^2 and the removed ||U^T w||^2, float64) and, with
-    ``keep_updates``, the applied directions by parameter."""
+    ``keep_updates``, the applied directions by parameter. ``backend``: see
+    :mod:`ogpsa.optim.backends` (the compiled CPU kernel takes the tensors it supports for the
+    per-tensor orthogonal rule; ``keep_updates`` needs the torch path)."""
     updates: dict = {}
     names, before, removed = [], [], []
+    if scope == "tensor" and mode == "orthogonal" and not keep_updates and choose(backend) == "cpu":
+        rest, groups = [], {}
+        for p, state, h, basis in items:
+            if cpu_supports(p, state, basis, h.amsgrad):
+                groups.setdefault(h, []).append((p, state, basis))
+            else:
+                rest.append((p, state, h, basis))
+        for h, group in groups.items():
+            out = cpu_step(group, h, project_weight_decay)
+            for (_, _, basis), row in zip(group, out):
+                if basis is not None:
+                    names.append(basis[0])
+                    before.append(row[0])
+                    removed.append(row[1])
+        items = rest
     if scope == "tensor":
         for p, state, h, basis in items:
             step = _update_moments(p, state, h)
