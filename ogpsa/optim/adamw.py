@@ -123,6 +123,12 @@ class ProjectedAdamW(torch.optim.AdamW):
         self.model = model
         self.subspace, self._bases = subspace, bases
 
+    @property
+    def last_removed_fraction(self) -> float:
+        """Fraction of the last step's Adam direction (squared norm, projected tensors) that the
+        projection removed; 0.0 before any projected step. Syncs with the device."""
+        return self.last_stats.removed_fraction if self.last_stats is not None else 0.0
+
     def _config(self) -> OGPSAConfig:
         if self.ogpsa_config is not None:
             return self.ogpsa_config
