@@ -272,7 +272,8 @@ def test_resume_restores_the_basis_bit_identically_and_continues(tok, tmp_path):
     assert len(rec.subspaces) == 2  # steps 3 and 4
     assert rec.subspaces[0].equal(saved)  # step 3 uses the restored basis, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(rec.subspaces[0].bases, saved.bases))
-    assert resumed.ogpsa.refresh_steps == [3]
+    assert resumed.ogpsa.refresh_steps == [0, 3] == full.ogpsa.refresh_steps  # history restored + step 3
+    assert resumed.ogpsa.timing()["refreshes"] == 1  # built once in this process
     assert rec.subspaces[1].equal(full_rec.subspaces[3])
     assert max(rec.ratios) <= TOL
     for name, p in trainable_state(full.model).items():

@@ -16,10 +16,16 @@ threshold applies to the gradient *before* projection, so steps can be shorter t
 :class:`ogpsa.integrations.trl.OGPSATrainerMixin` (or the TRL trainers built on it), which
 projects inside the Trainer's clipping method.
 
-Otherwise the callback does what the trainers do: builds the subspace before the first
-optimizer step, refreshes it every ``refresh_every`` optimizer steps, adds ``ogpsa/*``
-metrics to the training logs, writes ``ogpsa_subspace.safetensors`` into every checkpoint
-and, when training resumes from a checkpoint, restores it bit-identically.
+With ``OGPSAConfig(space="update")`` the order question does not arise: the Trainer clips
+the raw gradient and the callback projects the AdamW direction inside ``optimizer.step``
+(:func:`ogpsa.attach`; the Trainer's torch AdamW keeps its own state and ``state_dict``).
+
+Otherwise the callback does what the trainers do, through the same :class:`ogpsa.OGPSA`
+object (``callback.ogpsa``): builds the subspace before the first optimizer step (progress
+bar unless ``disable_tqdm``), refreshes it every ``refresh_every`` optimizer steps, adds
+``ogpsa/*`` metrics (including ``ogpsa/refresh_seconds`` and ``ogpsa/refresh_share``) to the
+training logs, writes ``ogpsa_subspace.safetensors`` + ``ogpsa_state.json`` into every
+checkpoint and, when training resumes from a checkpoint, restores it bit-identically.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import OGPSAConfig
 from ..ops import UnsupportedSetupError
+from ..session import OGPSA
 from ..subspace import Subspace
-from .common import SFT_REFRESH_EVERY, OGPSAEngine, tokenizer_of, unwrap_optimizer
+from .common import SFT_REFRESH_EVERY, tokenizer_of, trainer_reference_batch_size, unwrap_optimizer
 
 try:
     from transformers import TrainerCallback
@@ -44,43 +51,48 @@ class OGPSACallback(TrainerCallback):
 
     Args:
         config: projection settings (default ``OGPSAConfig()``; ``max_norm`` must be None).
+            ``space="update"`` projects the Trainer's torch AdamW direction in its step.
         reference_datasets: general-capability datasets, one reference gradient each (formats:
             :mod:`ogpsa.collect`).
         refresh_every: rebuild every this many optimizer steps (default: ``config.refresh_every``
-            if a config is given, else 30; 0: never).
+            if set there, else 30; 0: never).
         subspace: start from this subspace (object, file or directory) instead of building one.
         tokenizer: for text reference examples (default: the Trainer's ``processing_class``).
-        loss_fn, batch_size, num_samples, progress: passed to
-            :func:`~ogpsa.collect.collect_reference_gradients`.
+        loss_fn, num_samples: passed to :func:`~ogpsa.collect.collect_reference_gradients`.
+        batch_size: collection batch size (default: ``config.reference_batch_size`` if changed
+            from its default, else the Trainer's ``per_device_train_batch_size``).
+        progress: progress bar while collecting (default: on unless ``args.disable_tqdm``).
         resume_from_checkpoint: directory to restore the basis from; default: when the run
             resumes (``global_step > 0`` at train begin), ``output_dir/checkpoint-<step>``.
+
+    The run's :class:`ogpsa.OGPSA` object (the one hand-written loops use) is :attr:`ogpsa`.
     """
 
     def __init__(self, config: Optional[OGPSAConfig] = None, reference_datasets: Optional[Sequence[Any]] = None, *,
                  refresh_every: Optional[int] = None, subspace: Union[Subspace, str, os.PathLike, None] = None,
-                 tokenizer: Any = None, loss_fn: Optional[Callable] = None, batch_size: int = 8,
-                 num_samples: Optional[int] = None, progress: bool = False,
+                 tokenizer: Any = None, loss_fn: Optional[Callable] = None, batch_size: Optional[int] = None,
+                 num_samples: Optional[int] = None, progress: Optional[bool] = None,
                  resume_from_checkpoint: Optional[str] = None):
-        if config is not None and not isinstance(config, OGPSAConfig):
-            raise TypeError(f"config must be an ogpsa.OGPSAConfig, got {type(config).__name__}")
-        if refresh_every is None:
-            refresh_every = config.refresh_every if config is not None else None
-        if refresh_every is None:  # config.refresh_every=None means "the stage default"
-            refresh_every = SFT_REFRESH_EVERY
-        config = (config or OGPSAConfig()).replace(refresh_every=refresh_every)
-        self.engine = OGPSAEngine(config, reference_datasets, refresh_every=refresh_every, subspace=subspace,
-                                  tokenizer=tokenizer, loss_fn=loss_fn, batch_size=batch_size,
-                                  num_samples=num_samples, progress=progress)
+        # refresh_every unset here and in the config (None): the SFT default
+        self.ogpsa = OGPSA.deferred(reference_datasets, config, refresh_every=refresh_every,
+                                    default_refresh_every=SFT_REFRESH_EVERY, subspace=subspace, tokenizer=tokenizer,
+                                    loss_fn=loss_fn, batch_size=batch_size, num_samples=num_samples,
+                                    progress=progress)
+        self._batch_size = batch_size
         self.resume_from_checkpoint = resume_from_checkpoint
-        self._seen_projections = 0
+
+    @property
+    def engine(self) -> OGPSA:
+        """Former name of :attr:`ogpsa`."""
+        return self.ogpsa
 
     @property
     def projector(self):
-        return self.engine.projector
+        return self.ogpsa.projector
 
     @property
     def subspace(self) -> Optional[Subspace]:
-        return self.engine.subspace
+        return self.ogpsa.subspace
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
         if getattr(getattr(args, "deepspeed_plugin", None), "deepspeed_config", None) or getattr(args, "deepspeed", None):
@@ -90,14 +102,18 @@ class OGPSACallback(TrainerCallback):
         if unwrap_optimizer(optimizer) is None:
             raise RuntimeError("OGPSACallback needs a torch.optim.Optimizer to hook its step "
                                f"(got {type(optimizer).__name__}); use OGPSATrainerMixin instead")
-        if self.engine.tokenizer is None:
-            self.engine.tokenizer = tokenizer_of(processing_class)
+        og = self.ogpsa
+        if og.tokenizer is None:
+            og.tokenizer = tokenizer_of(processing_class)
+        og.batch_size = trainer_reference_batch_size(self._batch_size, og.config, args.per_device_train_batch_size)
+        if og.progress is None:
+            og.progress = not getattr(args, "disable_tqdm", False)
         resume = self.resume_from_checkpoint
         if resume is None and state.global_step > 0:
             candidate = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             resume = candidate if os.path.isdir(candidate) else None
-        self.engine.setup(model, optimizer, step=state.global_step, resume_dir=resume)
-        self._seen_projections = self.engine.projector.num_projections
+        og.start_clock()
+        og.setup(model, optimizer, step=state.global_step, resume_dir=resume)
         self._run_before_reporters()
 
     def _run_before_reporters(self) -> None:
@@ -122,32 +138,31 @@ class OGPSACallback(TrainerCallback):
                     return
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.engine.maybe_refresh(state.global_step)
+        self.ogpsa.maybe_refresh(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        proj = self.engine.projector
-        if proj is not None and proj.num_projections > self._seen_projections:
-            self._seen_projections = proj.num_projections
-            self.engine.record(proj.last_stats)
+        self.ogpsa.record_latest()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
-        metrics = self.engine.pop_metrics()
+        metrics = self.ogpsa.pop_metrics()
         logs.update(metrics)  # this callback runs first (see _run_before_reporters): reporters see these
         # The Trainer appended its copy of `logs` to the history before calling us.
         if state.log_history and state.log_history[-1].get("loss") == logs.get("loss"):
             state.log_history[-1].update(metrics)
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            self.engine.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        if args.should_save and self.ogpsa.subspace is not None:
+            self.ogpsa.step = state.global_step
+            self.ogpsa.save_pretrained(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def save(self, directory: str) -> None:
-        """Write the current basis (``ogpsa_subspace.safetensors``) into ``directory``."""
-        self.engine.save(directory)
+        """Write the current basis and schedule (``ogpsa_subspace.safetensors``, ``ogpsa_state.json``)."""
+        self.ogpsa.save_pretrained(directory)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.engine.projector is not None:
+        self.ogpsa.stop_clock()
+        if self.ogpsa.projector is not None:
             # Leave the optimizer unhooked so later manual steps are not silently projected.
-            self.engine.projector.remove()
+            self.ogpsa.projector.remove()

@@ -11,20 +11,25 @@ Drop-in subclasses of TRL's ``SFTTrainer`` / ``DPOTrainer`` that take an
     trainer.train()
 
 What they add (all in :class:`OGPSATrainerMixin`, usable with any ``transformers.Trainer``
-subclass):
+subclass), through the same :class:`ogpsa.OGPSA` object hand-written loops use (``trainer.ogpsa``):
 
 * Before the first optimizer step, the capability subspace is built from the reference
   gradients of the model being trained (after TRL wrapped it with PEFT: only trainable
   parameters get bases), and rebuilt every ``refresh_every`` optimizer steps (defaults from
-  the original work: 30 for SFT, 5 for DPO).
+  the original work: 30 for SFT, 5 for DPO). The collection follows the config's
+  ``reference_averaging`` / ``reference_batch_size`` (batch size default: the train batch
+  size) and shows a progress bar unless ``disable_tqdm`` is set.
 * The projection runs inside the Trainer's gradient-clipping method, on the fully
   accumulated gradient, fused with the clipping: project -> clip -> optimizer step. With
-  ``max_grad_norm=0`` it still projects (without clipping).
+  ``max_grad_norm=0`` it still projects (without clipping). With
+  ``OGPSAConfig(space="update")`` and the Trainer's torch AdamW, the clipping method clips
+  the raw gradient and the AdamW direction is projected inside ``optimizer.step``.
 * ``ogpsa/removed_fraction`` (fraction of the gradient's squared norm removed),
   ``ogpsa/cosine`` (mean over projected tensors of ||removed part|| / ||gradient||: in
   ``orthogonal`` mode, the cosine between the raw gradient, i.e. the update without OGPSA,
-  and the subspace), ``ogpsa/refresh_seconds`` and ``ogpsa/refreshes`` are logged with the
-  trainer's usual logs.
+  and the subspace), ``ogpsa/refreshes`` (since the last log), ``ogpsa/refresh_seconds``
+  (cumulative since train begin) and ``ogpsa/refresh_share`` (refresh time / training time so
+  far) are logged with the trainer's usual logs (so TensorBoard / W&B show them).
 * ``save_model`` (and so every checkpoint) writes ``ogpsa_subspace.safetensors`` and
   ``ogpsa_state.json``; ``train(resume_from_checkpoint=...)`` restores the basis
   bit-identically and keeps the refresh schedule.
@@ -56,12 +61,13 @@ import torch
 
 from ..config import OGPSAConfig
 from ..ops import UnsupportedSetupError
+from ..session import OGPSA
 from ..subspace import Subspace
 from .common import (
     DPO_REFRESH_EVERY,
     SFT_REFRESH_EVERY,
-    OGPSAEngine,
     tokenizer_of,
+    trainer_reference_batch_size,
 )
 
 try:
@@ -72,7 +78,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 
 class _EngineCallback(TrainerCallback):
-    """Internal: gives the mixin the Trainer's train-begin and step-begin events."""
+    """Internal: gives the mixin the Trainer's train-begin/end, step-begin and optimizer-step events."""
 
     def __init__(self, trainer: OGPSATrainerMixin):
         self.trainer = trainer
@@ -82,6 +88,13 @@ class _EngineCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._ogpsa_engine.maybe_refresh(state.global_step)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # update space (space="update") projects inside optimizer.step: its statistics exist only now
+        self.trainer._ogpsa_engine.record_latest()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._ogpsa_engine.stop_clock()
 
 
 class OGPSATrainerMixin:
@@ -93,7 +106,8 @@ class OGPSATrainerMixin:
         MyTrainer(model=..., args=..., train_dataset=..., reference_datasets=[...], ogpsa_config=...)
 
     Keyword arguments: see :class:`OGPSASFTTrainer`. ``refresh_every`` defaults to
-    :attr:`ogpsa_default_refresh_every` (30) when no config is given.
+    :attr:`ogpsa_default_refresh_every` (30) when neither it nor the config sets it. The run's
+    :class:`ogpsa.OGPSA` object (the same one hand-written loops use) is :attr:`ogpsa`.
     """
 
     ogpsa_default_refresh_every = SFT_REFRESH_EVERY
@@ -102,7 +116,8 @@ class OGPSATrainerMixin:
                  reference_datasets: Optional[Sequence[Any]] = None, refresh_every: Optional[int] = None,
                  subspace: Union[Subspace, str, os.PathLike, None] = None,
                  reference_loss_fn: Optional[Callable] = None, reference_batch_size: Optional[int] = None,
-                 reference_num_samples: Optional[int] = None, reference_progress: bool = False, **kwargs: Any):
+                 reference_num_samples: Optional[int] = None, reference_progress: Optional[bool] = None,
+                 **kwargs: Any):
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if hasattr(targs, "to_ogpsa_config"):
             # OGPSASFTConfig / OGPSADPOConfig (ogpsa.integrations.trl_config): settings from the trainer's
@@ -123,23 +138,19 @@ class OGPSATrainerMixin:
     def _ogpsa_prepare(self, ogpsa_config: Optional[OGPSAConfig], reference_datasets: Optional[Sequence[Any]],
                        refresh_every: Optional[int], subspace: Union[Subspace, str, os.PathLike, None],
                        reference_loss_fn: Optional[Callable], reference_batch_size: Optional[int],
-                       reference_num_samples: Optional[int], reference_progress: bool) -> None:
+                       reference_num_samples: Optional[int], reference_progress: Optional[bool]) -> None:
         """Validate the OGPSA arguments (before the Trainer's slow dataset preparation)."""
         if ogpsa_config is not None and not isinstance(ogpsa_config, OGPSAConfig):
             raise TypeError(f"ogpsa_config must be an ogpsa.OGPSAConfig, got {type(ogpsa_config).__name__}")
-        if refresh_every is None and ogpsa_config is not None:
-            refresh_every = ogpsa_config.refresh_every
-        if refresh_every is None:  # not set anywhere: the stage's default (30 SFT, 5 DPO), never the config's
-            refresh_every = self.ogpsa_default_refresh_every
-        config = (ogpsa_config or OGPSAConfig()).replace(refresh_every=refresh_every)
-        self._ogpsa_engine = OGPSAEngine(
-            config, reference_datasets, refresh_every=refresh_every, subspace=subspace, loss_fn=reference_loss_fn,
-            batch_size=reference_batch_size or 1, num_samples=reference_num_samples, progress=reference_progress)
+        # refresh_every unset here and in the config: the stage's default (30 SFT, 5 DPO), never the config's
+        self._ogpsa_engine = OGPSA.deferred(
+            reference_datasets, ogpsa_config, refresh_every=refresh_every,
+            default_refresh_every=self.ogpsa_default_refresh_every, subspace=subspace, loss_fn=reference_loss_fn,
+            batch_size=reference_batch_size, num_samples=reference_num_samples, progress=reference_progress)
         self._ogpsa_batch_size = reference_batch_size
         self._ogpsa_resume_dir: Optional[str] = None
         self._ogpsa_clipped = False
         self._ogpsa_deepspeed = False
-        self._ogpsa_seen = 0  # projections already recorded (DeepSpeed projects inside the engine)
 
     def _ogpsa_finish(self) -> None:
         """After the Trainer's __init__: check the setup and register the step events."""
@@ -160,16 +171,20 @@ class OGPSATrainerMixin:
         if not hasattr(type(self), "_clip_grad_norm") or not hasattr(type(self), "_get_grad_norm"):
             warnings.warn("this transformers version has no overridable Trainer._clip_grad_norm: OGPSA projects in "
                           "the optimizer's step pre-hook, i.e. after gradient clipping", stacklevel=3)
-        engine = self._ogpsa_engine
-        engine.tokenizer = tokenizer_of(getattr(self, "processing_class", None))
-        engine.batch_size = self._ogpsa_batch_size or self.args.per_device_train_batch_size
+        og = self._ogpsa_engine
+        og.tokenizer = tokenizer_of(getattr(self, "processing_class", None))
+        og.batch_size = trainer_reference_batch_size(self._ogpsa_batch_size, og.config,
+                                                     self.args.per_device_train_batch_size)
+        if og.progress is None:  # the Trainer's own switch for progress bars
+            og.progress = not getattr(self.args, "disable_tqdm", False)
         self.add_callback(_EngineCallback(self))
 
     # -- public -----------------------------------------------------------------------------
 
     @property
-    def ogpsa(self) -> OGPSAEngine:
-        """The engine: ``.subspace``, ``.projector``, ``.refresh_steps``, ``.last_collect``."""
+    def ogpsa(self) -> OGPSA:
+        """The run's :class:`ogpsa.OGPSA`: ``.subspace``, ``.projector``, ``.refresh_steps``,
+        ``.last_collect``, ``.timing()``."""
         return self._ogpsa_engine
 
     @property
@@ -188,7 +203,8 @@ class OGPSATrainerMixin:
 
     def _ogpsa_setup(self) -> None:
         # After TRL's PEFT wrapping and accelerate's prepare: self.model holds the final parameters.
-        engine = self._ogpsa_engine
+        og = self._ogpsa_engine
+        og.start_clock()
         if self._ogpsa_deepspeed:
             from ..distributed import attach_deepspeed
 
@@ -196,19 +212,11 @@ class OGPSATrainerMixin:
             if not hasattr(ds_engine, "zero_optimization_stage"):
                 raise RuntimeError(f"DeepSpeed is enabled but the prepared model is a {type(ds_engine).__name__}, "
                                    "not a DeepSpeed engine")
-            config = engine.config
-            engine.setup(ds_engine.module, None, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir,
-                         attach_fn=lambda sub: attach_deepspeed(ds_engine, sub, config))
-            self._ogpsa_seen = engine.projector.num_projections
+            config = og.config
+            og.setup(ds_engine.module, None, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir,
+                     attach_fn=lambda sub: attach_deepspeed(ds_engine, sub, config))
             return
-        engine.setup(self.model, self.optimizer, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir)
-
-    def _ogpsa_record_engine_projection(self) -> None:
-        """DeepSpeed projected inside its step (during ``accelerator.backward``): log it once."""
-        proj = self._ogpsa_engine.projector
-        if proj is not None and proj.num_projections != self._ogpsa_seen:
-            self._ogpsa_seen = proj.num_projections
-            self._ogpsa_engine.record(proj.last_stats)
+        og.setup(self.model, self.optimizer, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir)
 
     def _clip_grad_norm(self, model):
         proj = self._ogpsa_engine.projector
@@ -217,19 +225,21 @@ class OGPSATrainerMixin:
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # AMP fp16: project and clip the true gradients
         norm = proj.clip_grad_norm_(self.args.max_grad_norm)
-        self._ogpsa_engine.record(proj.last_stats)
+        self._ogpsa_engine.record_latest()
         self._ogpsa_clipped = True
         return norm
 
     def _get_grad_norm(self, model, grad_norm=None):
-        proj = self._ogpsa_engine.projector
+        og = self._ogpsa_engine
+        proj = og.projector
         if self._ogpsa_deepspeed:
-            self._ogpsa_record_engine_projection()
+            og.record_latest()  # DeepSpeed projected inside its step (during accelerator.backward)
             return super()._get_grad_norm(model, grad_norm=grad_norm)
         if proj is not None and not self._ogpsa_clipped:
             # max_grad_norm <= 0: the Trainer skipped clipping; project anyway, before the step.
             self.accelerator.unscale_gradients()
-            self._ogpsa_engine.record(proj.project(max_norm=None))
+            proj.project(max_norm=None)
+            og.record_latest()
             if grad_norm is None:
                 # The base method would unscale again (an error under fp16 AMP): report the norm here.
                 params = [p for p in model.parameters() if p.grad is not None]
@@ -244,8 +254,10 @@ class OGPSATrainerMixin:
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save and self._ogpsa_engine.subspace is not None:
-            self._ogpsa_engine.save(output_dir or self.args.output_dir)
+        og = self._ogpsa_engine
+        if self.args.should_save and og.subspace is not None:
+            og.step = self.state.global_step
+            og.save_pretrained(output_dir or self.args.output_dir)
 
 
 def _load_trl():
@@ -274,9 +286,11 @@ class OGPSASFTTrainer(OGPSATrainerMixin, _trl.SFTTrainer):
         subspace: start from this subspace (object, file, or directory with
             ``ogpsa_subspace.safetensors``) instead of building one at step 0.
         reference_loss_fn: ``fn(model, examples) -> mean loss``; default next-token loss.
-        reference_batch_size: micro-batch size of the collection (default: the train batch size).
+        reference_batch_size: batch size of the collection (default: ``ogpsa_config.reference_batch_size``
+            if changed from its default, else the train batch size); with
+            ``ogpsa_config.reference_averaging="batch"`` also the averaging unit.
         reference_num_samples: examples per reference set (default ``ogpsa_config.num_reference_samples``).
-        reference_progress: show a progress bar while collecting.
+        reference_progress: progress bar while collecting (default: on unless ``args.disable_tqdm``).
     """
 
     ogpsa_default_refresh_every = SFT_REFRESH_EVERY
