@@ -1,25 +1,72 @@
-"""Backend choice for the projected AdamW step.
+"""Backend choice for the projected AdamW step, and the glue of its fused backends.
 
+* ``cuda``: ``torch.ops.ogpsa.projected_adamw_`` with a kernel registered under the CUDA
+  dispatch key (csrc/cuda): CUDA tensors, per-tensor scope, ``orthogonal`` rule.
+* ``triton``: :mod:`ogpsa.kernels.adamw`: CUDA tensors (CPU tensors only under
+  ``TRITON_INTERPRET=1`` and only when asked for by name, for testing); every mode, both
+  scopes, the ``reduce_dots`` hook; all tensors of a (device, dtype, basis dtype, amsgrad)
+  group in one launch per pass, tensors of up to ``SINGLE_PASS_MAX_NUMEL`` elements in a single
+  pass (per-tensor scope).
 * ``cpu``: ``torch.ops.ogpsa.projected_adamw_`` from the compiled extension (csrc/adamw.cpp):
-  per-tensor scope, ``orthogonal`` rule, CPU tensors, float32 moments, params/grads of one
-  float dtype, k <= 16. Deterministic (fixed chunks, ordered reduction).
+  CPU tensors, per-tensor scope, ``orthogonal`` rule.
 * ``torch``: :mod:`ogpsa.optim.functional` (the reference math; every mode and scope).
 
-``backend="auto"`` (the config's) uses ``cpu`` for the tensors it supports and ``torch`` for
-the rest; ``OGPSA_BACKEND`` overrides as for the gradient ops. Triton and CUDA kernels for
-this step are not written yet, so those names fall back to ``torch`` for it.
+Common to the fused ones: parameters and gradients of one float dtype (float32, bfloat16,
+float16), contiguous, float32 moments, float32/bfloat16 basis with k <= 16. They are
+deterministic (fixed chunks and launch configurations, ordered reductions, no float atomics).
+
+Choice: the config's ``backend``, overridden by ``OGPSA_BACKEND``. ``"auto"``: CPU tensors
+take ``cpu``, CUDA tensors ``cuda`` (when that kernel is registered), else ``triton``; a
+tensor the chosen kernel cannot take (a dtype above, ``keep_updates``, or for the compiled op
+global scope, another mode or ``reduce_dots``) takes the next one that can, finally ``torch``.
+A backend named explicitly that is unavailable is an error; one that is available takes the
+tensors it supports and ``torch`` the rest (``cuda`` hands what it cannot do to ``triton``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from ..config import BACKENDS
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_BASES = (torch.float32, torch.bfloat16)
+MAX_RANK = 16
+#: the order ``auto`` tries on CUDA tensors (CPU tensors: cpu, then torch)
+GPU_PREFERENCE = ("cuda", "triton", "torch")
+
+
+def requested(config_backend: str) -> str:
+    """The backend name in force: ``$OGPSA_BACKEND``, else the config's; checked."""
+    name = (os.environ.get("OGPSA_BACKEND", "").strip() or config_backend or "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
+    if name == "cpu" and not cpu_kernel_available():
+        raise RuntimeError("OGPSA backend 'cpu' requested but the compiled extension with projected_adamw_ "
+                           "is not available (rebuild: pip install -e .)")
+    if name == "cuda" and not cuda_kernel_available():
+        raise RuntimeError("OGPSA backend 'cuda' requested but ogpsa._C has no CUDA kernel for projected_adamw_ "
+                           "(build it with OGPSA_BUILD_CUDA=1 on a machine with nvcc)")
+    if name == "triton":
+        ok, why = triton_status()
+        if not ok:
+            raise RuntimeError(f"OGPSA backend 'triton' requested but unavailable: {why}")
+    return name
+
+
+def choose(config_backend: str) -> str:
+    """The requested name (kept for callers of the first version of this module)."""
+    return requested(config_backend)
+
+
+# -- availability ---------------------------------------------------------------------------
 
 
 @functools.cache
@@ -32,33 +79,102 @@ def cpu_kernel_available() -> bool:
     return hasattr(torch.ops.ogpsa, "projected_adamw_")
 
 
-def choose(config_backend: str) -> str:
-    """``"cpu"`` or ``"torch"`` for the projected step."""
-    name = os.environ.get("OGPSA_BACKEND", "") or config_backend
-    if name in ("auto", "cpu") and cpu_kernel_available():
-        return "cpu"
-    if name == "cpu":
-        raise RuntimeError("OGPSA backend 'cpu' requested but the compiled extension with projected_adamw_ "
-                           "is not available (rebuild: pip install -e .)")
+@functools.cache
+def cuda_kernel_available() -> bool:
+    """True when ``ogpsa::projected_adamw_`` has a kernel for the CUDA dispatch key."""
+    return cpu_kernel_available() and torch._C._dispatch_has_kernel_for_dispatch_key("ogpsa::projected_adamw_",
+                                                                                       "CUDA")
+
+
+@functools.cache
+def _triton():
+    """(module ogpsa.kernels.adamw or None, why not)."""
+    try:
+        from ogpsa.kernels import adamw
+    except Exception as exc:  # triton missing or broken
+        return None, f"{type(exc).__name__}: {exc}"
+    return adamw, ""
+
+
+def triton_status() -> tuple[bool, str]:
+    """Whether the Triton kernels can run here at all, and on what."""
+    mod, why = _triton()
+    if mod is None:
+        return False, why
+    from ogpsa.kernels import common
+
+    if common.INTERPRETED:
+        return True, "interpreter mode (CPU tensors, only when asked for by name; for testing)"
+    if not torch.cuda.is_available():
+        return False, "Triton is installed but no CUDA GPU is visible"
+    return True, f"on {torch.cuda.get_device_name()}"
+
+
+def info() -> dict:
+    """What ``ogpsa info`` reports about the projected AdamW step's backends."""
+    out = {"cpu": cpu_kernel_available(), "cuda": cuda_kernel_available(), "triton": triton_status()[1]
+           if triton_status()[0] else f"no ({triton_status()[1]})", "torch": True}
+    try:
+        out["requested"] = requested("auto")
+    except (ValueError, RuntimeError) as exc:
+        out["requested"] = f"error: {exc}"
+    out["auto"] = "CPU tensors: cpu > torch; CUDA tensors: " + " > ".join(GPU_PREFERENCE)
+    return out
+
+
+# -- routing --------------------------------------------------------------------------------
+
+
+def _common_ok(p: Tensor, state: dict, basis: Optional[tuple], amsgrad: bool) -> bool:
+    if p.dtype not in _FLOATS or p.grad.dtype != p.dtype or p.numel() == 0:
+        return False
+    if not (p.is_contiguous() and p.grad.is_contiguous() and p.grad.device == p.device):
+        return False
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    if any(state[k].dtype != torch.float32 or not state[k].is_contiguous() or state[k].device != p.device
+           for k in keys):
+        return False
+    return basis is None or (basis[1].shape[0] <= MAX_RANK and basis[1].is_contiguous()
+                             and basis[1].dtype in _BASES and basis[1].device == p.device)
+
+
+def op_supports(p: Tensor, state: dict, basis: Optional[tuple], amsgrad: bool) -> bool:
+    """Whether the compiled op (cpu or cuda kernel) handles this tensor (else another backend does)."""
+    return _common_ok(p, state, basis, amsgrad)
+
+
+cpu_supports = op_supports  # the first version's name
+
+
+def route(item: tuple, name: str, *, scope: str, mode: str, reduce_dots: Optional[Callable],
+          keep_updates: bool) -> str:
+    """The backend (cuda, triton, cpu, torch) that runs one ``(p, state, hyper, basis)`` item,
+    for the requested ``name`` (see the module docstring)."""
+    p, state, h, basis = item
+    if keep_updates or name == "torch" or not _common_ok(p, state, basis, h.amsgrad):
+        return "torch"
+    op_ok = scope == "tensor" and mode == "orthogonal" and reduce_dots is None
+    if p.device.type == "cpu":
+        if name in ("auto", "cpu") and op_ok and cpu_kernel_available():
+            return "cpu"
+        if name == "triton":  # requested() checked that the interpreter is on
+            return "triton"
+        return "torch"
+    if p.device.type == "cuda":
+        if name in ("auto", "cuda") and op_ok and cuda_kernel_available():
+            return "cuda"
+        if name in ("auto", "cuda", "triton") and triton_status()[0]:
+            from ogpsa.kernels import common
+
+            if not common.INTERPRETED:
+                return "triton"
     return "torch"
 
 
-def cpu_supports(p: Tensor, state: dict, basis: Optional[tuple], amsgrad: bool) -> bool:
-    """Whether the CPU kernel handles this tensor (else the torch path does)."""
-    if p.device.type != "cpu" or p.dtype not in _FLOATS or p.grad.dtype != p.dtype:
-        return False
-    if not (p.is_contiguous() and p.grad.is_contiguous()):
-        return False
-    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-    if any(state[k].dtype != torch.float32 or not state[k].is_contiguous() for k in keys):
-        return False
-    return basis is None or (basis[1].shape[0] <= 16 and basis[1].is_contiguous()
-                             and basis[1].dtype in (torch.float32, torch.bfloat16))
-
-
-def cpu_step(group: list, h, project_weight_decay: bool) -> Tensor:
-    """Run the CPU kernel on ``group`` ([(p, state, basis)], one hyperparameter set ``h``);
-    the step counters are incremented here. Returns [T, 2] float64 (||d||^2, removed)."""
+def op_step(group: list, h, project_weight_decay: bool) -> Tensor:
+    """Run the compiled op (its CPU or CUDA kernel, by the tensors' device) on ``group``
+    ([(p, state, basis)], one hyperparameter set ``h``); the step counters are incremented
+    here. Returns [T, 2] float64 (||d||^2, removed)."""
     params, grads, ms, vs, vmax, us, minvs, steps = [], [], [], [], [], [], [], []
     for p, state, basis in group:
         state["step"] += 1
@@ -74,6 +190,253 @@ def cpu_step(group: list, h, project_weight_decay: bool) -> Tensor:
             minvs.append(p.new_empty((0, 0), dtype=torch.float32))
         else:
             us.append(basis[1])
-            minvs.append(basis[2].contiguous())
+            minvs.append(basis[2].to(p.device).contiguous())
     return torch.ops.ogpsa.projected_adamw_(params, grads, ms, vs, vmax, us, minvs, steps, h.lr, h.beta1, h.beta2,
                                             h.eps, h.weight_decay, h.maximize, project_weight_decay)
+
+
+cpu_step = op_step  # the first version's name
+
+
+# -- small caches keyed by stable tensors (bases, M^-1, parameters, moments) ----------------
+
+
+class _LRU:
+    """LRU of values derived from stable tensors. A hit must find the very tensor objects the
+    value was built from (weak references, checked): a freed tensor whose address and shape
+    a new one took (a rebuilt subspace) is a miss, never a stale value."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.builds, self._d = capacity, 0, OrderedDict()
+
+    def get(self, tensors: list, extra: tuple, build: Callable):
+        key = extra + key_of(tensors)
+        hit = self._d.get(key)
+        if hit is not None and all((r is None and t is None) or (r is not None and r() is t)
+                                   for r, t in zip(hit[0], tensors)):
+            self._d.move_to_end(key)
+            return hit[1]
+        value = build()
+        self._d[key] = ([None if t is None else weakref.ref(t) for t in tensors], value)
+        self.builds += 1
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+        return value
+
+
+_CACHE = _LRU(64)
+
+
+def key_of(tensors) -> tuple:
+    """Identity of stable tensors for caching (None for a missing one)."""
+    return tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def gram64(u: Tensor) -> Tensor:
+    """``U U^T`` in float64 (column blocks, so no float64 copy of a large basis), cached per basis."""
+    def build() -> Tensor:
+        out = torch.zeros(u.shape[0], u.shape[0], dtype=torch.float64, device=u.device)
+        step = max(1, (1 << 22) // max(1, u.shape[0]))
+        for a in range(0, u.shape[1], step):
+            blk = u[:, a:a + step].double()
+            out += blk @ blk.T
+        return out
+    return _CACHE.get([u], ("gram64",), build)
+
+
+def padded_stack(mats: list, k: int, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``[T, k, k]`` of the matrices (zero padded; None gives zeros), cached by their identity."""
+    def build() -> Tensor:
+        out = torch.zeros(len(mats), k, k, dtype=dtype, device=device)
+        for i, m in enumerate(mats):
+            if m is not None and m.numel():
+                out[i, :m.shape[0], :m.shape[1]] = m.to(device=device, dtype=dtype)
+        return out
+    return _CACHE.get(list(mats), ("stack", k, dtype, device), build)
+
+
+def tensor_weights(c: Tensor, minv: Tensor, ks: Tensor, mode: str, aligned_scale: float) -> tuple[Tensor, Tensor]:
+    """The per-tensor tiny step on ``[T, K]`` float64 dots: ``w = M_i^-1 c_i`` and the mode rule
+    (:func:`ogpsa.reference.mode_weights`, batched; no device sync). Returns float64 ``w``
+    ``[T, K]`` and ``kappa`` ``[T]``; a tensor without basis rows (k = 0) keeps kappa = 1."""
+    from ..reference import mode_weights
+
+    one = torch.ones(c.shape[0], dtype=torch.float64, device=c.device)
+    if mode == "threshold":  # k = 1 and c > 0: scale the whole direction by aligned_scale, else project
+        w = torch.bmm(minv, c.unsqueeze(-1)).squeeze(-1)
+        sel = (ks == 1) & (c[:, 0] > 0) if c.shape[1] else torch.zeros_like(one, dtype=torch.bool)
+        return torch.where(sel[:, None], 0.0, w), torch.where(sel, aligned_scale, one)
+    w, kappa = mode_weights(c.unsqueeze(-1), minv, mode, aligned_scale)
+    return w.squeeze(-1), torch.where(ks == 0, one, kappa * one)
+
+
+def removed_sq(sq: Tensor, c: Tensor, w: Tensor, kappa: Tensor, gram: Tensor) -> Tensor:
+    """``||d - (kappa d - U^T w)||^2 = (1-kappa)^2 ||d||^2 + 2 (1-kappa) w.c + w^T M w`` (float64)."""
+    wmw = (w * torch.bmm(gram, w.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    return ((1 - kappa) ** 2 * sq + 2 * (1 - kappa) * (w * c).sum(-1) + wmw).clamp_min(0)
+
+
+# -- the Triton backend's host side -----------------------------------------------------------
+
+_NOWHERE: dict = {}
+
+
+def _nowhere(device: torch.device) -> int:
+    """A zeroed, 16-byte aligned word per device: the (never dereferenced) basis address of a
+    tensor without basis rows."""
+    if device not in _NOWHERE:
+        _NOWHERE[device] = torch.zeros(4, dtype=torch.float32, device=device)
+    return _NOWHERE[device].data_ptr()
+
+
+class _Subset:
+    """The cached, basis side of some tensors of a :class:`TritonGroup`: chunk table (pointers
+    of parameters, moments, bases; shapes), padded M^-1 / Gram stacks, ranks."""
+
+    def __init__(self, grp: TritonGroup, idx: list, chunk: int, rows: int) -> None:
+        from ogpsa.kernels import common, tables
+
+        kern = grp.kern
+        items = [grp.items[i] for i in idx]
+        self.idx = idx
+        dev = grp.device
+        ps = [p for p, _, _, _ in items]
+        us = [b[1] if b is not None else None for _, _, _, b in items]
+        lists = [[p.data_ptr() for p in ps], [s["exp_avg"].data_ptr() for _, s, _, _ in items],
+                 [s["exp_avg_sq"].data_ptr() for _, s, _, _ in items],
+                 [s["max_exp_avg_sq" if grp.amsgrad else "exp_avg_sq"].data_ptr() for _, s, _, _ in items],
+                 [u.data_ptr() if u is not None and u.shape[0] else _nowhere(dev) for u in us]]
+        ks = [0 if u is None else int(u.shape[0]) for u in us]
+        vec = kern.u_vec(grp.u_dtype)
+        self.stable_aligned = all(a % 16 == 0 for lst in lists for a in lst) and all(p.numel() % vec == 0 for p in ps)
+        self.table = tables.build_table(lists, [p.numel() for p in ps], ks, chunk, dev, seg_tb=common.SEG_TB,
+                                        rows=rows, aligned=self.stable_aligned)
+        k = grp.k_max
+        minvs = [b[2] if b is not None else None for _, _, _, b in items]
+        self.minv32 = padded_stack(minvs, k, dev, torch.float32)
+        self.minv64 = padded_stack(minvs, k, dev, torch.float64)
+        self.gram = padded_stack([gram64(u) if u is not None else None for u in us], k, dev)
+        self.ks = torch.tensor(ks, dtype=torch.int64).to(dev)
+
+
+class TritonGroup:
+    """Items (``(p, state, hyper, basis)``) that share device, parameter dtype, basis dtype and
+    amsgrad: one launch per pass for all of them. ``positions``: their indices in the step's
+    item list. Nothing is written until :meth:`begin`."""
+
+    def __init__(self, positions: list, items: list, project_weight_decay: bool) -> None:
+        self.kern = _triton()[0]
+        self.positions, self.items = positions, items
+        p0 = items[0][0]
+        self.device, self.p_dtype, self.amsgrad = p0.device, p0.dtype, bool(items[0][2].amsgrad)
+        self.u_dtype = next((b[1].dtype for _, _, _, b in items if b is not None), torch.float32)
+        self.k_max = max([b[1].shape[0] for _, _, _, b in items if b is not None] + [1])
+        self.project_wd = bool(project_weight_decay)
+        self.decay_in_d = self.project_wd and any(h.weight_decay != 0 for _, _, h, _ in items)
+        self._hyper: Optional[Tensor] = None
+
+    def subset(self, idx: list, chunk: int, rows: int) -> _Subset:
+        its = [self.items[i] for i in idx]
+        stable = [t for p, s, _, b in its for t in (p, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"),
+                                                    None if b is None else b[1], None if b is None else b[2])]
+        extra = ("adamw", chunk, rows, self.p_dtype, self.u_dtype, self.amsgrad, self.k_max)
+        return _CACHE.get(stable, extra, lambda: _Subset(self, idx, chunk, rows))
+
+    def begin(self) -> None:
+        """Count the step (``state["step"] += 1``) and build this step's per-tensor hyperparameters."""
+        rows = []
+        for _, state, h, _ in self.items:
+            state["step"] += 1
+            t = float(state["step"].item())
+            wd = h.weight_decay
+            rows.append([1.0 - h.beta1, h.beta2, 1.0 - h.beta2, h.eps, 1.0 - h.beta1 ** t,
+                         (1.0 - h.beta2 ** t) ** 0.5, h.lr, wd if self.project_wd else 0.0,
+                         1.0 if self.project_wd else 1.0 - h.lr * wd, -1.0 if h.maximize else 1.0])
+        self._hyper = torch.tensor(rows, dtype=torch.float64).float()
+
+    def _arrays(self, sub: _Subset) -> tuple:
+        grads = [self.items[i][0].grad for i in sub.idx]
+        g_ptrs, hyper = self.kern.step_buffer([g.data_ptr() for g in grads], self._hyper[sub.idx], self.device)
+        aligned = sub.stable_aligned and all(g.data_ptr() % 16 == 0 for g in grads)
+        return g_ptrs, hyper, aligned
+
+    def _device(self):
+        import contextlib
+
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def dots(self) -> tuple:
+        """Pass 1 over every tensor (two-pass chunks): ``[T, k_max + 1]`` float64 ``[c, ||d||^2]``."""
+        kern = self.kern
+        sub = self.subset(list(range(len(self.items))), kern.CHUNK, kern.ROWS)
+        g_ptrs, hyper, aligned = self._arrays(sub)
+        w = self.k_max + 1
+        partials = torch.empty(sub.table.num_chunks, w, dtype=torch.float32, device=self.device)
+        out = torch.empty(len(self.items), w, dtype=torch.float64, device=self.device)
+        with self._device():
+            kern.dots(sub.table, g_ptrs, hyper, self.p_dtype, self.u_dtype, self.amsgrad, self.decay_in_d, aligned,
+                      self.k_max, partials, out)
+        self._pending = (sub, hyper, aligned)
+        return out, sub
+
+    def apply_(self, w: Tensor, kappa: Tensor) -> None:
+        """Pass 2 after :meth:`dots`: ``w`` ``[T, k]`` and ``kappa`` ``[T]`` (any float dtype)."""
+        sub, hyper, aligned = self._pending
+        wk = torch.zeros(len(self.items), self.k_max + 1, dtype=torch.float32, device=self.device)
+        wk[:, :w.shape[1]] = w.to(self.device, torch.float32)
+        wk[:, -1] = kappa.to(self.device, torch.float32)
+        with self._device():
+            self.kern.apply_(sub.table, hyper, self.p_dtype, self.u_dtype, self.decay_in_d, aligned, wk)
+
+    def tensor_step(self, mode: str, aligned_scale: float) -> list:
+        """The whole per-tensor-scope step: tensors of at most ``SINGLE_PASS_MAX_NUMEL`` elements
+        in one pass (one launch), the others in two passes with the float64 tiny step between.
+        Returns ``[(group indices, ||d||^2 [n], removed [n])]`` (float64, on the device)."""
+        kern = self.kern
+        limit = int(kern.SINGLE_PASS_MAX_NUMEL)
+        small = [i for i, it in enumerate(self.items) if it[0].numel() <= limit]
+        large = [i for i, it in enumerate(self.items) if it[0].numel() > limit]
+        k, out = self.k_max, []
+        if small:
+            sub = self.subset(small, max(1, limit), kern.SMALL_ROWS)
+            g_ptrs, hyper, aligned = self._arrays(sub)
+            rows = torch.empty(len(small), k + 1, dtype=torch.float32, device=self.device)
+            with self._device():
+                kern.fused_small_(sub.table, g_ptrs, hyper, self.p_dtype, self.u_dtype, self.amsgrad,
+                                  self.decay_in_d, aligned, sub.minv32, mode, aligned_scale, rows)
+            rows = rows.double()
+            w, kappa = tensor_weights(rows[:, :k], sub.minv64, sub.ks, mode, aligned_scale)  # as the kernel did
+            out.append((small, rows[:, k], removed_sq(rows[:, k], rows[:, :k], w, kappa, sub.gram)))
+        if large:
+            sub = self.subset(large, kern.CHUNK, kern.ROWS)
+            g_ptrs, hyper, aligned = self._arrays(sub)
+            partials = torch.empty(sub.table.num_chunks, k + 1, dtype=torch.float32, device=self.device)
+            rows = torch.empty(len(large), k + 1, dtype=torch.float64, device=self.device)
+            with self._device():
+                kern.dots(sub.table, g_ptrs, hyper, self.p_dtype, self.u_dtype, self.amsgrad, self.decay_in_d,
+                          aligned, k, partials, rows)
+                w, kappa = tensor_weights(rows[:, :k], sub.minv64, sub.ks, mode, aligned_scale)
+                wk = torch.cat([w, kappa[:, None]], 1).float().contiguous()
+                kern.apply_(sub.table, hyper, self.p_dtype, self.u_dtype, self.decay_in_d, aligned, wk)
+            out.append((large, rows[:, k], removed_sq(rows[:, k], rows[:, :k], w, kappa, sub.gram)))
+        return out
+
+
+def triton_groups(indexed: list, project_weight_decay: bool) -> list:
+    """Group ``[(position, item)]`` for the Triton kernels (items without a basis join a group
+    of their device, dtype and amsgrad). Builds nothing and writes nothing."""
+    keyed: dict = {}
+    loose = []
+    for pos, item in indexed:
+        p, _, h, basis = item
+        if basis is None:
+            loose.append((pos, item))
+            continue
+        keyed.setdefault((p.device, p.dtype, basis[1].dtype, bool(h.amsgrad)), []).append((pos, item))
+    for pos, item in loose:
+        p, _, h, _ = item
+        home = next((key for key in keyed if key[0] == p.device and key[1] == p.dtype and key[3] == bool(h.amsgrad)),
+                    (p.device, p.dtype, torch.float32, bool(h.amsgrad)))
+        keyed.setdefault(home, []).append((pos, item))
+    return [TritonGroup([pos for pos, _ in members], [it for _, it in members], project_weight_decay)
+            for members in keyed.values()]

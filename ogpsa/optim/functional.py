@@ -1,27 +1,32 @@
-"""The projected AdamW step on lists of tensors (the torch backend, used by ProjectedAdamW).
+"""The projected AdamW step on lists of tensors: validation, backend routing and the torch path.
 
 Same math as :func:`ogpsa.reference.projected_adamw_step_` (the readable specification),
 organised as the fused kernels are: moments are written once, in pass 1.
 
-* ``scope="tensor"``: one tensor at a time, while it is in cache: moments, direction d, its
-  k dots c = U d, weights w, then ``p <- p - lr (d - U^T w)``.
-* ``scope="global"``: pass 1 updates every tensor's moments and accumulates c = sum_i U_i d_i
-  (d is not stored); the weights come from the summed c; pass 2 recomputes d from the stored
-  moments (cheap, elementwise) and writes p. No fp32 copy of the model is held.
+* ``scope="tensor"`` (no ``reduce_dots``): one tensor at a time, while it is in cache:
+  moments, direction d, its k dots c = U d, weights w, then ``p <- p - lr (d - U^T w)``.
+* ``scope="global"``, or any scope with ``reduce_dots``: pass 1 updates every tensor's moments
+  and computes its dots (d is not stored); the pass-1 sums of all tensors are stacked into one
+  table (``reduce_dots`` sums it across ranks); the tiny step turns it into weights (float64);
+  pass 2 recomputes d from the stored moments (cheap, elementwise) and writes p. No fp32
+  copy of the model is held.
+
+Which backend runs which tensor: :mod:`ogpsa.optim.backends`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from ..config import MODES, SCOPES
 from ..reference import mode_weights
 from ..stats import ProjectionStats
-from .backends import choose, cpu_step, cpu_supports
+from . import backends as _be
 
 
 @dataclass(frozen=True)
@@ -78,94 +83,195 @@ def _apply(p: Tensor, d: Tensor, h: StepHyper, project_weight_decay: bool) -> No
         p.copy_((p.float().reshape(-1) - h.lr * d).reshape(p.shape).to(p.dtype))
 
 
+def _validate(items: list, mode: str, scope: str) -> None:
+    """Every check a step makes, before any parameter, moment or step count changes."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
+    k_global = None
+    for i, (p, state, h, basis) in enumerate(items):
+        what = f"tensor {i}" if basis is None else f"tensor {i} ({basis[0]!r})"
+        if p.grad is None or p.grad.shape != p.shape:
+            raise ValueError(f"projected AdamW: {what} needs a gradient of shape {tuple(p.shape)}")
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if h.amsgrad else ())
+        for key in keys:
+            if key not in state:
+                raise ValueError(f"projected AdamW: {what} has no state[{key!r}]")
+            if key != "step" and state[key].shape != p.shape:
+                raise ValueError(f"projected AdamW: state[{key!r}] of {what} has shape {tuple(state[key].shape)}, "
+                                 f"expected {tuple(p.shape)}")
+        if basis is None:
+            continue
+        _, u, m_inv = basis
+        if u.dim() != 2 or u.shape[1] != p.numel() or not u.is_floating_point():
+            raise ValueError(f"projected AdamW: basis of {what} has shape {tuple(u.shape)}, expected "
+                             f"[k, {p.numel()}]")
+        if m_inv.shape != (u.shape[0], u.shape[0]):
+            raise ValueError(f"projected AdamW: M^-1 of {what} has shape {tuple(m_inv.shape)}, expected "
+                             f"[{u.shape[0]}, {u.shape[0]}]")
+        if u.device != p.device:
+            raise ValueError(f"projected AdamW: basis of {what} is on {u.device}, the parameter on {p.device}")
+        if scope == "global":
+            if k_global is not None and u.shape[0] != k_global:
+                raise ValueError(f"scope='global' needs one rank for every tensor (got {k_global} and "
+                                 f"{u.shape[0]} at {what})")
+            k_global = u.shape[0]
+
+
 def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tensor", aligned_scale: float = 1.0,
-                   project_weight_decay: bool = False, keep_updates: bool = False,
-                   backend: str = "auto") -> StepResult:
+                   project_weight_decay: bool = False, keep_updates: bool = False, backend: str = "auto",
+                   reduce_dots: Optional[Callable[[Tensor], None]] = None) -> StepResult:
     """Run one projected AdamW step.
 
     ``items``: ``(param, state, StepHyper, basis)`` with ``basis`` None (not projected) or
     ``(name, U [k, N], M^{-1} [k, k] float32)``. Returns per-tensor statistics of the
-    projected tensors (||d||^2 and the removed ||U^T w||^2, float64) and, with
-    ``keep_updates``, the applied directions by parameter. ``backend``: see
-    :mod:`ogpsa.optim.backends` (the compiled CPU kernel takes the tensors it supports for the
-    per-tensor orthogonal rule; ``keep_updates`` needs the torch path)."""
+    projected tensors (||d||^2 and the removed ||d - d'||^2, float64) and, with
+    ``keep_updates``, the applied directions by parameter (``keep_updates`` needs the torch
+    path). ``backend``: see :mod:`ogpsa.optim.backends`. Bad input raises ``ValueError``
+    before anything changes.
+
+    ``reduce_dots`` (distributed training, e.g. parameters sharded across ranks): called
+    exactly once per step, after pass 1 of every tensor and before any parameter is written,
+    with ONE float64 tensor ``[T, K + 1]`` on the device of the first projected parameter (CPU
+    when there is none): row t belongs to the t-th projected item (basis not None, in item
+    order), columns ``0..k_t-1`` hold ``c_t = U_t d_t`` (zero beyond k_t; ``K`` is the
+    largest k), column ``K`` holds ``||d_t||^2``. It must sum the table in place across ranks
+    (``dist.all_reduce``); the step then uses the summed dots (both scopes). It is called even
+    with ``T = 0`` (a ``[0, 1]`` table), so every rank joins the collective.
+    """
+    _validate(items, mode, scope)
+    name = _be.requested(backend)
+    routes = [_be.route(it, name, scope=scope, mode=mode, reduce_dots=reduce_dots, keep_updates=keep_updates)
+              for it in items]
+    groups = _be.triton_groups([(i, it) for i, (it, r) in enumerate(zip(items, routes)) if r == "triton"],
+                               project_weight_decay)
     updates: dict = {}
-    names, before, removed = [], [], []
-    if scope == "tensor" and mode == "orthogonal" and not keep_updates and choose(backend) == "cpu":
-        rest, groups = [], {}
-        for p, state, h, basis in items:
-            if cpu_supports(p, state, basis, h.amsgrad):
-                groups.setdefault(h, []).append((p, state, basis))
-            else:
-                rest.append((p, state, h, basis))
-        for h, group in groups.items():
-            out = cpu_step(group, h, project_weight_decay)
-            for (_, _, basis), row in zip(group, out):
-                if basis is not None:
-                    names.append(basis[0])
-                    before.append(row[0])
-                    removed.append(row[1])
-        items = rest
-    if scope == "tensor":
-        for p, state, h, basis in items:
+    stats: dict = {}  # item position -> (||d||^2, removed), float64 0-d tensors
+    used = sorted(set(routes))
+    if scope == "tensor" and reduce_dots is None:
+        ops: dict = {}
+        for i, (it, r) in enumerate(zip(items, routes)):
+            if r in ("cpu", "cuda"):
+                ops.setdefault((r, it[2]), []).append(i)
+        for grp in groups:
+            grp.begin()
+            for idx, sq, rem in grp.tensor_step(mode, aligned_scale):
+                for j, a, b in zip(idx, sq, rem):
+                    stats[grp.positions[j]] = (a, b)
+        for (_, h), pos in ops.items():
+            out = _be.op_step([(items[i][0], items[i][1], items[i][3]) for i in pos], h, project_weight_decay)
+            for i, row in zip(pos, out):
+                stats[i] = (row[0], row[1])
+        for i, (p, state, h, basis) in enumerate(items):
+            if routes[i] != "torch":
+                continue
             step = _update_moments(p, state, h)
             d = _direction(p, state, h, step, project_weight_decay)
             if basis is not None:
-                name, u, m_inv = basis
+                _, u, m_inv = basis
                 uf = u.float()
-                c = uf @ d
-                w, kappa = mode_weights(c, m_inv, mode, aligned_scale)
+                w, kappa = mode_weights(uf @ d, m_inv.to(d.device), mode, aligned_scale)
                 new = (d * kappa).sub_(uf.T @ w)  # kappa d - U^T w
-                names.append(name)
-                before.append(d.dot(d).double())
-                removed.append((d - new).square().sum().double())
-                d = new
-            _apply(p, d, h, project_weight_decay)
-            if keep_updates:
-                updates[p] = d
-    elif scope == "global":
-        steps, c_sum, m_sum, k = [], None, None, None
-        for p, state, h, basis in items:  # pass 1: moments (written once) and the summed dots
-            step = _update_moments(p, state, h)
-            steps.append(step)
-            if basis is None:
-                continue
-            _, u, _ = basis
-            if k is None:
-                k = u.shape[0]
-            elif u.shape[0] != k:
-                raise ValueError(f"scope='global' needs one rank for every tensor (got {k} and {u.shape[0]})")
-            d = _direction(p, state, h, step, project_weight_decay)
-            uf = u.float()
-            c = uf @ d
-            mm = (uf.double() @ uf.double().T)
-            c_sum = c.double() if c_sum is None else c_sum + c.double()
-            m_sum = mm if m_sum is None else m_sum + mm
-        w = kappa = None
-        if c_sum is not None:
-            w, kappa = mode_weights(c_sum.float(), torch.linalg.inv(m_sum).float(), mode, aligned_scale)
-        for (p, state, h, basis), step in zip(items, steps):  # pass 2: recompute d, subtract, write p
-            d = _direction(p, state, h, step, project_weight_decay)
-            if w is not None:
-                new = d * kappa
-                if basis is not None:
-                    name, u, _ = basis
-                    new.sub_(u.float().T @ w.to(d.device))
-                    names.append(name)
-                    before.append(d.dot(d).double())
-                    removed.append((d - new).square().sum().double())
+                stats[i] = (d.dot(d).double(), (d - new).square().sum().double())
                 d = new
             _apply(p, d, h, project_weight_decay)
             if keep_updates:
                 updates[p] = d
     else:
-        raise ValueError(f"scope={scope!r} is not one of ('tensor', 'global')")
-    stats = None
+        _two_passes(items, routes, groups, stats, updates, mode=mode, scope=scope, aligned_scale=aligned_scale,
+                    project_weight_decay=project_weight_decay, keep_updates=keep_updates, reduce_dots=reduce_dots)
+    names = [basis[0] for basis in (it[3] for it in items) if basis is not None]
+    result = None
     if names:
-        sq_before = torch.stack(before)
-        removed_sq = torch.stack(removed).clamp_min(0)
+        pos = [i for i, it in enumerate(items) if it[3] is not None]
+        home = items[pos[0]][0].device
+        sq_before = torch.stack([stats[i][0].to(home, torch.float64) for i in pos])
+        removed_sq = torch.stack([stats[i][1].to(home, torch.float64) for i in pos]).clamp_min(0)
         sq_after = (sq_before - removed_sq).clamp_min(0)
-        stats = ProjectionStats(sq_before=sq_before, sq_after=sq_after, removed_sq=removed_sq,
-                                total_norm=sq_after.sum().sqrt(), clip_coef=torch.ones((), dtype=torch.float64),
-                                names=names, backends=("torch",))
-    return StepResult(stats=stats, updates=updates)
+        result = ProjectionStats(sq_before=sq_before, sq_after=sq_after, removed_sq=removed_sq,
+                                 total_norm=sq_after.sum().sqrt(),
+                                 clip_coef=torch.ones((), dtype=torch.float64, device=home), names=names,
+                                 backends=tuple(used))
+    return StepResult(stats=result, updates=updates)
+
+
+def _two_passes(items: list, routes: list, groups: list, stats: dict, updates: dict, *, mode: str, scope: str,
+                aligned_scale: float, project_weight_decay: bool, keep_updates: bool,
+                reduce_dots: Optional[Callable[[Tensor], None]]) -> None:
+    """Pass 1 for every tensor, the stacked pass-1 table (``reduce_dots``), the tiny step, pass 2."""
+    proj = [i for i, it in enumerate(items) if it[3] is not None]
+    home = items[proj[0]][0].device if proj else (items[0][0].device if items else torch.device("cpu"))
+    k = max([items[i][3][1].shape[0] for i in proj] + [0])
+    row_of = {i: r for r, i in enumerate(proj)}
+    table = torch.zeros(len(proj), k + 1, dtype=torch.float64, device=home)
+    # pass 1: moments written once, dots into the table
+    steps: dict = {}
+    for i, (p, state, h, basis) in enumerate(items):
+        if routes[i] != "torch":
+            continue
+        steps[i] = _update_moments(p, state, h)
+        if basis is None:
+            continue
+        d = _direction(p, state, h, steps[i], project_weight_decay)
+        c = basis[1].float() @ d
+        r = row_of[i]
+        table[r, :c.numel()] = c.to(home, torch.float64)
+        table[r, k] = d.dot(d).to(home, torch.float64)
+    for grp in groups:
+        grp.begin()
+        rows, _ = grp.dots()
+        sel = [j for j, pos in enumerate(grp.positions) if pos in row_of]
+        if sel:
+            part = rows[sel].to(home)
+            gk = grp.k_max  # <= k when the group has a projected tensor
+            block = torch.zeros(len(sel), k + 1, dtype=torch.float64, device=home)
+            block[:, :gk] = part[:, :gk]
+            block[:, k] = part[:, gk]
+            table.index_copy_(0, torch.tensor([row_of[grp.positions[j]] for j in sel], device=home), block)
+    if reduce_dots is not None:
+        reduce_dots(table)  # exactly once: sums the pass-1 table across ranks, in place
+    c, sq = table[:, :k], table[:, k]
+    # the tiny step (float64)
+    kappa_all = 1.0  # global scope: the factor of every tensor, projected or not
+    if proj:
+        grams = _be.padded_stack([_be.gram64(items[i][3][1]) for i in proj], k, home)
+        if scope == "global":
+            w1, kappa_all = mode_weights(c.sum(0), torch.linalg.inv(grams.sum(0)), mode, aligned_scale)
+            w = w1.expand(len(proj), k)
+            kappa = torch.full((len(proj),), float(kappa_all), dtype=torch.float64, device=home)
+        else:
+            minv = _be.padded_stack([items[i][3][2] for i in proj], k, home)
+            ks = torch.tensor([items[i][3][1].shape[0] for i in proj], dtype=torch.int64, device=home)
+            w, kappa = _be.tensor_weights(c, minv, ks, mode, aligned_scale)
+        rem = _be.removed_sq(sq, c, w, kappa, grams)
+        for i in proj:
+            stats[i] = (sq[row_of[i]], rem[row_of[i]])
+    # pass 2
+    for i, (p, state, h, basis) in enumerate(items):
+        if routes[i] != "torch":
+            continue
+        d = _direction(p, state, h, steps[i], project_weight_decay)
+        if basis is not None:
+            r = row_of[i]
+            wi = w[r, :basis[1].shape[0]].to(d.device, torch.float32)
+            new = (d * kappa[r].to(d.device, torch.float32)).sub_(basis[1].float().T @ wi)
+            stats[i] = (stats[i][0], (d - new).square().sum().double())
+            d = new
+        elif kappa_all != 1.0:
+            d = d * kappa_all
+        _apply(p, d, h, project_weight_decay)
+        if keep_updates:
+            updates[p] = d
+    for grp in groups:
+        n = len(grp.positions)
+        gw = torch.zeros(n, grp.k_max, dtype=torch.float64, device=home)
+        gk = torch.full((n,), float(kappa_all), dtype=torch.float64, device=home)
+        sel = [j for j, pos in enumerate(grp.positions) if pos in row_of]
+        if sel:
+            src = torch.tensor([row_of[grp.positions[j]] for j in sel], device=home)
+            dst = torch.tensor(sel, device=home)
+            kw = min(k, grp.k_max)
+            gw[dst, :kw] = w[src, :kw]
+            gk[dst] = kappa[src]
+        grp.apply_(gw, gk)
