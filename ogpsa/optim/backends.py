@@ -244,6 +244,14 @@ def gram64(u: Tensor) -> Tensor:
     return _CACHE.get([u], ("gram64",), build)
 
 
+def gram_of(basis: tuple) -> Tensor:
+    """M = U U^T of a ``(name, U, M^-1[, M])`` basis: the given M (the whole tensor's, when U is
+    a shard), else computed from U (float64, cached)."""
+    if len(basis) > 3 and basis[3] is not None:
+        return basis[3]
+    return gram64(basis[1])
+
+
 def padded_stack(mats: list, k: int, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
     """``[T, k, k]`` of the matrices (zero padded; None gives zeros), cached by their identity."""
     def build() -> Tensor:
@@ -315,7 +323,7 @@ class _Subset:
         minvs = [b[2] if b is not None else None for _, _, _, b in items]
         self.minv32 = padded_stack(minvs, k, dev, torch.float32)
         self.minv64 = padded_stack(minvs, k, dev, torch.float64)
-        self.gram = padded_stack([gram64(u) if u is not None else None for u in us], k, dev)
+        self.gram = padded_stack([gram_of(b) if b is not None else None for _, _, _, b in items], k, dev)
         self.ks = torch.tensor(ks, dtype=torch.int64).to(dev)
 
 
@@ -337,8 +345,8 @@ class TritonGroup:
 
     def subset(self, idx: list, chunk: int, rows: int) -> _Subset:
         its = [self.items[i] for i in idx]
-        stable = [t for p, s, _, b in its for t in (p, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"),
-                                                    None if b is None else b[1], None if b is None else b[2])]
+        stable = [t for p, s, _, b in its for t in (p, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"))
+                  + ((None, None, None) if b is None else (b[1], b[2], b[3] if len(b) > 3 else None))]
         extra = ("adamw", chunk, rows, self.p_dtype, self.u_dtype, self.amsgrad, self.k_max)
         return _CACHE.get(stable, extra, lambda: _Subset(self, idx, chunk, rows))
 

@@ -103,12 +103,15 @@ def _validate(items: list, mode: str, scope: str) -> None:
                                  f"expected {tuple(p.shape)}")
         if basis is None:
             continue
-        _, u, m_inv = basis
+        u, m_inv = basis[1], basis[2]
         if u.dim() != 2 or u.shape[1] != p.numel() or not u.is_floating_point():
             raise ValueError(f"projected AdamW: basis of {what} has shape {tuple(u.shape)}, expected "
                              f"[k, {p.numel()}]")
         if m_inv.shape != (u.shape[0], u.shape[0]):
             raise ValueError(f"projected AdamW: M^-1 of {what} has shape {tuple(m_inv.shape)}, expected "
+                             f"[{u.shape[0]}, {u.shape[0]}]")
+        if len(basis) > 3 and basis[3] is not None and basis[3].shape != m_inv.shape:
+            raise ValueError(f"projected AdamW: M of {what} has shape {tuple(basis[3].shape)}, expected "
                              f"[{u.shape[0]}, {u.shape[0]}]")
         if u.device != p.device:
             raise ValueError(f"projected AdamW: basis of {what} is on {u.device}, the parameter on {p.device}")
@@ -125,8 +128,11 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
     """Run one projected AdamW step.
 
     ``items``: ``(param, state, StepHyper, basis)`` with ``basis`` None (not projected) or
-    ``(name, U [k, N], M^{-1} [k, k] float32)``. Returns per-tensor statistics of the
-    projected tensors (||d||^2 and the removed ||d - d'||^2, float64) and, with
+    ``(name, U [k, N], M^{-1} [k, k] float32)`` or ``(name, U, M^{-1}, M)``, M the Gram
+    ``U U^T`` of the whole tensor's basis (needed when U is a shard of it, see ``reduce_dots``;
+    else computed from U once and cached). ``N`` may be 0 (an empty shard). Returns per-tensor
+    statistics of the projected tensors (||d||^2 and the removed ||d - d'||^2, float64; with
+    ``reduce_dots`` the whole tensors', from the summed table and M) and, with
     ``keep_updates``, the applied directions by parameter (``keep_updates`` needs the torch
     path). ``backend``: see :mod:`ogpsa.optim.backends`. Bad input raises ``ValueError``
     before anything changes.
@@ -169,7 +175,7 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
             step = _update_moments(p, state, h)
             d = _direction(p, state, h, step, project_weight_decay)
             if basis is not None:
-                _, u, m_inv = basis
+                u, m_inv = basis[1], basis[2]
                 uf = u.float()
                 w, kappa = mode_weights(uf @ d, m_inv.to(d.device), mode, aligned_scale)
                 new = (d * kappa).sub_(uf.T @ w)  # kappa d - U^T w
@@ -235,7 +241,7 @@ def _two_passes(items: list, routes: list, groups: list, stats: dict, updates: d
     # the tiny step (float64)
     kappa_all = 1.0  # global scope: the factor of every tensor, projected or not
     if proj:
-        grams = _be.padded_stack([_be.gram64(items[i][3][1]) for i in proj], k, home)
+        grams = _be.padded_stack([_be.gram_of(items[i][3]) for i in proj], k, home)
         if scope == "global":
             w1, kappa_all = mode_weights(c.sum(0), torch.linalg.inv(grams.sum(0)), mode, aligned_scale)
             w = w1.expand(len(proj), k)
@@ -255,9 +261,7 @@ def _two_passes(items: list, routes: list, groups: list, stats: dict, updates: d
         if basis is not None:
             r = row_of[i]
             wi = w[r, :basis[1].shape[0]].to(d.device, torch.float32)
-            new = (d * kappa[r].to(d.device, torch.float32)).sub_(basis[1].float().T @ wi)
-            stats[i] = (stats[i][0], (d - new).square().sum().double())
-            d = new
+            d = (d * kappa[r].to(d.device, torch.float32)).sub_(basis[1].float().T @ wi)
         elif kappa_all != 1.0:
             d = d * kappa_all
         _apply(p, d, h, project_weight_decay)
