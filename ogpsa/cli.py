@@ -57,7 +57,7 @@ def info() -> dict:
 
 
 # name -> module with an info() -> dict; extensions add themselves here.
-EXTRA_INFO: dict[str, str] = {"extension": "ogpsa.backends.cext"}
+EXTRA_INFO: dict[str, str] = {"extension": "ogpsa.backends.cext", "adamw_backends": "ogpsa.optim.backends"}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -310,7 +310,8 @@ def test_info_reports_build(capsys):
     data = cli.info()
     ext = data["extension"]
     assert ext["built"] is True and ext["openmp"] is True
-    assert set(ext["ops"]) == {"dots", "update_", "gram", "combine", "fused_project_"}
+    assert {"dots", "update_", "gram", "combine", "fused_project_", "projected_adamw_"} <= set(ext["ops"])
+    assert "adamw_backends" in data and data["adamw_backends"]["torch"] is True
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("ogpsa::dots", "CUDA")
     assert ext["cuda_kernels"] is has_cuda_kernel
     if ext["cuda_kernels"]:

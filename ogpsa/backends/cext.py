@@ -63,7 +63,8 @@ def info() -> dict:
         "cuda_archs": b["cuda_archs"],
         "openmp": bool(b["openmp"]),
         "cpu_threads": torch.get_num_threads(),
-        "ops": sorted(n for n in ("dots", "update_", "gram", "combine", "fused_project_")
+        "ops": sorted(n for n in ("dots", "update_", "gram", "combine", "fused_project_", "projected_adamw_",
+                                  "projected_adamw_pass1_", "projected_adamw_pass2_")
                       if hasattr(torch.ops.ogpsa, n)),
     }
 
