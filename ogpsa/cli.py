@@ -11,8 +11,10 @@ from typing import Optional, Sequence
 # name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ogpsa.cli", "versions, backends, CUDA/Triton presence"),
-    "bench": ("ogpsa.bench", "time projection + clipping: reference, pure PyTorch, authors' hooks, backends, copy"),
-    "demo": ("ogpsa.demo", "offline forgetting experiment: safety-tuning with and without OGPSA (table + plot)"),
+    "bench": ("ogpsa.bench", "benchmarks: projection + clipping per backend vs the PyTorch reference, the authors' hooks and a copy "
+              "(--suite cpu|gpu), the training-loop overhead (--suite loop), projected AdamW (--suite adamw)"),
+    "demo": ("ogpsa.demo", "offline forgetting experiment: the paper's arms (plain, OGPSA gradient/update space, replay, merge, "
+             "LoRA) on a competent tiny base; matched-safety table + Pareto plot"),
     "train": ("ogpsa.train_cli", "OGPSA safety fine-tuning with TRL (SFT or DPO), offline, on a local or tiny model"),
 }
 
