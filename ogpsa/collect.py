@@ -197,7 +197,7 @@ def collect_reference_gradients(
     if config is not None and not isinstance(config, OGPSAConfig):
         raise TypeError(f"config must be an ogpsa.OGPSAConfig or None, got {type(config).__name__}")
     if batch_size is None:
-        batch_size = config.reference_batch_size if config is not None else OGPSAConfig.reference_batch_size
+        batch_size = getattr(config, "reference_batch_size", None) or OGPSAConfig.reference_batch_size
     if averaging is None:
         averaging = config.reference_averaging if config is not None else OGPSAConfig.reference_averaging
     if averaging not in REFERENCE_AVERAGING:

@@ -14,6 +14,8 @@ reference set (one reference gradient; see :mod:`ogpsa.collect` for the formats)
 command runs anywhere; any other value is a local Hugging Face checkpoint directory (nothing
 is downloaded). Defaults mirror the original work: lr 1e-6 (1e-4 for ``tiny``),
 ``max_grad_norm`` 1.0, 200 reference samples per set, refresh every 30 (SFT) / 5 (DPO) steps.
+Reference collection shows a progress bar; at the end one line reports the subspace refreshes,
+their seconds and their share of training time (also in ``ogpsa_train_summary.json``).
 """
 
 from __future__ import annotations
@@ -193,6 +195,9 @@ def _prepare(args: argparse.Namespace) -> Any:
         raise UsageError("--ref-model is for --stage dpo")
     if args.subspace and not os.path.exists(args.subspace):
         raise UsageError(f"--subspace {args.subspace!r} does not exist")
+    if args.space == "update" and not args.no_ogpsa and args.optim != "adamw_torch":
+        raise UsageError(f"--space update projects the AdamW direction and needs --optim adamw_torch "
+                         f"(got --optim {args.optim}); use --space gradient with other optimizers")
     train_rows = read_jsonl(args.data)
     references = [read_jsonl(p) for p in args.reference]
     config = ogpsa.OGPSAConfig(**_config_kwargs(args))
@@ -220,8 +225,7 @@ def _prepare(args: argparse.Namespace) -> Any:
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                  target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()])
     ogpsa_kwargs = dict(ogpsa_config=config, reference_datasets=references or None, refresh_every=args.refresh_every,
-                        subspace=args.subspace, reference_batch_size=args.reference_batch_size,
-                        reference_progress=True)
+                        subspace=args.subspace, reference_batch_size=args.reference_batch_size)
     dataset = Dataset.from_list(train_rows)
     if args.stage == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -265,10 +269,15 @@ def _train(args: argparse.Namespace, trainer: Any) -> int:
     tok.save_pretrained(args.output)
     summary = {"stage": args.stage, "output": args.output, "steps": trainer.state.global_step,
                "train_loss": result.training_loss}
-    if not args.no_ogpsa:
-        summary["refresh_steps"] = trainer.ogpsa.refresh_steps
-        summary["subspace"] = trainer.ogpsa.subspace.memory_report()
+    og = None if args.no_ogpsa else trainer.ogpsa
+    if og is not None:
+        summary["refresh_steps"] = og.refresh_steps
+        summary["subspace"] = og.subspace.memory_report()
+        summary["space"] = og.config.space
+        summary["refresh"] = og.timing()  # refreshes, refresh_seconds, train_seconds, refresh_share
     with open(os.path.join(args.output, "ogpsa_train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
+    if og is not None:
+        print(og.timing_summary())  # one line: refreshes, their seconds, their share of training time
     return 0

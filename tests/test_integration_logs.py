@@ -1,4 +1,6 @@
-"""Issue 16 (4, 5): ogpsa/* metrics reach the Trainer's reporters; stage refresh defaults.
+"""Issue 16 (4, 5, 9), 17 (1), 13 (4) in the integrations: ogpsa/* metrics (projection statistics
+and refresh timing) reach the Trainer's reporters; stage refresh defaults; the trainers' reference
+collection follows the config's averaging and batch size, with a progress bar on by default.
 
 A reporting callback (TensorBoard, W&B...) sits *before* user callbacks in the Trainer's list;
 ``Reporter`` here is put before ``OGPSACallback`` the same way and records what ``on_log`` shows it.
@@ -49,6 +51,14 @@ def _dpo_data(n=4):
                                        "rejected": [f"yes {i}" for i in range(n)]})
 
 
+def _check_timing(seen):
+    """ogpsa/refresh_seconds is cumulative (never decreases, > 0 after the step-0 build) and
+    ogpsa/refresh_share is refresh time / train time so far, in (0, 1]."""
+    secs = [e["ogpsa/refresh_seconds"] for e in seen]
+    assert secs[0] > 0 and secs == sorted(secs), secs
+    assert all(0.0 < e["ogpsa/refresh_share"] <= 1.0 for e in seen), seen
+
+
 def test_callback_metrics_reach_a_reporter_listed_before_it(tok, tmp_path):
     ids = [tok(f"general text {i:02d}.").input_ids for i in range(4)]
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
@@ -63,6 +73,7 @@ def test_callback_metrics_reach_a_reporter_listed_before_it(tok, tmp_path):
     assert len(rep.seen) == 2
     for logs in rep.seen:
         assert 0.0 <= logs["ogpsa/removed_fraction"] <= 1.0 and "ogpsa/cosine" in logs, logs
+    _check_timing(rep.seen)
     assert trainer.callback_handler.callbacks[0] is cb
 
 
@@ -75,6 +86,11 @@ def test_trainer_metrics_reach_reporters(tok, tmp_path):
     assert "ogpsa" in (getattr(trainer.model, "model_tags", None) or [])  # model-card tag
     trainer.train()
     assert len(rep.seen) == 2 and all("ogpsa/removed_fraction" in e for e in rep.seen)
+    _check_timing(rep.seen)
+    t = trainer.ogpsa.timing()
+    assert t["refreshes"] == 1 and t["refresh_seconds"] == rep.seen[-1]["ogpsa/refresh_seconds"]
+    assert 0 < t["refresh_seconds"] <= t["train_seconds"]
+    assert t["refresh_share"] == pytest.approx(t["refresh_seconds"] / t["train_seconds"])
 
 
 @pytest.mark.parametrize("config, refresh, expected", [
@@ -139,3 +155,60 @@ def test_trl_native_config_fields_drive_the_trainer(tok, tmp_path):
     sft = OGPSASFTTrainer(model=tiny_llama(tok, hidden=32, layers=1, seed=0), args=sargs, train_dataset=data,
                           processing_class=tok, refresh_every=7)
     assert sft.ogpsa.refresh_every == 7
+
+
+VARIED = [["a", "the cat sat on the mat.", "2+3=5 and 4+4=8, so", "hello world"]]  # unequal lengths
+
+
+def _direct_subspace(model, tok, config, **kw):
+    """The subspace collect_reference_gradients + Subspace.from_gradients give outside a trainer."""
+    from ogpsa.collect import collect_reference_gradients
+
+    grads, _ = collect_reference_gradients(model, VARIED, tokenizer=tok, progress=False, **kw)
+    return ogpsa.Subspace.from_gradients(grads, config)
+
+
+def _max_rel_diff(a, b):
+    return max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a.bases, b.bases) if y.numel())
+
+
+@pytest.mark.parametrize("where", ["config", "trainer_argument"])
+def test_trainer_collects_with_the_configs_averaging_and_batch_size(tok, tmp_path, where):
+    """reference_averaging="batch", batch size 4 (train batch size 2): the trainer's step-0 subspace is
+    the one collect_reference_gradients gives with those settings, not the example-averaged one, nor
+    the one batched by the train batch size."""
+    model = tiny_llama(tok, hidden=32, layers=1, seed=3)
+    initial = copy.deepcopy(model)
+    if where == "config":
+        config, kw = ogpsa.OGPSAConfig(reference_averaging="batch", reference_batch_size=4), {}
+    else:
+        config, kw = ogpsa.OGPSAConfig(reference_averaging="batch"), {"reference_batch_size": 4}
+    data = datasets.Dataset.from_dict({"text": [f"sorry, i cannot help {i}." for i in range(4)]})
+    sft = OGPSASFTTrainer(model=model, args=_args(tmp_path, trl.SFTConfig, max_steps=1), train_dataset=data,
+                          processing_class=tok, reference_datasets=VARIED, ogpsa_config=config, refresh_every=0, **kw)
+    sft.train()
+    got = sft.ogpsa.subspace
+    want = _direct_subspace(initial, tok, config, averaging="batch", batch_size=4)
+    assert got.names == want.names and _max_rel_diff(got, want) <= 1e-6
+    for other in (dict(averaging="example", batch_size=4), dict(averaging="batch", batch_size=2)):
+        assert _max_rel_diff(got, _direct_subspace(initial, tok, config, **other)) > 1e-3, other
+
+
+def test_trainer_collection_progress_bar_on_by_default(tok, tmp_path, capfd):
+    data = datasets.Dataset.from_dict({"text": [f"sorry, i cannot help {i}." for i in range(4)]})
+    bar = "ogpsa reference gradients"
+    for disable, shown in ((None, True), (True, False)):
+        args = _args(tmp_path / str(disable), trl.SFTConfig, max_steps=1, disable_tqdm=disable)
+        assert args.disable_tqdm is bool(disable)
+        capfd.readouterr()
+        OGPSASFTTrainer(model=tiny_llama(tok, hidden=32, layers=1, seed=0), args=args, train_dataset=data,
+                        processing_class=tok, reference_datasets=REFERENCE).train()
+        assert (bar in capfd.readouterr().err) is shown, disable
+    # the callback follows the same switch
+    ids = [tok(f"general text {i:02d}.").input_ids for i in range(4)]
+    capfd.readouterr()
+    Trainer(model=tiny_llama(tok, hidden=32, layers=1, seed=0),
+            args=_args(tmp_path / "cb", max_steps=1, disable_tqdm=None),
+            train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}), processing_class=tok,
+            callbacks=[OGPSACallback(reference_datasets=REFERENCE)]).train()
+    assert bar in capfd.readouterr().err

@@ -89,6 +89,26 @@ def test_state_dict_and_save_pretrained_round_trip(tmp_path):
     assert og3.step == 6 and og3.built_at == 6  # the schedule continues: next refresh at step 6
 
 
+def test_timing_and_metrics_of_a_hand_written_loop():
+    model, opt, og = _make()
+    t0 = og.timing()
+    assert t0["refreshes"] == 1 and 0 < t0["refresh_seconds"] <= t0["train_seconds"]
+    for s in range(3):
+        _train_step(model, opt, s)
+    m = og.pop_metrics()
+    assert m["ogpsa/refreshes"] == 2.0  # the build at step 0 and the refresh at step 3
+    assert 0.0 < m["ogpsa/removed_fraction"] < 1.0 and 0.0 < m["ogpsa/cosine"] <= 1.0
+    t = og.timing()
+    assert t["refreshes"] == 2 and t["refresh_seconds"] > t0["refresh_seconds"]
+    assert m["ogpsa/refresh_seconds"] == t["refresh_seconds"] and 0.0 < m["ogpsa/refresh_share"] <= 1.0
+    assert t["refresh_share"] == t["refresh_seconds"] / t["train_seconds"]
+    again = og.pop_metrics()  # nothing happened since: no projection statistics, no refresh
+    assert again["ogpsa/refreshes"] == 0.0 and "ogpsa/removed_fraction" not in again
+    assert og.timing_summary().startswith("ogpsa: 2 subspace refresh(es) took ")
+    og.stop_clock()
+    assert og.timing()["train_seconds"] == og.timing()["train_seconds"]  # frozen
+
+
 def test_bad_arguments():
     import pytest
 

@@ -263,6 +263,13 @@ def test_resume_restores_the_basis_bit_identically_and_continues(tok, tmp_path):
     ckpt = tmp_path / "a" / "checkpoint-2"
     saved = ogpsa.Subspace.load(str(ckpt / SUBSPACE_FILE))
     assert saved.equal(full_rec.subspaces[1])  # the basis in use when checkpoint-2 was written
+    # One object: a trainer checkpoint is what OGPSA.save_pretrained writes, so a hand-written loop resumes it.
+    loop_model = model_for(tok, seed=4)
+    og = ogpsa.OGPSA.from_pretrained(ckpt, loop_model, torch.optim.SGD(loop_model.parameters(), lr=0.1),
+                                     reference=REFERENCE, tokenizer=tok, progress=False)
+    assert og.subspace.equal(saved) and (og.step, og.built_at, og.refresh_every) == (2, 0, 3)
+    assert og.refresh_steps == [0]
+    og.remove()
     # Resume into a copy of the run directory and continue to step 4.
     import shutil
 
@@ -291,7 +298,7 @@ def test_plain_trainer_callback(tok, tmp_path):
                                            max_grad_norm=0.0))
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[cb, rec])
     trainer.train()
-    assert cb.engine.refresh_steps == [0, 2]
+    assert cb.ogpsa.refresh_steps == [0, 2] and cb.engine is cb.ogpsa
     assert max(rec.ratios) <= TOL, rec.ratios
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert all("ogpsa/removed_fraction" in e and "ogpsa/cosine" in e for e in logs)
@@ -352,6 +359,13 @@ def test_ogpsa_train_cli_sft_then_dpo(tmp_path, capsys):
     assert rc == 0
     summary = json.loads((tmp_path / "sft" / "ogpsa_train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["refresh_steps"] == [0, 1]
+    # refresh cost: in the summary file and as the last printed line
+    timing = summary["refresh"]
+    assert timing["refreshes"] == 2 and 0 < timing["refresh_seconds"] <= timing["train_seconds"]
+    assert timing["refresh_share"] == pytest.approx(timing["refresh_seconds"] / timing["train_seconds"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"ogpsa: 2 subspace refresh\(es\) took \d+\.\d\ds of \d+\.\d\ds training "
+                        r"\(\d+\.\d%\)", last), last
     assert "rank 2..2" in summary["subspace"]
     sft_sub = ogpsa.Subspace.load(os.path.join(sft_out, SUBSPACE_FILE))
     # DPO from the SFT checkpoint (model + tokenizer reloaded offline) and its basis, no refresh.
