@@ -188,7 +188,7 @@ def test_readme_table_equals_the_committed_result_file():
     assert blocks, "README has no benchmark block"
     assert any(b.group(1) is None for b in blocks), "README has no default (CPU) benchmark block"
     for b in blocks:
-        m = re.search(r"Source: \[`([^`]+/results\.json)`\]", b.group(0))
+        m = re.search(r"Source: \[`([^`]+/(?:results|loop|adamw)\.json)`\]", b.group(0))
         assert m, f"README block {b.group(1)!r} does not name its result file"
         src = ROOT / m.group(1)
         assert src.is_file(), f"{src} is not in the repository"
@@ -233,12 +233,25 @@ def _run_loop_cli(tmp_path, *extra):
     from ogpsa.cli import main
 
     return main(["bench", "--suite", "loop", "--out", str(tmp_path), "--steps", "2", "--warmup", "1",
-                 "--hidden", "32", "--layers", "1", "--seq", "8", "--batch", "2", *extra])
+                 "--hidden", "32", "--layers", "1", "--seq", "8", "--batch", "2", "--repeats", "2", *extra])
 
 
-def test_loop_suite_smoke_reports_step_and_projection_ratios(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory):
+    """One tiny loop-suite run (both workloads, 2 repeats of 2 iterations) for the tests below."""
+    import contextlib
+    import io
+
     pytest.importorskip("transformers")
-    assert _run_loop_cli(tmp_path) == 0
+    out, buf = tmp_path_factory.mktemp("loop"), io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = _run_loop_cli(out)
+    return rc, out, buf.getvalue()
+
+
+def test_loop_suite_smoke_reports_step_and_projection_ratios(loop_run):
+    rc, tmp_path, out = loop_run
+    assert rc == 0
     data = json.loads((tmp_path / "loop.json").read_text())
     rows = {r["workload"]: r for r in data["results"]}
     assert set(rows) == {"lora", "full"}
@@ -247,17 +260,22 @@ def test_loop_suite_smoke_reports_step_and_projection_ratios(tmp_path, capsys):
             assert name == "lora" and "peft" in r["reason"]
             continue
         for key in ("adamw_step_ms", "ogpsa_step_ms", "project_fresh_ms", "project_reused_ms"):
-            assert r[key] > 0 and len(r["raw_ms"][key.split("_")[0] if "step" in key else key.split("_")[1]]) == 2
+            assert r[key] > 0 and len(r["raw_ms"][key.split("_")[0] if "step" in key else key.split("_")[1]]) == 4
         assert r["step_ratio"] == pytest.approx(r["ogpsa_step_ms"] / r["adamw_step_ms"])
         assert r["fresh_over_reused"] == pytest.approx(r["project_fresh_ms"] / r["project_reused_ms"])
-        # per step: one projection in the hooked step, one per explicit project(); the paused
-        # step and the steps after project() add none
-        assert r["projections"] == 3 * (r["warmup"] + r["steps"])
+        raw = r["raw_ms"]
+        paired = sorted(a / b for a, b in zip(raw["ogpsa"], raw["adamw"]))
+        assert r["step_ratio_paired"] == pytest.approx((paired[1] + paired[2]) / 2, rel=1e-3)  # rounded raw
+        # two repeats of 2 iterations, each with its own medians and load average
+        assert len(r["repeat_results"]) == 2 and all("loadavg_1min" in x for x in r["repeat_results"])
+        # per iteration: one projection in the hooked step, one per explicit project(); the
+        # paused step and the steps after project() add none
+        assert r["projections"] == 3 * (r["warmup"] + r["repeats"] * r["steps"])
     if rows["lora"]["status"] == "ok":
         assert rows["lora"]["trainable_tensors"] == 14  # A and B of 7 linears in 1 layer
     md = (tmp_path / "loop.md").read_text()
-    assert "step ratio" in md and "Targets" in md
-    out = capsys.readouterr().out
+    assert "step ratio" in md and "Targets" in md and "Per repeat" in md
+    assert all(("met" in t or "short" in t) for t in data["targets"] if "target <=" in t)
     assert "optimizer.step() with OGPSA / AdamW alone" in out
     assert (tmp_path / "loop.png").read_bytes()[:4] == b"\x89PNG" and "loop.png" in out
 
@@ -287,3 +305,141 @@ def test_default_output_is_ignored_and_publish_is_explicit():
     ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(probe)])
     assert ignored.returncode == 0, f"{probe} is not ignored by git"
     assert default_out(torch.device("cpu"), publish=True).is_relative_to(ROOT / "benchmarks" / "results")
+
+
+# ----------------------------------------------------------------------------------------
+# timing: explicit warm-up calls, never samples (a fake clock: nothing here depends on speed)
+# ----------------------------------------------------------------------------------------
+
+
+def _fake_clock(monkeypatch, durations):
+    """``fn`` advancing a fake clock by ``durations[i]`` seconds on its i-th call (the last
+    value repeats); returns (fn, calls)."""
+    from ogpsa.bench import timing
+
+    now, calls = [0.0], []
+    monkeypatch.setattr(timing, "_clock", lambda: now[0])
+
+    def fn():
+        now[0] += durations[min(len(calls), len(durations) - 1)]
+        calls.append(1)
+
+    return fn, calls
+
+
+def test_time_fn_slow_first_call_is_a_warmup_never_a_sample(monkeypatch):
+    fn, calls = _fake_clock(monkeypatch, [5.0, 0.001])  # a 5 s compile, then 1 ms calls
+    t = bench.time_fn(fn, torch.device("cpu"), budget_s=0.0045, min_reps=3, max_reps=5)
+    assert t.warmup_ms == pytest.approx([5000.0])
+    assert len(t.times_ms) == 4 and t.times_ms == pytest.approx([1.0] * 4)  # 4.5 ms budget / 1 ms
+    assert t.median == pytest.approx(1.0) and len(calls) == 1 + 4 and t.warm
+
+
+def test_time_fn_several_warmups_and_a_contender_slow_when_warm(monkeypatch):
+    fn, calls = _fake_clock(monkeypatch, [9.0, 0.5, 0.002])
+    t = bench.time_fn(fn, torch.device("cpu"), budget_s=1.0, min_reps=3, max_reps=5, warmup=2)
+    assert t.warmup_ms == pytest.approx([9000.0, 500.0])
+    assert t.times_ms == pytest.approx([2.0] * 5)  # reps from the first sample, at most max_reps
+    fn, calls = _fake_clock(monkeypatch, [3.0])  # slower than slow_s even when warm: one timed sample
+    t = bench.time_fn(fn, torch.device("cpu"), slow_s=2.0)
+    assert t.warmup_ms == pytest.approx([3000.0]) and t.times_ms == pytest.approx([3000.0]) and len(calls) == 2
+    with pytest.raises(ValueError, match="warmup"):
+        bench.time_fn(fn, torch.device("cpu"), warmup=0)
+
+
+# ----------------------------------------------------------------------------------------
+# the projected-AdamW suite
+# ----------------------------------------------------------------------------------------
+
+
+def test_adamw_byte_floors_per_element():
+    from ogpsa.bench import adamw
+
+    params = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(3, 7))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for k in (1, 2, 4):
+        b = adamw.byte_counts(params, [torch.ones(k, p.numel()) for p in params])
+        n = 31
+        assert b["numel"] == n and b["bytes_adamw"] == 28 * n  # read g, p, m, v; write p, m, v
+        assert b["bytes_projected"] == (36 + 8 * k) * n  # + m, v re-read in pass 2 + the rows twice
+        assert b["bytes_one_pass"] == (28 + 4 * k) * n and b["bytes_separate"] == (40 + 8 * k) * n
+    bf = [torch.nn.Parameter(torch.ones(6, dtype=torch.bfloat16))]
+    bf[0].grad = torch.ones_like(bf[0])
+    b = adamw.byte_counts(bf, [torch.ones(2, 6, dtype=torch.bfloat16)])
+    assert b["bytes_adamw"] == (2 + 4 + 16) * 6 and b["bytes_projected"] == (2 + 4 + 24 + 2 * 2 * 2) * 6
+
+
+def test_adamw_backends_are_timed_only_where_they_run(monkeypatch):
+    from ogpsa.bench import adamw
+
+    monkeypatch.delenv("OGPSA_BACKEND", raising=False)
+    got = dict(adamw.projected_backends(torch.device("cpu")))
+    assert got["torch"] is None and "no CUDA device" in got["triton"] and "no CUDA device" in got["cuda"]
+    from ogpsa.optim import backends as ob
+
+    assert (got["cpu"] is None) == ob.cpu_kernel_available()
+    monkeypatch.setenv("OGPSA_BACKEND", "torch")
+    got = dict(adamw.projected_backends(torch.device("cpu")))
+    assert got["torch"] is None and "OGPSA_BACKEND=torch" in got["cpu"]
+
+
+def test_adamw_contenders_each_take_a_real_step():
+    """Every contender changes the parameters and the shared moments; the separate gradient
+    projection projects at every call (its setup marks the fixed gradients as rewritten)."""
+    from ogpsa.bench import adamw
+
+    case = adamw._Case(bench.tiny_workload(), 2, torch.device("cpu"))
+    contenders = adamw.build_adamw_contenders(case, torch.device("cpu"))
+    ran = []
+    for c in contenders:
+        if "fn" not in c:
+            assert c["skip"].strip()
+            continue
+        before = [p.detach().clone() for p in case.params]
+        m0 = case.moments[0][0].clone()
+        for _ in range(2):
+            if c.get("setup"):
+                c["setup"]()
+            c["fn"]()
+        assert max(float((p.detach() - b).abs().max()) for p, b in zip(case.params, before)) > 0, c["name"]
+        assert not torch.equal(case.moments[0][0], m0), c["name"]
+        ran.append(c["name"])
+    assert {"torch-adamw:foreach", "project+adamw:foreach", "projected-adamw:torch"} <= set(ran)
+    proj = contenders[0]["cleanup"].__self__
+    assert proj.num_projections == 2 * len([n for n in ran if n.startswith("project+")])
+    contenders[0]["cleanup"]()
+
+
+def test_adamw_suite_cli_smoke_and_readme_block(tmp_path):
+    from ogpsa.bench import adamw
+    from ogpsa.optim.bench import main
+
+    assert main(["--workloads", "tiny", "--out", str(tmp_path), "--budget-s", "0.02"]) == 0
+    data = json.loads((tmp_path / "adamw.json").read_text())
+    assert data["suite"] == "adamw" and data["env"]["hardware"]
+    rows = {r["contender"]: r for r in data["results"]}
+    foreach = rows["torch-adamw:foreach"]
+    assert foreach["status"] == "ok" and foreach["x_adamw"] == pytest.approx(1.0)
+    for r in rows.values():
+        if r["status"] != "ok":
+            assert r["reason"]
+            continue
+        assert len(r["raw_ms"]) == r["reps"] >= 2 * 3 and len(r["warmup_ms"]) == 2  # 2 rounds, 1 warm-up each
+        assert r["eff_gbps"] == pytest.approx(r[r["floor"]] / (r["median_ms"] * 1e-3) / 1e9)
+        assert r["bytes_per_element"] == {"bytes_adamw": 28, "bytes_separate": 56, "bytes_projected": 52}[r["floor"]]
+    assert rows["projected-adamw:torch"]["x_best_separate"] is not None
+    md = (tmp_path / "adamw.md").read_text()
+    assert "| projected-adamw:torch |" in md and "36 + 8k" in md
+    start, end = bench.readme_markers("adamw")
+    block = bench.readme_block(tmp_path / "adamw.json", tmp_path, name="adamw")
+    assert block.startswith(start + "\nSource: [`adamw.json`]") and block.endswith(end)
+    assert "\n".join(adamw.adamw_table([rows["torch-adamw:foreach"]])) in block
+
+
+def test_loop_readme_block_from_a_loop_result(loop_run):
+    rc, tmp_path, _ = loop_run
+    block = bench.readme_block(tmp_path / "loop.json", tmp_path, name="loop")
+    start, end = bench.readme_markers("loop")
+    assert block.startswith(start + "\nSource: [`loop.json`]") and block.endswith(end)
+    assert "| full |" in block and "zero_grad()" in block and "target <= 1.2x" in block

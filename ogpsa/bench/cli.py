@@ -21,9 +21,10 @@ from .workloads import REPO_ROOT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=("auto", "cpu", "gpu", "smoke", "loop"), default="auto",
+    parser.add_argument("--suite", choices=("auto", "cpu", "gpu", "smoke", "loop", "adamw"), default="auto",
                         help="auto: gpu when CUDA is available, else cpu (the micro suites); loop: OGPSA in a "
-                             "tiny-Llama AdamW training loop (LoRA and full fine-tune)")
+                             "tiny-Llama AdamW training loop (LoRA and full fine-tune); adamw: the projected AdamW "
+                             "step (every backend) vs torch AdamW foreach/fused + a separate gradient projection")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: out/bench/<machine>/<date>/ in the source tree, which git "
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "committed results the README quotes)")
     parser.add_argument("--contenders", nargs="*", default=None, help="only contenders whose names start with these")
     parser.add_argument("--workloads", nargs="*", default=None,
-                        help="only these workloads (micro: lora, 125m, llama8b, tiny; loop: lora, full)")
+                        help="only these workloads (micro: lora, 125m, llama8b, tiny; loop: lora, full; "
+                             "adamw: lora, 125m, tiny)")
     parser.add_argument("--ks", nargs="*", type=int, default=None, help="only these ranks")
     parser.add_argument("--max-minutes", type=float, default=9.0, help="stop starting new cases after this long")
     parser.add_argument("--budget-s", type=float, default=None, help="timing budget per contender and case")
@@ -45,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--layers", type=int, default=12, help="tiny Llama layers (12: 168 LoRA adapters)")
     loop.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     loop.add_argument("--batch", type=int, default=4, help="sequences per step")
+    loop.add_argument("--repeats", type=int, default=None,
+                      help="loop: measure each workload this many times (default 1; load average recorded per repeat); "
+                           "adamw: interleaved rounds per case (default 2)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--readme", type=Path, default=None, metavar="RESULTS_JSON",
                         help="print the README benchmark block for a result file and exit")
@@ -101,10 +106,18 @@ def run(args: argparse.Namespace) -> int:
         from .loop import run_loop_suite
 
         data = run_loop_suite(device, out, workloads=args.workloads, plot=plot, steps=args.steps, warmup=args.warmup,
-                              hidden=args.hidden, layers=args.layers, seq=args.seq, batch=args.batch)
+                              hidden=args.hidden, layers=args.layers, seq=args.seq, batch=args.batch,
+                              repeats=args.repeats or 1)
         _wrote(out, data["files"], data["env"]["wall_s"])
         for t in data["targets"]:
             print("  " + t)
+        return 0
+    if name == "adamw":
+        from .adamw import run_adamw_suite
+
+        data = run_adamw_suite(device, out, workloads=args.workloads, ks=args.ks, only=args.contenders,
+                               budget_s=args.budget_s, rounds=args.repeats or 2, max_minutes=args.max_minutes)
+        _wrote(out, data["files"], data["env"]["wall_s"])
         return 0
     mem = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
     data = run_bench(name, device, out, only=args.contenders, workloads=args.workloads, ks=args.ks,

@@ -215,11 +215,18 @@ def write_results(data: dict, out_dir: Path, plot: bool = True) -> list[str]:
 
 def readme_block(results_json: Path, repo_root: Path = REPO_ROOT, name: Optional[str] = None) -> str:
     """The README's benchmark block for a result file: provenance, the k=2 table per
-    workload for the suite's first dtype pair, and the plot. Deterministic in the file."""
+    workload for the suite's first dtype pair, and the plot. Deterministic in the file.
+    A loop.json (``--suite loop``) or adamw.json (``--suite adamw``) gets that suite's table."""
     data = json.loads(Path(results_json).read_text())
     rel = Path(os.path.relpath(Path(results_json).resolve(), repo_root.resolve())).as_posix()
     folder = rel.rsplit("/", 1)[0]
     env = data["env"]
+    if data.get("suite") in ("loop", "adamw"):  # the training-loop and projected-AdamW suites' own blocks
+        from .adamw import adamw_readme_block
+        from .loop import loop_readme_block
+
+        make = loop_readme_block if data["suite"] == "loop" else adamw_readme_block
+        return make(data, rel, *readme_markers(name))
     ok = [r for r in data["results"] if r.get("status") == "ok"]
     pair = (ok[0]["grad_dtype"], ok[0]["basis_dtype"]) if ok else ("fp32", "fp32")
     start, end = readme_markers(name)

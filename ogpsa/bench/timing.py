@@ -25,65 +25,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: the clock every sample is read from (a test replaces it with a fake one)
+_clock = time.perf_counter
+
+
 @dataclasses.dataclass
 class Timing:
+    """Timed samples of one contender (ms) and, apart, its untimed warm-up calls (ms).
+
+    The warm-up calls (compilation, autotuning, allocation, first touch of the data) are never
+    samples: :attr:`median` is over ``times_ms`` only."""
+
     times_ms: list[float]
-    warm: bool  # False: the single sample is the first call (slow contender, no warm-up)
+    warmup_ms: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.times_ms)
 
+    @property
+    def warm(self) -> bool:
+        """True: every sample was taken after at least one warm-up call (always, since the
+        warm-up became explicit; kept for readers of older result files)."""
+        return bool(self.warmup_ms)
+
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, budget_s: float = 2.0, min_reps: int = 3,
             max_reps: int = 20, slow_s: Optional[float] = None,
-            setup: Optional[Callable[[], object]] = None) -> Timing:
-    """Median-ready samples of ``fn``. CPU: perf_counter around each call after one warm-up
-    call. CUDA: events around each call, after a warm-up, with the L2 cache flushed before
-    each sample (a 256 MB write) so that repeated calls do not measure the cache.
-    ``setup`` (untimed) runs before every call, e.g. to give ``fn`` fresh gradient tensors.
+            setup: Optional[Callable[[], object]] = None, warmup: int = 1) -> Timing:
+    """Median-ready samples of ``fn``, taken after ``warmup`` (at least 1) explicit warm-up calls.
 
-    A first call slower than ``slow_s`` (default: 4 s on CUDA, 2 s on the CPU, where the
-    first call pays no compilation) is kept as the only sample (reported as such)."""
+    The warm-up calls run first and are never samples, so a contender whose first call compiles,
+    autotunes or allocates does not record that call; their times are kept apart
+    (``Timing.warmup_ms``). The number of samples follows from the first timed sample:
+    ``budget_s`` / its time, clamped to [``min_reps``, ``max_reps``]; a contender whose first
+    timed sample (already warm) takes longer than ``slow_s`` (default: 4 s on CUDA, 2 s on the
+    CPU) keeps that one sample. CPU: the clock around each call. CUDA: events around each call,
+    with the L2 cache flushed before each sample (a 256 MB write) so that repeated calls do not
+    measure the cache. ``setup`` (untimed) runs before every call, warm-up calls included, e.g.
+    to give ``fn`` fresh gradient tensors."""
+    if warmup < 1:
+        raise ValueError(f"time_fn: warmup must be >= 1 (the first call is never a sample), got {warmup}")
     if slow_s is None:
         slow_s = 4.0 if device.type == "cuda" else 2.0
     prepare = setup or (lambda: None)
+    warm_ms = []
+    for _ in range(warmup):
+        prepare()
+        _sync(device)
+        t0 = _clock()
+        fn()
+        _sync(device)
+        warm_ms.append((_clock() - t0) * 1e3)
     if device.type == "cuda":
         flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-        prepare()
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        first = time.perf_counter() - t0
-        if first > slow_s:
-            return Timing([first * 1e3], warm=False)
-        reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
-        events = []
-        for _ in range(reps):
+
+        def sample() -> Callable[[], float]:
             flush.zero_()
             prepare()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
             e.record()
-            events.append((s, e))
-        torch.cuda.synchronize(device)
-        return Timing([s.elapsed_time(e) for s, e in events], warm=True)
-    prepare()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    if first > slow_s:
-        return Timing([first * 1e3], warm=False)
-    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
-    out = []
-    for _ in range(reps):
-        prepare()
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return Timing(out, warm=True)
+            return lambda: s.elapsed_time(e)
+    else:
+        def sample() -> Callable[[], float]:
+            prepare()
+            t0 = _clock()
+            fn()
+            ms = (_clock() - t0) * 1e3
+            return lambda: ms
+
+    first = sample()
+    _sync(device)
+    first_ms = first()
+    reps = 1 if first_ms > slow_s * 1e3 else int(min(max_reps, max(min_reps, budget_s * 1e3 / max(first_ms, 1e-6))))
+    pending = [sample() for _ in range(reps - 1)]
+    _sync(device)
+    return Timing([first_ms] + [p() for p in pending], warm_ms)
 
 
 def extra_peak_bytes(fn: Callable[[], object], device: torch.device,
