@@ -24,8 +24,10 @@
 #   deepspeed    45     20 s    benchmarks/gpu_deepspeed_check.py (real ZeRO-2; skips without deepspeed)
 #   bench      rest    120 s    ogpsa bench --suite gpu (explicit warm-up calls, then timed samples)
 #   loop         60     30 s    ogpsa bench --suite loop (a training loop with zero_grad)
+#   adamw        30     20 s    ogpsa bench --suite adamw (ProjectedAdamW per backend vs torch AdamW
+#                               foreach/fused + a separate gradient projection; lora and 125m lists)
 #   summary               1 s   one line per target: met or short
-# Expected total ~510 s; the whole run is held to GPU_CHECK_SECONDS (default 540 s, 9 minutes):
+# Expected total ~530 s; the whole run is held to GPU_CHECK_SECONDS (default 540 s, 9 minutes):
 # each stage's limit is cut to what is left after the reserve of the stages after it.
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1, or automatically when no CUDA GPU is visible): every stage
@@ -39,8 +41,8 @@
 # when the tree has no .git; PYTHON picks the interpreter (default python3).
 #
 # Output folder: env.txt stages.tsv gpu_check.log info.json tests*.xml results.json results.md
-# bench.png loop.json loop.md summary.txt. Commit results.*, bench.png, loop.*, summary.txt and
-# env.txt under benchmarks/results/<machine>/<date>/ (env.txt names the folder).
+# bench.png loop.json loop.md adamw.json adamw.md summary.txt. Commit results.*, bench.png, loop.*,
+# adamw.*, summary.txt and env.txt under benchmarks/results/<machine>/<date>/ (env.txt names the folder).
 set -u
 cd "$(dirname "$0")/.."
 DRY="${GPU_CHECK_DRY_RUN:-0}"
@@ -219,15 +221,18 @@ if [[ -f benchmarks/gpu_deepspeed_check.py ]]; then
 fi
 
 # ---- benchmark: its own warm-up calls come before the timed samples; kernels are compiled ------
-LEFT=$(( $(remaining) - 75 ))
+LEFT=$(( $(remaining) - 105 ))
 (( LEFT < 60 )) && LEFT=60
 MINUTES=$(awk -v s="$LEFT" 'BEGIN { m = (s - 30) / 60; if (m < 0.5) m = 0.5; printf "%.2f", m }')
 # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words on purpose
-RESERVE=70 run_stage bench "$LEFT" "$PY" -m ogpsa.cli bench --out "$OUTDIR" --max-minutes "$MINUTES" \
+RESERVE=100 run_stage bench "$LEFT" "$PY" -m ogpsa.cli bench --out "$OUTDIR" --max-minutes "$MINUTES" \
     ${GPU_CHECK_BENCH_ARGS:---suite gpu}
 
 # ---- the loop suite: a training loop with zero_grad(set_to_none=True) ---------------------------
-RESERVE=5 run_stage loop 60 "$PY" -m ogpsa.cli bench --suite loop --out "$OUTDIR" --no-plot
+RESERVE=35 run_stage loop 60 "$PY" -m ogpsa.cli bench --suite loop --out "$OUTDIR" --no-plot
+
+# ---- the projected-AdamW suite: every backend of the update-space step vs torch AdamW ----------
+RESERVE=5 run_stage adamw 30 "$PY" -m ogpsa.cli bench --suite adamw --out "$OUTDIR" --budget-s 1 --max-minutes 0.3
 
 # ---- summary ---------------------------------------------------------------------------------
 echo "== total $(( $(date +%s) - START ))s; stages:" | tee -a "$LOG"
