@@ -20,7 +20,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 #: odd tensor sizes used across backend tests (BIG_SIZE = 2**20 + 3 in one test per backend)
 SIZES = (1, 7, 33, 4097)
 BIG_SIZE = 2**20 + 3
-MODES = ("orthogonal", "conflict", "plane")
+MODES = ("orthogonal", "conflict", "plane", "threshold")
 SCOPES = ("tensor", "global")
 
 
@@ -69,7 +69,9 @@ def float64_project(grads, bases, mode="orthogonal", scope="tensor", max_norm=No
     """Expected projected gradients (float64 NumPy arrays, flat) and total norm.
 
     Projects onto the orthogonal complement of the row space of each basis *as stored*
-    (exactly: uses (U U^T)^{-1}), applies the mode rule, then clip_grad_norm_'s rule."""
+    (exactly: uses (U U^T)^{-1}), applies the mode rule (every mode in :data:`MODES`;
+    ``threshold`` scales a whole gradient by ``aligned_scale``, with ``scope="global"`` every
+    tensor's), then clip_grad_norm_'s rule."""
     gs = [g.detach().double().cpu().numpy().reshape(-1) for g in grads]
     us = [u.detach().double().cpu().numpy().reshape(u.shape[0], g.numel()) for u, g in zip(bases, grads)]
 
@@ -79,7 +81,15 @@ def float64_project(grads, bases, mode="orthogonal", scope="tensor", max_norm=No
             return w, 1.0
         if mode == "conflict":
             return np.where(w < 0, w, (1 - aligned_scale) * w), 1.0
-        return -w, 0.0
+        if mode == "threshold":
+            # the original's rule: one direction and g aligned with it (u.g > 0): scale the whole g;
+            # otherwise (conflict, or two or more directions) project orthogonally
+            if c.size == 1 and c[0] > 0:
+                return np.zeros_like(w), aligned_scale
+            return w, 1.0
+        if mode == "plane":
+            return -w, 0.0
+        raise ValueError(f"unknown mode {mode!r}")
 
     outs = []
     if scope == "global":
@@ -94,8 +104,8 @@ def float64_project(grads, bases, mode="orthogonal", scope="tensor", max_norm=No
             if u.shape[0]:
                 w, kappa = weights(u @ g, u @ u.T)
                 outs.append(kappa * g - u.T @ w)
-            else:
-                outs.append(g.copy())
+            else:  # no directions: the subspace part is 0 (plane gives 0; every other mode keeps g)
+                outs.append(weights(np.zeros(0), np.zeros((0, 0)))[1] * g)
     total = float(np.sqrt(sum(float(o @ o) for o in outs)))
     if max_norm is not None:
         coef = min(1.0, max_norm / (total + CLIP_EPS))
