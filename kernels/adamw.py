@@ -24,7 +24,7 @@ groups with different lr / weight decay / step counts share a launch. Addresses 
 :class:`ogpsa.kernels.tables.ChunkTable` pointer lists in the order :data:`PTR_LISTS`; the
 gradient pointers and the hyper table change every step and travel in one int64 buffer
 (:func:`step_buffer`, one host-to-device copy). Launch configurations are fixed
-(:func:`ogpsa.kernels.common.launch_config`), never timed. ``ALIGNED`` (every address on
+(:func:`launch_config`), never timed. ``ALIGNED`` (every address on
 16 bytes and every length a whole number of 16-byte basis vectors, checked by the caller):
 alignment hints and an unmasked main loop, so the compiler can issue 128-bit loads.
 Low-precision values are upcast to float32 right after loading (the interpreter needs it).
@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .common import INTERPRETED, launch, launch_config
+from .common import INTERPRETED, launch
 from .tables import ChunkTable
 
 #: columns of the per-tensor hyperparameter table (float32)
@@ -60,6 +60,10 @@ SINGLE_PASS_MAX_NUMEL = 16384
 SMALL_ROWS = 16 if INTERPRETED else 1
 #: mode names -> the MODE value of the single-pass kernel
 MODE_CODE = {"orthogonal": 0, "conflict": 1, "plane": 2, "threshold": 3}
+#: Triton's interpreter (3.8) converts float32 to bfloat16 by truncation, whatever rounding is
+#: asked for; compiled code rounds to nearest even. Under the interpreter the parameter store
+#: rounds by hand, so both give the same bits for the same float32 value.
+_MANUAL_BF16_RNE = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -173,7 +177,12 @@ def _phase2(p, m, vr, u, u_row, row_ok, idx, end, w, kappa, eps, bc1, bc2s, wdp,
         uu = tl.load(u[:, None, None] + (u_row + idx[:, None, :]), mask=row_ok[:, :, None], other=0.0)
     d = _direction(mv, vd, pv, bc1, bc2s, eps, wdp, DECAY_IN_D)
     y = kappa * d - tl.sum(uu.to(tl.float32) * w[:, :, None], axis=1)
-    out = (pv * shrink - lr * y).to(p.dtype.element_ty)
+    new = pv * shrink - lr * y
+    if _MANUAL_BF16_RNE and p.dtype.element_ty == tl.bfloat16:
+        bits = new.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        new = tl.where(new != new, new, bits.to(tl.float32, bitcast=True))
+    out = new.to(p.dtype.element_ty)
     if MASKED:
         tl.store(p[:, None] + idx, out, mask=ok)
     else:
@@ -339,13 +348,21 @@ def step_buffer(grad_ptrs: Sequence[int], hyper: Tensor, device: torch.device) -
     return buf[:t], buf[t:].view(torch.float32).view(t, HW)
 
 
+def launch_config(k_pad: int) -> dict:
+    """``{"BLOCK", "num_warps"}`` of every kernel here: a pure function of the padded rank (never
+    timed, identical in every process and on every rank). Four float32 elements per thread
+    (128-bit accesses) up to k_pad 8, two at 16, where the ``[k_pad, BLOCK]`` basis tile and the
+    five element streams already take ~160-250 registers on sm_90 (compile-only, no spills:
+    tests/test_adamw_backends.py). The interpreter uses :data:`common.INTERPRET_BLOCK`."""
+    if INTERPRETED:
+        return {"BLOCK": common.INTERPRET_BLOCK}
+    return {"BLOCK": 1024 if k_pad <= 8 else 512, "num_warps": 8}
+
+
 def _meta(table: ChunkTable, k_pad: int, p_dtype: torch.dtype, u_dtype: torch.dtype, aligned: bool,
-          decay_in_d: bool, block: int) -> dict:
-    meta = dict(ROWS=table.rows, K_PAD=k_pad, BLOCK=block, P_KIND=common.KIND[p_dtype], U_KIND=common.KIND[u_dtype],
-                DECAY_IN_D=bool(decay_in_d), ALIGNED=bool(aligned), U_VEC=u_vec(u_dtype))
-    if not INTERPRETED:
-        meta["num_warps"] = 8
-    return meta
+          decay_in_d: bool) -> dict:
+    return dict(ROWS=table.rows, K_PAD=k_pad, P_KIND=common.KIND[p_dtype], U_KIND=common.KIND[u_dtype],
+                DECAY_IN_D=bool(decay_in_d), ALIGNED=bool(aligned), U_VEC=u_vec(u_dtype), **launch_config(k_pad))
 
 
 def u_vec(u_dtype: torch.dtype) -> int:
@@ -359,7 +376,7 @@ def dots(table: ChunkTable, g_ptrs: Tensor, hyper: Tensor, p_dtype, u_dtype, ams
     gets ``[c, ||d||^2]`` per tensor; ``partials``: float32 scratch ``[chunks, k_max + 1]``."""
     w = k_max + 1
     k_pad = common.pow2(k_max)
-    meta = _meta(table, k_pad, p_dtype, u_dtype, aligned, decay_in_d, launch_config(k_pad)["BLOCK"])
+    meta = _meta(table, k_pad, p_dtype, u_dtype, aligned, decay_in_d)
     pp, mp, vp, xp, up = table.ptrs
     launch(_adamw_dots_kernel, (table.num_programs,), g_ptrs, pp, mp, vp, xp, up, table.numels, table.ks,
            table.chunk_len, table.chunk_tensor, table.chunk_start, table.prog_len, hyper, partials, table.num_chunks,
@@ -372,7 +389,7 @@ def apply_(table: ChunkTable, hyper: Tensor, p_dtype, u_dtype, decay_in_d: bool,
     weights w (zero padded) and kappa in the last column."""
     kw = wk.shape[1] - 1
     k_pad = common.pow2(kw)
-    meta = _meta(table, k_pad, p_dtype, u_dtype, aligned, decay_in_d, launch_config(k_pad)["BLOCK"])
+    meta = _meta(table, k_pad, p_dtype, u_dtype, aligned, decay_in_d)
     pp, mp, _, vr, up = table.ptrs
     launch(_adamw_apply_kernel, (table.num_programs,), pp, mp, vr, up, table.numels, table.ks, table.chunk_len,
            table.chunk_tensor, table.chunk_start, table.prog_len, hyper, wk, table.num_chunks, kw, **meta)
@@ -387,10 +404,33 @@ def fused_small_(table: ChunkTable, g_ptrs: Tensor, hyper: Tensor, p_dtype, u_dt
         raise ValueError(f"mode={mode!r} is not one of {tuple(MODE_CODE)}")
     km = minv.shape[1]
     k_pad = common.pow2(km)
-    block = common.INTERPRET_BLOCK if INTERPRETED else launch_config(k_pad)["BLOCK"]
-    meta = _meta(table, k_pad, p_dtype, u_dtype, aligned, decay_in_d, block)
+    meta = _meta(table, k_pad, p_dtype, u_dtype, aligned, decay_in_d)
     pp, mp, vp, vr, up = table.ptrs
     xp = vr  # max_exp_avg_sq when amsgrad (unused otherwise)
     launch(_adamw_fused_small_kernel, (table.num_programs,), g_ptrs, pp, mp, vp, xp, vr, up, table.numels, table.ks,
            table.chunk_len, table.chunk_tensor, table.chunk_start, table.prog_len, hyper, minv, out,
            float(aligned_scale), table.num_chunks, out.shape[1], km, MODE_CODE[mode], AMSGRAD=bool(amsgrad), **meta)
+
+
+def aot_variants(kinds=((0, 0), (1, 1), (2, 0)), aligned=(True, False), k_pads=(1, 16)):
+    """(kernel, signature, constexprs, num_warps) of this module's kernels in their GPU launch
+    configurations, for compile-only checks (:func:`ogpsa.kernels.aot.compile_variant`)."""
+    tab = {name: "*i64" for name in ("numels", "ks", "chunk_len", "chunk_tensor", "chunk_start", "prog_len")}
+    ptrs = {name: "*i64" for name in ("g_ptrs", "p_ptrs", "m_ptrs", "v_ptrs", "x_ptrs", "u_ptrs")}
+    dots_sig = {**ptrs, **tab, "hyper": "*fp32", "partials": "*fp32", "C": "i32", "W": "i32"}
+    apply_sig = {"p_ptrs": "*i64", "m_ptrs": "*i64", "vr_ptrs": "*i64", "u_ptrs": "*i64", **tab, "hyper": "*fp32",
+                 "wk": "*fp32", "C": "i32", "KW": "i32"}
+    small_sig = {**ptrs, "vr_ptrs": "*i64", **tab, "hyper": "*fp32", "minv": "*fp32", "out": "*fp32",
+                 "aligned_scale": "fp32", "C": "i32", "W": "i32", "KM": "i32", "MODE": "i32"}
+    small_sig = {k: small_sig[k] for k in ("g_ptrs", "p_ptrs", "m_ptrs", "v_ptrs", "x_ptrs", "vr_ptrs", "u_ptrs",
+                                           *tab, "hyper", "minv", "out", "aligned_scale", "C", "W", "KM", "MODE")}
+    for pk, uk in kinds:
+        vec = 4 if uk == 0 else 8
+        for al in aligned:
+            for k_pad in k_pads:
+                block = 1024 if k_pad <= 8 else 512  # launch_config on a GPU
+                base = dict(ROWS=1, K_PAD=k_pad, BLOCK=block, P_KIND=pk, U_KIND=uk, DECAY_IN_D=True, ALIGNED=al,
+                            U_VEC=vec)
+                yield _adamw_dots_kernel, dots_sig, {**base, "AMSGRAD": True}, 8
+                yield _adamw_apply_kernel, apply_sig, base, 8
+                yield _adamw_fused_small_kernel, small_sig, {**base, "AMSGRAD": True}, 8

@@ -1,5 +1,8 @@
 """The projected AdamW step's backends agree with the torch path (the reference math) and with
-float64: the compiled CPU kernel (csrc/adamw.cpp); deterministic across thread counts."""
+float64: the compiled CPU kernel (csrc/adamw.cpp; deterministic across thread counts) and the
+Triton kernels (kernels/adamw.py, here in the interpreter; compiled for sm_90 without a GPU;
+on a GPU when there is one); the ``reduce_dots`` hook of ``projected_step``; backend routing.
+"""
 
 import copy
 import os
@@ -11,7 +14,7 @@ import ogpsa
 from ogpsa.optim import ProjectedAdamW
 from ogpsa.optim.backends import cpu_kernel_available
 
-pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="compiled extension without projected_adamw_")
+needs_cpu_op = pytest.mark.skipif(not cpu_kernel_available(), reason="compiled extension without projected_adamw_")
 
 
 def setup_problem(dtype, basis_dtype="float32", seed=0):
@@ -45,6 +48,7 @@ def run(model, sub, backend, steps=4, **kw):
             os.environ["OGPSA_BACKEND"] = old
 
 
+@needs_cpu_op
 @pytest.mark.parametrize("dtype,basis_dtype,kw", [
     (torch.float32, "float32", {}),
     (torch.float32, "float32", {"project_weight_decay": True, "amsgrad": True}),
@@ -85,6 +89,7 @@ def test_cpu_kernel_matches_torch_path(dtype, basis_dtype, kw):
     assert torch.allclose(s_t.removed_sq, s_c.removed_sq, rtol=1e-3, atol=1e-6 * float(s_t.sq_before.max()))
 
 
+@needs_cpu_op
 def test_cpu_kernel_deterministic_across_threads():
     model, sub = setup_problem(torch.float32)
     threads = torch.get_num_threads()
@@ -100,6 +105,7 @@ def test_cpu_kernel_deterministic_across_threads():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@needs_cpu_op
 def test_cpu_kernel_rejects_bad_input_before_writing():
     p = torch.randn(10)
     m, v = torch.zeros(10), torch.zeros(10)
@@ -107,3 +113,349 @@ def test_cpu_kernel_rejects_bad_input_before_writing():
         torch.ops.ogpsa.projected_adamw_([p], [torch.randn(10)], [m], [v], [], [torch.randn(2, 9)],
                                          [torch.eye(2)], [1], 1e-2, 0.9, 0.999, 1e-8, 0.0, False, False)
     assert torch.equal(m, torch.zeros(10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU) and the reduce_dots hook
+# ---------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ogpsa import reference  # noqa: E402
+from ogpsa.optim import backends as adamw_backends  # noqa: E402
+from ogpsa.optim.functional import StepHyper, projected_step  # noqa: E402
+
+
+def _interpreted_triton() -> bool:
+    ok, _ = adamw_backends.triton_status()
+    if not ok:
+        return False
+    from ogpsa.kernels import common
+
+    return common.INTERPRETED
+
+
+needs_triton = pytest.mark.skipif(not _interpreted_triton(), reason="Triton interpreter (TRITON_INTERPRET=1) needed")
+
+#: mixed shapes (odd sizes, one of 2**16 + 3) and their per-tensor ranks (0: no basis)
+SHAPES = [(1,), (7,), (4097,), (2**16 + 3,), (3, 5), (17, 33), (2, 3, 4), (300,)]
+RANKS = [1, 2, 5, 16, 2, 16, 1, 0]
+#: the same without the large tensor (the interpreter's time goes there)
+SMALL = dict(shapes=SHAPES[:3] + SHAPES[4:], ranks=RANKS[:3] + RANKS[4:])
+
+
+def make_items(dtype=torch.float32, basis_dtype=torch.float32, scope="tensor", k_global=5, amsgrad=False,
+               seed=0, shapes=SHAPES, ranks=RANKS, device="cpu"):
+    """Fresh parameters, zero states and bases ``(name, U, M^-1)`` (global: slices of one whole-model
+    orthonormal basis of rank ``k_global``; a rank-0 tensor stays without basis)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+    states = []
+    for p in params:
+        st = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(p.shape, device=device),
+              "exp_avg_sq": torch.zeros(p.shape, device=device)}
+        if amsgrad:
+            st["max_exp_avg_sq"] = torch.zeros(p.shape, device=device)
+        states.append(st)
+    numels = [p.numel() for p in params]
+    bases = []
+    if scope == "global":
+        covered = [i for i, k in enumerate(ranks) if k]
+        q, _ = torch.linalg.qr(torch.randn(sum(numels[i] for i in covered), k_global, generator=gen,
+                                           dtype=torch.float64))
+        off = 0
+        for i, n in enumerate(numels):
+            if i not in covered:
+                bases.append(None)
+                continue
+            u = q.T[:, off:off + n].contiguous().to(basis_dtype).to(device)
+            off += n
+            bases.append((f"t{i}", u, torch.eye(k_global, device=device)))  # M^-1 unused by the global rule
+    else:
+        for i, (n, k) in enumerate(zip(numels, ranks)):
+            if not k:
+                bases.append(None)
+                continue
+            q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+            u = q.T.contiguous().to(basis_dtype)
+            minv = torch.linalg.inv(u.double() @ u.double().T).float()
+            bases.append((f"t{i}", u.to(device), minv.to(device)))
+    return params, states, bases
+
+
+def grads_for(params, step, seed=100):
+    gen = torch.Generator().manual_seed(seed + step)
+    return [torch.randn(p.shape, generator=gen).to(p.dtype).to(p.device) for p in params]
+
+
+def run_steps(params, states, bases, h, backend, steps=3, reduce_dots=None, **kw):
+    """``steps`` projected steps in place; returns the last StepResult."""
+    res = None
+    for s in range(steps):
+        for p, g in zip(params, grads_for(params, s)):
+            p.grad = g
+        res = projected_step([(p, st, h, b) for p, st, b in zip(params, states, bases)], backend=backend,
+                             reduce_dots=reduce_dots, **kw)
+    return res
+
+
+def adamw64(params, bases, h, steps, scope, project_wd, dtype):
+    """Independent float64 NumPy AdamW + projection onto the stored bases' row spaces (orthogonal
+    rule); parameters rounded to ``dtype`` after every step (their storage), nothing else."""
+    p = [x.detach().double().cpu().numpy().reshape(-1).copy() for x in params]
+    m = [np.zeros_like(x) for x in p]
+    v = [np.zeros_like(x) for x in p]
+    vmax = [np.zeros_like(x) for x in p]
+    us = [None if b is None else b[1].double().cpu().numpy() for b in bases]
+    for s in range(steps):
+        t = s + 1
+        gs = [g.double().cpu().numpy().reshape(-1) * (-1.0 if h.maximize else 1.0) for g in grads_for(params, s)]
+        ds = []
+        for i, g in enumerate(gs):
+            m[i] = h.beta1 * m[i] + (1 - h.beta1) * g
+            v[i] = h.beta2 * v[i] + (1 - h.beta2) * g * g
+            vmax[i] = np.maximum(vmax[i], v[i])
+            vv = vmax[i] if h.amsgrad else v[i]
+            d = (m[i] / (1 - h.beta1 ** t)) / (np.sqrt(vv) / math.sqrt(1 - h.beta2 ** t) + h.eps)
+            if project_wd:
+                d = d + h.weight_decay * p[i]
+            ds.append(d)
+        proj = [i for i, u in enumerate(us) if u is not None]
+        if scope == "global" and proj:
+            c = sum(us[i] @ ds[i] for i in proj)
+            w = np.linalg.solve(sum(us[i] @ us[i].T for i in proj), c)
+            for i in proj:
+                ds[i] = ds[i] - us[i].T @ w
+        else:
+            for i in proj:
+                ds[i] = ds[i] - us[i].T @ np.linalg.solve(us[i] @ us[i].T, us[i] @ ds[i])
+        for i, d in enumerate(ds):
+            q = p[i] if project_wd else p[i] * (1 - h.lr * h.weight_decay)
+            new = torch.from_numpy(q - h.lr * d).to(dtype).double().numpy()
+            p[i] = new
+    return p, m, v, vmax
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+TRITON_CASES = [
+    # (param dtype, basis dtype, scope, k_global, amsgrad, maximize, project_weight_decay, with the 2**16+3 tensor)
+    (torch.float32, torch.float32, "tensor", 0, False, False, False, True),
+    (torch.float32, torch.float32, "global", 16, True, False, True, True),
+    (torch.float32, torch.bfloat16, "tensor", 0, True, True, True, False),
+    (torch.float32, torch.float32, "global", 1, False, True, False, False),
+    (torch.bfloat16, torch.float32, "tensor", 0, False, False, False, True),
+    (torch.bfloat16, torch.bfloat16, "global", 2, False, True, False, False),
+    (torch.float16, torch.float32, "tensor", 0, True, False, True, False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,basis_dtype,scope,k_global,amsgrad,maximize,pwd,big", TRITON_CASES)
+def test_triton_matches_float64_and_reference(dtype, basis_dtype, scope, k_global, amsgrad, maximize, pwd, big):
+    """Three steps over many tensors of mixed shapes and ranks (k 1, 2, 5, 16; one without basis)."""
+    shapes = {} if big else SMALL
+    params, states, bases = make_items(dtype, basis_dtype, scope, k_global, amsgrad, seed=11, **shapes)
+    p0 = [p.detach().double().clone() for p in params]
+    h = StepHyper(lr=5e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=maximize, amsgrad=amsgrad)
+    exp_p, exp_m, exp_v, exp_x = adamw64(params, bases, h, 3, scope, pwd, dtype)
+    res = run_steps(params, states, bases, h, "triton", scope=scope, project_weight_decay=pwd)
+    assert res.stats.backends == ("triton",)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, (p, st) in enumerate(zip(params, states)):
+        got_delta = p.detach().double().reshape(-1).numpy() - p0[i].reshape(-1).numpy()
+        exp_delta = exp_p[i] - p0[i].reshape(-1).numpy()
+        assert rel(got_delta, exp_delta) <= tol, (i, rel(got_delta, exp_delta))
+        assert rel(st["exp_avg"].double(), exp_m[i]) <= 1e-5, i  # moments are float32 for every dtype
+        assert rel(st["exp_avg_sq"].double(), exp_v[i]) <= 1e-5, i
+        if amsgrad:
+            assert rel(st["max_exp_avg_sq"].double(), exp_x[i]) <= 1e-5, i
+        assert float(st["step"]) == 3.0
+    if dtype == torch.float32:
+        # and the readable reference (float32 torch), from the same start
+        ref_p = [x.float().reshape(q.shape).clone() for x, q in zip(p0, params)]
+        ref_m = [torch.zeros(p.shape) for p in params]
+        ref_v = [torch.zeros(p.shape) for p in params]
+        ref_x = [torch.zeros(p.shape) if amsgrad else None for p in params]
+        ref_u = [b[1] if b is not None else torch.zeros(0, p.numel()) for p, b in zip(params, bases)]
+        for s in range(3):
+            reference.projected_adamw_step_(ref_p, grads_for(ref_p, s), ref_m, ref_v, ref_x, [s + 1] * len(ref_p),
+                                            ref_u, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
+                                            weight_decay=h.weight_decay, maximize=maximize,
+                                            project_weight_decay=pwd, scope=scope)
+        for p, r, q0 in zip(params, ref_p, p0):
+            assert rel(p.detach().double() - q0, r.double() - q0) <= 1e-5
+    # statistics: ||d||^2 before and the removed part, against the torch path's
+    tp, ts, tb = make_items(dtype, basis_dtype, scope, k_global, amsgrad, seed=11, **shapes)
+    tres = run_steps(tp, ts, tb, h, "torch", scope=scope, project_weight_decay=pwd)
+    assert tres.stats.names == res.stats.names
+    assert torch.allclose(res.stats.sq_before, tres.stats.sq_before, rtol=1e-4)
+    assert torch.allclose(res.stats.removed_sq, tres.stats.removed_sq, rtol=1e-3,
+                          atol=1e-5 * float(tres.stats.sq_before.max()))
+
+
+@needs_triton
+@pytest.mark.parametrize("mode,scope", [("conflict", "tensor"), ("plane", "tensor"), ("threshold", "tensor"),
+                                        ("conflict", "global"), ("plane", "global")])
+def test_triton_modes_match_torch_path(mode, scope):
+    h = StepHyper(lr=5e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05)
+    out = []
+    for backend in ("triton", "torch"):
+        params, states, bases = make_items(scope=scope, k_global=2, seed=5, **SMALL)
+        p0 = [p.clone() for p in params]
+        res = run_steps(params, states, bases, h, backend, steps=2, mode=mode, scope=scope, aligned_scale=0.3)
+        out.append(([p - q for p, q in zip(params, p0)], res.stats))
+    for a, b in zip(out[0][0], out[1][0]):
+        assert rel(a, b) <= 1e-5
+    assert torch.allclose(out[0][1].removed_sq, out[1][1].removed_sq, rtol=1e-3,
+                          atol=1e-5 * float(out[1][1].sq_before.max()))
+
+
+@needs_triton
+def test_triton_single_pass_equals_two_passes(monkeypatch):
+    from ogpsa.kernels import adamw as kern
+
+    h = StepHyper(lr=5e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True)
+    results = []
+    for limit in (0, 4096, 1 << 13):  # none, the small ones, every tensor in one pass
+        monkeypatch.setattr(kern, "SINGLE_PASS_MAX_NUMEL", limit)
+        params, states, bases = make_items(amsgrad=True, seed=3, **SMALL)
+        p0 = [p.clone() for p in params]
+        res = run_steps(params, states, bases, h, "triton", steps=2, project_weight_decay=True)
+        results.append(([p - q for p, q in zip(params, p0)], [st["exp_avg_sq"].clone() for st in states], res.stats))
+    for other in results[1:]:
+        for a, b in zip(results[0][0], other[0]):
+            assert rel(a, b) <= 1e-6
+        for a, b in zip(results[0][1], other[1]):
+            assert torch.equal(a, b)  # moments: the same elementwise arithmetic in both kernels
+        assert torch.allclose(results[0][2].sq_before, other[2].sq_before, rtol=1e-5)
+        assert torch.allclose(results[0][2].removed_sq, other[2].removed_sq, rtol=1e-4, atol=1e-9)
+
+
+@needs_triton
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_triton_bitwise_deterministic(scope):
+    h = StepHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    runs = []
+    for _ in range(2):
+        params, states, bases = make_items(torch.bfloat16, scope=scope, k_global=5, seed=9, **SMALL)
+        res = run_steps(params, states, bases, h, "triton", steps=2, scope=scope)
+        runs.append((params, states, res.stats))
+    (pa, sa, ra), (pb, sb, rb) = runs
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(sa, sb) for k in a)
+    assert torch.equal(ra.sq_before, rb.sq_before) and torch.equal(ra.removed_sq, rb.removed_sq)
+
+
+def _halves(params, states, bases, scope):
+    """Split every tensor into two uneven 'rank' shards (the second may be empty): shard items
+    carry the whole tensor's M^-1 and M as FSDP2 would."""
+    ranks = ([], [])
+    for p, st, b in zip(params, states, bases):
+        n = p.numel()
+        cut = (n + 1) // 2
+        for r, (a, z) in enumerate(((0, cut), (cut, n))):
+            q = p.detach().reshape(-1)[a:z].clone()
+            sst = {key: (val.reshape(-1)[a:z].clone() if key != "step" else val.clone()) for key, val in st.items()}
+            sb = None
+            if b is not None:
+                full_m = (b[1].double() @ b[1].double().T)
+                sb = (b[0], b[1][:, a:z].contiguous(), b[2], full_m)
+            ranks[r].append([q, sst, sb, (a, z)])
+    return ranks
+
+
+class _Abort(Exception):
+    pass
+
+
+def _shard_items(shards, grads, h):
+    out = []
+    for (q, sst, sb, (a, z)), g in zip(shards, grads):
+        q.grad = g.reshape(-1)[a:z].clone()
+        out.append((q, sst, h, sb))
+    return out
+
+
+def _pass1_table(shards, grads, h, **kw):
+    """A rank's pass-1 table, from a call aborted inside its hook (its buffers restored after)."""
+    saved = copy.deepcopy([(q, sst) for q, sst, _, _ in shards])
+    got = []
+
+    def capture(t):
+        got.append(t.clone())
+        raise _Abort
+
+    with pytest.raises(_Abort):
+        projected_step(_shard_items(shards, grads, h), reduce_dots=capture, **kw)
+    for entry, (q, sst) in zip(shards, saved):
+        entry[0].copy_(q)
+        for key in sst:
+            entry[1][key].copy_(sst[key])
+    return got[0]
+
+
+class _Adder:
+    """A fake all_reduce of two ranks: adds the other rank's table in place, records the calls."""
+
+    def __init__(self, other):
+        self.other, self.calls, self.own = other, [], []
+
+    def __call__(self, t):
+        assert t.dtype == torch.float64
+        self.calls.append(tuple(t.shape))
+        self.own.append(t.clone())
+        t.add_(self.other)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_reduce_dots_sums_shards_once(backend, scope):
+    """Two 'ranks' each hold one part of every tensor (one part empty); each rank's reduce_dots
+    adds the other rank's pass-1 table to its own. Called once per step and rank, the parts then
+    step exactly as the whole tensors do without the hook; with a no-op hook (local dots) they do not."""
+    h = StepHyper(lr=5e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    shapes, ranks_k = [(7,), (4097,), (1,), (33, 3), (50,)], [2, 5, 1, 3, 0]
+    kw = dict(backend=backend, scope=scope)
+    params, states, bases = make_items(scope=scope, k_global=4, seed=21, shapes=shapes, ranks=ranks_k)
+    whole_p, whole_s = [p.clone() for p in params], copy.deepcopy(states)
+    shards = _halves(params, states, bases, scope)
+    lone = _halves(params, states, bases, scope)[0]
+    lone_start = [e[0].clone() for e in lone]
+    for s in range(2):
+        grads = grads_for(params, s)
+        for p, g in zip(whole_p, grads):
+            p.grad = g
+        projected_step([(p, st, h, b) for p, st, b in zip(whole_p, whole_s, bases)], backend="torch", scope=scope)
+        if s == 0:
+            first_whole = [p.clone() for p in whole_p]
+            projected_step(_shard_items(lone, grads, h), reduce_dots=lambda t: None, **kw)
+        rank0 = _Adder(_pass1_table(shards[1], grads, h, **kw))
+        projected_step(_shard_items(shards[0], grads, h), reduce_dots=rank0, **kw)
+        rank1 = _Adder(rank0.own[0])
+        projected_step(_shard_items(shards[1], grads, h), reduce_dots=rank1, **kw)
+        shape = (4, (5 if scope == "tensor" else 4) + 1)  # T projected tensors, K + 1
+        assert rank0.calls == [shape] and rank1.calls == [shape]  # once per rank and step
+    for i, p in enumerate(whole_p):
+        joined = torch.cat([shards[0][i][0], shards[1][i][0]])
+        assert rel(joined, p.reshape(-1)) <= 1e-6, i
+        assert float(shards[1][i][1]["step"]) == 2.0
+    # the summed table is what the step uses: with local dots only, the parts move differently
+    moved = [e[0] - s0 for e, s0 in zip(lone, lone_start)]
+    want = [(w.reshape(-1) - p.reshape(-1))[:e[3][1]] for w, p, e in zip(first_whole, params, lone)]
+    assert max(rel(a, b) for a, b, k in zip(moved, want, ranks_k) if k and a.numel() > 1) > 1e-3
+
+
+@needs_triton
+def test_reduce_dots_called_once_without_projected_tensors():
+    h = StepHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    params, states, bases = make_items(seed=2, shapes=[(5,), (9,)], ranks=[0, 0])
+    seen = []
+    run_steps(params, states, bases, h, "triton", steps=1, reduce_dots=lambda t: seen.append(tuple(t.shape)))
+    assert seen == [(0, 1)]
