@@ -177,6 +177,10 @@ def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] =
     of a ``[tensors, k+1]`` table). Stage 0 with a plain torch optimizer: the usual
     optimizer pre-hook (gradients are already all-reduced). Stage 3 is not supported.
     """
+    if getattr(config if config is not None else getattr(subspace, "config", None), "space", None) == "update":
+        raise UnsupportedSetupError("OGPSAConfig(space='update') is not supported under DeepSpeed: the ZeRO optimizer "
+                                    "runs AdamW on flat fp32 partitions that ogpsa's projected step cannot see. Use "
+                                    "space='gradient' with DeepSpeed, or FSDP2 / DDP with ogpsa.optim.ProjectedAdamW")
     stage = int(engine.zero_optimization_stage())
     if stage in (1, 2):
         if not hasattr(engine.optimizer, "params_in_partition"):

@@ -13,6 +13,12 @@ and GradScaler (``scaler.step(opt)`` unscales, skips on inf/NaN, else calls :met
 Gradient clipping (``clip_grad_norm_`` before ``step``) clips the raw gradient, which feeds
 the moments; gradient accumulation needs nothing special (the step sees the summed gradient).
 The math of one step is :func:`ogpsa.reference.projected_adamw_step_`.
+
+Multi-GPU: under DDP the step sees the averaged, replicated gradient (nothing special). Under
+FSDP2 (``fully_shard``: DTensor parameters) each rank steps its own shards with its slice of
+every basis and the pass-1 dots are summed with one all_reduce per step
+(:mod:`ogpsa.optim.distributed`). FSDP1 and DeepSpeed ZeRO raise
+:class:`~ogpsa.errors.UnsupportedSetupError` naming what to use instead.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ import torch
 from torch import Tensor
 
 from ..config import OGPSAConfig
+from ..distributed.layout import is_dtensor
+from ..errors import UnsupportedSetupError
 from ..stats import ProjectionStats
 from ..subspace import Subspace
+from .distributed import DEEPSPEED_MESSAGE, check_supported, has_dtensor, shard_bases, sharded_step
 from .functional import StepHyper, projected_step
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -89,7 +98,9 @@ class ProjectedAdamW(torch.optim.AdamW):
         self.fp32_states = bool(fp32_states)
         self.keep_updates = bool(keep_updates)
         self.subspace: Optional[Subspace] = None
-        self._bases: dict[Tensor, tuple[str, Tensor, Tensor]] = {}
+        self._bases: dict[Tensor, tuple] = {}
+        self._known: set = set()  # the parameters the bases were matched against
+        self._process_group = None  # FSDP2: the group the pass-1 dots are summed over
         self.paused = False
         self.last_updates: dict[Tensor, Tensor] = {}
         self.last_stats: Optional[ProjectionStats] = None
@@ -97,16 +108,30 @@ class ProjectedAdamW(torch.optim.AdamW):
 
     def set_subspace(self, subspace: Optional[Subspace], model: Optional[torch.nn.Module] = None) -> None:
         """Use ``subspace`` from the next step on (None: plain AdamW). Every basis is checked
-        against its parameter here; on error nothing changes."""
+        against its parameter here; on error nothing changes.
+
+        FSDP2 (DTensor parameters): ``subspace`` is a full :class:`~ogpsa.Subspace` (each rank
+        keeps its slice of every basis, cut here once) or a
+        :class:`~ogpsa.distributed.ShardedSubspace` sliced for this model."""
         model = model if model is not None else self.model
         if subspace is None:
-            self.subspace, self._bases = None, {}
+            self.subspace, self._bases, self._known, self._process_group = None, {}, set(), None
             return
         if model is None:
             raise ValueError("ProjectedAdamW: a subspace is matched to parameters by name; pass model= "
                              "(or the module itself as params)")
+        check_supported(model)
         mine = {p for g in self.param_groups for p in g["params"]}
-        bases: dict[Tensor, tuple[str, Tensor, Tensor]] = {}
+        if mine and not any(p in mine for p in model.parameters()):
+            raise UnsupportedSetupError("ProjectedAdamW: none of the optimizer's parameters is a parameter of the "
+                                        "model the subspace is matched to (are they wrapped or flattened?). "
+                                        + DEEPSPEED_MESSAGE)
+        if has_dtensor(mine):
+            bases, group = shard_bases(model, subspace, mine)
+            self.model = model
+            self.subspace, self._bases, self._known, self._process_group = subspace, bases, mine, group
+            return
+        bases: dict[Tensor, tuple] = {}
         for name, p in model.named_parameters():
             if p not in mine or name not in subspace:
                 continue
@@ -121,7 +146,7 @@ class ProjectedAdamW(torch.optim.AdamW):
             # float64 inverse of M = U U^T once per subspace (identity for an exact fp32 basis)
             bases[p] = (name, u, torch.linalg.inv(m).float())
         self.model = model
-        self.subspace, self._bases = subspace, bases
+        self.subspace, self._bases, self._known, self._process_group = subspace, bases, mine, None
 
     @property
     def last_removed_fraction(self) -> float:
@@ -184,7 +209,7 @@ class ProjectedAdamW(torch.optim.AdamW):
         """The step's body, without hooks or closure (also run by the update-space projector on
         a plain torch AdamW, sharing its param_groups and state)."""
         cfg = self._config()
-        items = []
+        items, sharded, matched, unknown = [], False, False, False
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = StepHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
@@ -198,9 +223,21 @@ class ProjectedAdamW(torch.optim.AdamW):
                 state = self._state_for(p, hyper.amsgrad)
                 basis = None if self.paused else self._bases.get(p)
                 items.append((p, state, hyper, basis))
-        result = projected_step(items, mode=cfg.mode, scope=cfg.scope, aligned_scale=float(cfg.aligned_scale),
-                                project_weight_decay=self.project_weight_decay, keep_updates=self.keep_updates,
-                                backend=cfg.backend)
+                sharded = sharded or is_dtensor(p)
+                matched = matched or basis is not None
+                unknown = unknown or p not in self._known
+        if self._bases and not self.paused and not matched and unknown:
+            # every basis was matched to parameters this optimizer no longer steps: DeepSpeed ZeRO
+            # swaps the param groups for flat fp32 partitions (never a silent plain-AdamW step)
+            raise UnsupportedSetupError("ProjectedAdamW: the optimizer's parameters were replaced after the "
+                                        "subspace was set (none of them has a basis). " + DEEPSPEED_MESSAGE)
+        kwargs = dict(mode=cfg.mode, scope=cfg.scope, aligned_scale=float(cfg.aligned_scale),
+                      project_weight_decay=self.project_weight_decay, keep_updates=self.keep_updates,
+                      backend=cfg.backend)
+        if sharded:
+            result = sharded_step(items, self._process_group, **kwargs)
+        else:
+            result = projected_step(items, **kwargs)
         if self.keep_updates:
             self.last_updates = result.updates
         if result.stats is not None:

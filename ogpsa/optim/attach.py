@@ -10,6 +10,12 @@
   it (LR schedulers, accelerate, GradScaler's ``scaler.step``, which skips the step on inf).
 * anything else: a clear error (project the gradient, or use ProjectedAdamW).
 
+Multi-GPU: DDP needs nothing (the hooks run after DDP's averaging). FSDP2 (``fully_shard``,
+DTensor parameters): the step runs on each rank's shards with one all_reduce of the pass-1 dots
+per step (:mod:`ogpsa.optim.distributed`); ``subspace`` may be full or a
+:class:`~ogpsa.distributed.ShardedSubspace`. DeepSpeed (engine or ZeRO optimizer) and FSDP1 raise
+:class:`~ogpsa.errors.UnsupportedSetupError`.
+
 Clipping (``clip_grad_norm_``) clips the raw gradient, which then feeds the moments.
 """
 
@@ -24,6 +30,7 @@ from ..config import OGPSAConfig
 from ..stats import ProjectionStats
 from ..subspace import Subspace
 from .adamw import ProjectedAdamW
+from .distributed import check_supported
 
 
 def _shadow(optimizer: torch.optim.AdamW, model: torch.nn.Module, config: OGPSAConfig) -> ProjectedAdamW:
@@ -139,9 +146,7 @@ def attach_update_space(model: torch.nn.Module, optimizer: Optional[torch.optim.
     if optimizer is None:
         raise ValueError("ogpsa.attach(space='update') projects the optimizer's update and needs the optimizer: "
                          "pass the torch.optim.AdamW (or an ogpsa.optim.ProjectedAdamW)")
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        raise NotImplementedError("ogpsa space='update' does not support sharded (FSDP2/DTensor) parameters yet; "
-                                  "use space='gradient'")
+    check_supported(model, optimizer)
     if not isinstance(optimizer, (ProjectedAdamW, torch.optim.AdamW)):
         raise ValueError(f"ogpsa space='update' supports torch.optim.AdamW and ogpsa.optim.ProjectedAdamW, not "
                          f"{type(optimizer).__name__}: use space='gradient' for it, or train with "
