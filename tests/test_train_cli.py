@@ -101,3 +101,37 @@ def test_sft_then_dpo_with_lora_continues_the_sft_adapter(files, tmp_path):
                  "--refresh-every", "0", "--output", reuse_out, "--max-steps", "1"] + common) == 0
     sft_sub = Subspace.load(sft_out)
     assert Subspace.load(reuse_out).equal(sft_sub) and set(sft_sub.ranks()) == names
+
+
+def _readme_train_commands():
+    """The `ogpsa train` commands of the README's "Train with TRL" bash block, as argv lists."""
+    import re
+    import shlex
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    section = re.search(r"^## Train with TRL\s*$(.*?)(?=^## )", text, re.S | re.M).group(1)
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "ogpsa train" in b)
+    commands = [shlex.split(c) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert commands and all(c[:2] == ["ogpsa", "train"] for c in commands), commands
+    return root, [c[1:] for c in commands]
+
+
+def test_readme_command_line_runs_on_the_example_files(tmp_path, monkeypatch, capsys):
+    """The README's SFT -> DPO commands on examples/data/*.jsonl (out/ redirected to tmp_path)."""
+    root, commands = _readme_train_commands()
+    monkeypatch.chdir(root)
+    for argv in commands:
+        for path in [a for a in argv if a.endswith(".jsonl")]:
+            assert os.path.isfile(path), path  # the example files the README names exist
+        argv = [str(tmp_path / a) if a.startswith("out/") else a for a in argv]
+        assert main(argv) == 0, argv
+        out = argv[argv.index("--output") + 1]
+        summary = json.load(open(os.path.join(out, "ogpsa_train_summary.json")))
+        timing = summary["refresh"]
+        assert timing["refreshes"] == len(summary["refresh_steps"]) >= 1
+        assert 0 < timing["refresh_share"] <= 1
+        assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+            f"ogpsa: {timing['refreshes']} subspace refresh(es) took ")
+    assert summary["stage"] == "dpo" and summary["space"] == "update"
