@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from ogpsa.demo import DemoConfig, report, tasks
-from ogpsa.demo.arms import ALL_ARMS, available_arms, update_space_available
+from ogpsa.demo.arms import ALL_ARMS, PROJECTION_ARMS, UPDATE_ARMS, available_arms, update_space_available
 from ogpsa.demo.base import COMMITTED, RECIPE, sha256
 from ogpsa.demo.evaluate import greedy_decode
 from ogpsa.demo.model import build_tiny, make_batch
+
+try:
+    from ogpsa.optim import ProjectedAdamW
+except ImportError:  # the update arms are skipped, not faked
+    ProjectedAdamW = None
 
 
 def test_tasks_answers_formats_and_splits():
@@ -91,18 +96,18 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
     out = tmp_path / "out"
     rc = cli.main(["demo", "--model", str(tmp_path / "ckpt"), "--model-steps", "3", "--seeds", "1",
                    "--sft-steps", "4", "--dpo-steps", "2", "--eval-every", "2", "--refresh-every", "2",
-                   "--reference-size", "8", "--eval-size", "4", "--stages", "sft,sft+dpo", "--arms", ",".join(ALL_ARMS),
+                   "--reference-size", "8", "--eval-size", "4", "--stages", "sft+dpo", "--arms", ",".join(ALL_ARMS),
                    "--output", str(out), "--publish", str(tmp_path / "pub"), "--quiet"])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert data["command"].startswith("ogpsa demo --model")
     assert set(data) >= {"config", "base", "before", "runs", "summary", "arms_missing", "seconds"}
     assert ("update" in data["arms_missing"]) != update_space_available()
-    assert [(r["stage"], r["seed"]) for r in data["runs"]] == [("sft", 0), ("sft+dpo", 0)]
+    assert [(r["stage"], r["seed"]) for r in data["runs"]] == [("sft+dpo", 0)]  # covers both SFT and DPO
     for run in data["runs"]:
         arms = run["arms"]
         assert set(arms) == set(available_arms())
-        steps = 4 if run["stage"] == "sft" else 6
+        steps = 6
         for name, a in arms.items():
             traj = a["trajectory"]
             if name == "merge":  # interpolates: moved distance equals the mixing weight
@@ -113,18 +118,30 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
             for key in ("general_score", "refusal_rate", "over_refusal_rate", "exact_match"):
                 assert key in traj[-1]
             for stage, st in a["projection"].items():
-                removes = name in ("orthogonal", "conflict", "update", "orthogonal+replay", "orthogonal-r5", "orthogonal-k16",
-                                   "orthogonal-task")
-                assert (st["removed_fraction"] > 0) == removes, (name, stage)
+                removes = name in PROJECTION_ARMS + UPDATE_ARMS
+                # conflict removes only directions whose descent would raise the reference loss: after SFT,
+                # a DPO step may have none (measured: exactly 0 here), so its DPO part is not required to remove
+                if not (name == "conflict" and stage == "dpo"):
+                    assert (st["removed_fraction"] > 0) == removes, (name, stage)
                 assert (st["replay_examples"] > 0) == name.endswith("replay"), (name, stage)
-                every = 5 if name == "orthogonal-r5" or stage == "dpo" else 2  # --refresh-every 2; DPO: 5
+                every = 5 if "-r5" in name or stage == "dpo" else 2  # --refresh-every 2; DPO and -r5 arms: 5
                 assert st["refreshes"] == (-(-st["steps"] // every) if removes else 0), (name, stage)
-    summ = data["summary"]["stages"]["sft"]["plain"]["forgetting_end"]
-    assert set(summ) == {"mean", "std", "n", "of"} and summ["n"] == 1
+                assert st["refresh_every"] == (every if removes else 0)
+                full = 16 if stage == "sft" else 8  # --reference-size 8: 2 sets (SFT) or 1 set (DPO)
+                if removes and name not in ("orthogonal-task", "orthogonal-k16"):
+                    assert st["reference_examples"] == (full // 4 if name.endswith("-small") else full), (name, stage)
+                assert 0 <= st["refresh_seconds"] <= st["seconds"]
+    stage = data["summary"]["stages"]["sft+dpo"]
+    assert set(stage["plain"]["forgetting_end"]) == {"mean", "std", "n", "of"} and stage["plain"]["forgetting_end"]["n"] == 1
+    assert stage["update"]["refresh_share"]["mean"] > 0 and stage["plain"]["refreshes"]["mean"] == 0
+    assert "forgetting_part2" in stage["plain"]
+    assert "forgetting_part2" not in report.run_metrics(data["runs"][0]["arms"]["plain"], data["before"], 0.9)
+    assert set(data["summary"]["refresh_design"]["sft+dpo"]) == set(PROJECTION_ARMS + UPDATE_ARMS) & set(available_arms())
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     table = (out / "table.md").read_text()
     assert table.startswith("Command: `ogpsa demo --model") and "**Stage sft+dpo**" in table
+    assert "Refresh cost, stage sft+dpo" in table and "DPO part adds" in table
     assert (tmp_path / "pub" / "pareto.png").exists() and (tmp_path / "pub" / "table.md").exists()
 
 
@@ -140,3 +157,68 @@ def test_bad_arguments_are_rejected_clearly():
     with pytest.raises(FileNotFoundError, match="--model"):
         from ogpsa.demo.model import load_checkpoint
         load_checkpoint("/nonexistent/checkpoint")
+
+
+@pytest.mark.skipif(not update_space_available(), reason="ogpsa.optim.ProjectedAdamW not installed")
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_update_arm_refreshes_its_optimizer(monkeypatch, stage):
+    """The update arms run ProjectedAdamW, and every rebuild reaches the optimizer: a new
+    subspace (new bases) is in use from the next step on, and every step removes > 0."""
+    from ogpsa.demo import arms
+    from ogpsa.demo.evaluate import evaluate
+
+    seen = []
+    made = arms._update_space_optimizer
+
+    def recording(model, params, subspace, lr, config):
+        opt = made(model, params, subspace, lr, config)
+        seen.append(opt)
+        orig = opt.set_subspace
+        opt.installed = [subspace]
+
+        def set_subspace(sub, model=None):
+            orig(sub, model)
+            opt.installed.append(sub)
+        opt.set_subspace = set_subspace
+        return opt
+
+    monkeypatch.setattr(arms, "_update_space_optimizer", recording)
+    model, codec = build_tiny(32, 1, 2, 64, 2)
+    data = tasks.make_data(1, eval_per_task=2, eval_harmful=2, reference_size=8)
+    hp = arms.Hyper(12, 1e-3, batch=8, refresh_every=30, reference_size=8, eval_every=12)
+    device = torch.device("cpu")
+    _, log = arms.train_stage(model, codec, data, "update-r5-small", stage, hp, 0, device,
+                              lambda m: evaluate(m, codec, data, device, losses=False))
+    (opt,) = seen
+    assert isinstance(opt, ProjectedAdamW) and log.refresh_every == 5
+    assert log.refreshes == 3 == len(opt.installed)  # before step 1, at steps 5 and 10
+    assert log.reference_examples == (16 if stage == "sft" else 8) // 4
+    assert opt.subspace is opt.installed[-1]
+    name = next(n for n, k in opt.installed[0].ranks().items() if k)
+    first, last = opt.installed[0].basis(name), opt.installed[-1].basis(name)
+    assert first.shape != last.shape or not torch.allclose(first, last)  # rebuilt from the trained model
+    assert len(log.removed_fraction) == 12 and min(log.removed_fraction) > 0
+    assert opt.num_projections == 12
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED, "recipe.json")), reason="no committed base model")
+def test_dpo_stage_raises_refusal_from_the_base_model():
+    """With the default DPO recipe, DPO alone makes refusal the greedy answer on held-out harmful
+    requests (the base model refuses none)."""
+    from ogpsa.demo.arms import train_stage
+    from ogpsa.demo.evaluate import evaluate
+    from ogpsa.demo.experiment import load_model
+
+    cfg = DemoConfig(eval_per_task=2, eval_harmful=20)
+    model, codec, _ = load_model(cfg, lambda _m: None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    data = tasks.make_data(0, eval_per_task=2, eval_harmful=20, reference_size=8)
+    device = torch.device("cpu")
+    before = evaluate(model, codec, data, device, losses=False)
+    hp = cfg.hypers()["dpo"]
+    hp.eval_every = hp.steps
+    traj, log = train_stage(model, codec, data, "plain", "dpo", hp, 0, device,
+                            lambda m: evaluate(m, codec, data, device, losses=False))
+    assert before["refusal_rate"] == 0.0
+    assert log.steps == cfg.dpo_steps and traj[-1]["refusal_rate"] >= 0.5

@@ -3,7 +3,7 @@
 A competent tiny Llama (committed, fixed recipe: :mod:`ogpsa.demo.base`) knows five general
 tasks in their own formats and answers every request, harmful ones included. It is
 safety-tuned (SFT, DPO, or SFT then DPO) in the paper's arms — plain, OGPSA (gradient space:
-orthogonal, conflict; update space when installed), general-data replay, model merging, LoRA,
+orthogonal, conflict; update space, ProjectedAdamW, when installed), general-data replay, model merging, LoRA,
 OGPSA + replay — and evaluated along training. :mod:`ogpsa.demo.report` reads forgetting off
 each trajectory at a matched refusal rate; :mod:`ogpsa.demo.plot` draws general score against
 safety score. Results are reported as measured, whichever arm wins.
@@ -34,7 +34,8 @@ __all__ = ["DemoConfig", "run_experiment", "report", "tasks", "ALL_ARMS", "avail
 _D = DemoConfig()
 
 FULL_STUDY = ["--stages", "sft,dpo,sft+dpo", "--arms", ",".join(ALL_ARMS)]
-"""``--full``: every stage and arm, including the refresh (every 5) and per-task reference arms."""
+"""``--full``: every stage and arm, including the refresh-cost (every 5, fewer reference samples) and
+per-task reference arms."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,16 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", default=None, help=f"comma-separated among {','.join(STAGES)} (default: sft)")
     parser.add_argument("--arms", default=None,
                         help=f"comma-separated among {','.join(ALL_ARMS)} (default: {','.join(DEFAULT_ARMS)}; "
-                             "'update' runs only when ogpsa.optim.ProjectedAdamW exists)")
+                             "the update arms run only when ogpsa.optim.ProjectedAdamW exists)")
     parser.add_argument("--sft-steps", "--steps", type=int, default=None,
                         help=f"SFT steps (default: {_D.sft_steps})")
     parser.add_argument("--dpo-steps", type=int, default=None, help=f"DPO steps (default: {_D.dpo_steps})")
     parser.add_argument("--lr", type=float, default=_D.sft_lr, help="SFT learning rate (default: %(default)s)")
     parser.add_argument("--dpo-lr", type=float, default=_D.dpo_lr, help="DPO learning rate (default: %(default)s)")
+    parser.add_argument("--dpo-beta", type=float, default=_D.dpo_beta, help="DPO beta (default: %(default)s)")
+    parser.add_argument("--dpo-nll", type=float, default=_D.dpo_nll,
+                        help="weight of the chosen answers' NLL added to the DPO loss (TRL's rpo_alpha; 0: pure "
+                             "DPO) (default: %(default)s)")
     parser.add_argument("--eval-every", type=int, default=_D.eval_every,
                         help="evaluate every N steps (default: %(default)s)")
     parser.add_argument("--refresh-every", type=int, default=_D.sft_refresh_every,
-                        help="SFT subspace refresh interval (DPO: 5) (default: %(default)s)")
+                        help="SFT subspace refresh interval (DPO: 5; the -r5 arms: 5) (default: %(default)s)")
     parser.add_argument("--reference-size", type=int, default=_D.reference_size,
                         help="examples per reference set (default: %(default)s)")
     parser.add_argument("--match-refusal", type=float, default=_D.match_refusal,
@@ -85,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     dpo = args.dpo_steps if args.dpo_steps is not None else int(full.get("--dpo-steps", _D.dpo_steps))
     return DemoConfig(seeds=args.seeds, arms=_split(arms), stages=_split(stages), model=args.model,
                       model_pretrain_steps=args.model_steps, device=args.device,
-                      sft_steps=sft, dpo_steps=dpo, sft_lr=args.lr, dpo_lr=args.dpo_lr, eval_every=args.eval_every,
+                      sft_steps=sft, dpo_steps=dpo, sft_lr=args.lr, dpo_lr=args.dpo_lr,
+                      dpo_beta=args.dpo_beta, dpo_nll=args.dpo_nll, eval_every=args.eval_every,
                       sft_refresh_every=args.refresh_every, reference_size=args.reference_size,
                       match_refusal=args.match_refusal, eval_per_task=args.eval_size, eval_harmful=args.eval_size)
 

@@ -5,8 +5,11 @@ Arms (same base weights, same safety batches, same seeds):
 * ``plain``: AdamW on the safety loss (the paper's naive SFT / DPO baseline).
 * ``orthogonal``, ``conflict``: OGPSA in gradient space (:func:`ogpsa.attach`; subspace from
   reference gradients, rebuilt every ``refresh_every`` steps).
-* ``update``: OGPSA in update space (``ogpsa.optim.ProjectedAdamW``); listed only when that
-  module exists (:func:`available_arms`).
+* ``update``: OGPSA in update space (``ogpsa.optim.ProjectedAdamW``: the AdamW direction is
+  projected, moments from the raw gradient), refreshed at the stage default (30 SFT / 5 DPO);
+  listed only when that optimizer exists (:func:`available_arms`).
+* ``update-r5`` / ``update-r5-small``: the update arm with refresh every 5 steps / every 5
+  steps with a quarter of the reference examples per rebuild (the refresh-cost study).
 * ``replay``: general examples mixed into every safety batch (the paper's "General Data").
 * ``merge``: interpolation of base and final ``plain`` weights; its "trajectory" is the mixing
   weight (0 .. 1), so the weight matching the other arms' safety is read off the curve.
@@ -37,10 +40,16 @@ from . import tasks
 from .model import Codec, answer_logprobs, lm_loss, make_batch, pairs
 from .tasks import DemoData, Example
 
+UPDATE_ARMS: tuple[str, ...] = ("update", "update-r5", "update-r5-small")
+"""Arms that run ``ogpsa.optim.ProjectedAdamW`` (update-space projection)."""
 ALL_ARMS: tuple[str, ...] = ("plain", "orthogonal", "conflict", "update", "replay", "merge", "lora",
-                             "orthogonal+replay", "orthogonal-r5", "orthogonal-task", "orthogonal-k16")
+                             "orthogonal+replay", "orthogonal-r5", "orthogonal-task", "orthogonal-k16",
+                             "update-r5", "update-r5-small")
 PROJECTION_ARMS = ("orthogonal", "conflict", "orthogonal+replay", "orthogonal-r5", "orthogonal-task",
                    "orthogonal-k16")
+"""Arms that project the gradient (:func:`ogpsa.attach`)."""
+SMALL_REFERENCE_FRACTION = 4
+"""``*-small`` arms keep 1/4 of each reference set's examples per rebuild."""
 STAGES: tuple[str, ...] = ("sft", "dpo", "sft+dpo")
 
 
@@ -54,8 +63,13 @@ def update_space_available() -> bool:
 
 
 def available_arms() -> tuple[str, ...]:
-    """Every arm this installation can run (``update`` only when its optimizer exists)."""
-    return tuple(a for a in ALL_ARMS if a != "update" or update_space_available())
+    """Every arm this installation can run (the update arms only when their optimizer exists)."""
+    return tuple(a for a in ALL_ARMS if a not in UPDATE_ARMS or update_space_available())
+
+
+def refresh_interval(arm: str, stage_default: int) -> int:
+    """Steps between subspace rebuilds for ``arm`` (the ``-r5`` arms: 5; else the stage's)."""
+    return 5 if "-r5" in arm else stage_default
 
 
 @dataclass
@@ -70,6 +84,7 @@ class Hyper:
     eval_every: int
     max_grad_norm: float = 1.0
     dpo_beta: float = 0.1
+    dpo_nll: float = 0.0
     replay_batch: int = 16
     lora_r: int = 8
     lora_lr_scale: float = 10.0
@@ -80,6 +95,8 @@ class StageLog:
     steps: int = 0
     removed_fraction: list[float] = field(default_factory=list)
     refreshes: int = 0
+    refresh_every: int = 0
+    reference_examples: int = 0  # per rebuild
     refresh_seconds: float = 0.0
     replay_examples: int = 0
     seconds: float = 0.0
@@ -87,7 +104,8 @@ class StageLog:
     def summary(self) -> dict[str, float]:
         rf = self.removed_fraction
         return {"steps": self.steps, "removed_fraction": sum(rf) / len(rf) if rf else 0.0,
-                "refreshes": self.refreshes, "refresh_seconds": self.refresh_seconds,
+                "refreshes": self.refreshes, "refresh_every": self.refresh_every,
+                "reference_examples": self.reference_examples, "refresh_seconds": self.refresh_seconds,
                 "replay_examples": self.replay_examples, "seconds": self.seconds}
 
 
@@ -110,18 +128,26 @@ def _reference_sets(arm: str, stage: str, data: DemoData, task_sets: Optional[li
         flat = tasks.flatten(data.reference_sets)
         return [flat[i::16] for i in range(16)]
     # SFT: the general sets (rank <= 2 per tensor); DPO: one set (rank 1), as in the original.
-    return data.reference_sets if stage == "sft" else [tasks.flatten(data.reference_sets)[:size]]
+    sets = data.reference_sets if stage == "sft" else [tasks.flatten(data.reference_sets)[:size]]
+    if arm.endswith("-small"):
+        sets = [s[:max(1, len(s) // SMALL_REFERENCE_FRACTION)] for s in sets]
+    return sets
 
 
 def _dpo_loss(model: torch.nn.Module, ref_model: torch.nn.Module, codec: Codec, triples: list, beta: float,
-              device: torch.device) -> Tensor:
+              device: torch.device, nll: float = 0.0) -> Tensor:
+    """DPO loss of ``(prompt, chosen, rejected)`` triples, plus ``nll`` x the chosen answers'
+    per-token negative log-likelihood (TRL's ``rpo_alpha``; 0 = pure DPO)."""
     both = make_batch(codec, [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples], device)
-    lp, _ = answer_logprobs(model, both)
+    lp, count = answer_logprobs(model, both)
     with torch.no_grad():
         ref_lp, _ = answer_logprobs(ref_model, both)
     n = len(triples)
     margin = (lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:])
-    return -F.logsigmoid(beta * margin).mean()
+    loss = -F.logsigmoid(beta * margin).mean()
+    if nll:
+        loss = loss + nll * (-(lp[:n] / count[:n].clamp_min(1)).mean())
+    return loss
 
 
 def _update_space_optimizer(model: torch.nn.Module, params: list, subspace: ogpsa.Subspace, lr: float,
@@ -145,12 +171,15 @@ def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, 
     replay_rng = random.Random(seed * 7_919 + 3)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = hp.lr * (hp.lora_lr_scale if arm == "lora" else 1.0)
-    refresh = 5 if arm == "orthogonal-r5" else hp.refresh_every
-    projected = arm in PROJECTION_ARMS or arm == "update"
+    refresh = refresh_interval(arm, hp.refresh_every)
+    update_space = arm in UPDATE_ARMS
+    projected = arm in PROJECTION_ARMS or update_space
     mode = "conflict" if arm == "conflict" else "orthogonal"
     ocfg = ogpsa.OGPSAConfig(mode=mode, refresh_every=max(refresh, 1), num_reference_samples=hp.reference_size)
     log = StageLog()
     ref_sets = _reference_sets(arm, stage, data, task_sets, hp.reference_size) if projected else None
+    if projected:
+        log.refresh_every, log.reference_examples = refresh, sum(len(s) for s in ref_sets)
 
     def build() -> ogpsa.Subspace:
         t = time.perf_counter()
@@ -159,8 +188,11 @@ def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, 
         log.refresh_seconds += time.perf_counter() - t
         return ogpsa.Subspace.from_gradients(grads, ocfg)
 
+    # The arm's training time includes every rebuild (the first one too), so that
+    # refresh_seconds / seconds is the refresh's share of the training wall time.
+    t0 = time.perf_counter()
     proj = None
-    if arm == "update":
+    if update_space:
         opt = _update_space_optimizer(model, params, build(), lr, ocfg)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -171,7 +203,6 @@ def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, 
         ref_model = copy.deepcopy(model).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    t0 = time.perf_counter()
     trajectory: list[dict] = []
     model.train()
     for step in range(hp.steps):
@@ -185,7 +216,8 @@ def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, 
         if stage == "sft":
             loss = lm_loss(model, make_batch(codec, pairs(data.refusal_batch(rng, hp.batch)), device))
         else:
-            loss = _dpo_loss(model, ref_model, codec, data.preference_batch(rng, hp.batch), hp.dpo_beta, device)
+            loss = _dpo_loss(model, ref_model, codec, data.preference_batch(rng, hp.batch), hp.dpo_beta, device,
+                             hp.dpo_nll)
         if arm.endswith("replay"):
             general = data.general_batch(replay_rng, hp.replay_batch)
             log.replay_examples += len(general)
@@ -198,7 +230,7 @@ def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, 
         else:
             torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
         opt.step()
-        if arm == "update":
+        if update_space:
             log.removed_fraction.append(float(getattr(opt, "last_removed_fraction", 0.0)))
         log.steps += 1
         if (step + 1) % hp.eval_every == 0 or step + 1 == hp.steps:

@@ -33,8 +33,8 @@ from .arms import ALL_ARMS, STAGES, Hyper, available_arms, run_arm
 from .evaluate import evaluate
 from .model import lm_loss, load_checkpoint, make_batch, pairs
 
-DEFAULT_ARMS = ("plain", "orthogonal", "conflict", "orthogonal-k16", "update", "replay", "merge", "lora",
-                "orthogonal+replay")
+DEFAULT_ARMS = ("plain", "orthogonal", "conflict", "orthogonal-k16", "update", "update-r5", "replay", "merge",
+                "lora", "orthogonal+replay")
 
 
 @dataclass
@@ -50,8 +50,10 @@ class DemoConfig:
     base_cache: str = "demo_out/base"    # where a base model is trained and cached when none is committed
     sft_steps: int = 40
     sft_lr: float = 3e-4
-    dpo_steps: int = 20
-    dpo_lr: float = 1e-4
+    dpo_steps: int = 40
+    dpo_lr: float = 3e-4
+    dpo_beta: float = 0.1
+    dpo_nll: float = 0.2                 # chosen-answer NLL weight added to DPO (TRL's rpo_alpha); 0: pure DPO
     batch: int = 16
     replay_batch: int = 16
     eval_every: int = 2
@@ -87,9 +89,11 @@ class DemoConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"DemoConfig.{name}={v!r} must be an integer >= 0")
-        for name in ("sft_lr", "dpo_lr"):
+        for name in ("sft_lr", "dpo_lr", "dpo_beta"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} must be > 0")
+        if not float(self.dpo_nll) >= 0:
+            raise ValueError(f"DemoConfig.dpo_nll={self.dpo_nll!r} must be >= 0")
         if not 0.0 < self.match_refusal <= 1.0:
             raise ValueError(f"DemoConfig.match_refusal={self.match_refusal!r} must be in (0, 1]")
 
@@ -97,7 +101,8 @@ class DemoConfig:
         common = dict(batch=self.batch, reference_size=self.reference_size, eval_every=self.eval_every,
                       replay_batch=self.replay_batch)
         return {"sft": Hyper(self.sft_steps, self.sft_lr, refresh_every=self.sft_refresh_every, **common),
-                "dpo": Hyper(self.dpo_steps, self.dpo_lr, refresh_every=self.dpo_refresh_every, **common)}
+                "dpo": Hyper(self.dpo_steps, self.dpo_lr, refresh_every=self.dpo_refresh_every,
+                             dpo_beta=self.dpo_beta, dpo_nll=self.dpo_nll, **common)}
 
     def to_dict(self) -> dict:
         d = asdict(self)

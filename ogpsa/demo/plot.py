@@ -7,7 +7,8 @@ from typing import Any
 
 COLORS = {"plain": "#d62728", "orthogonal": "#1f77b4", "conflict": "#2ca02c", "update": "#9467bd",
           "replay": "#ff7f0e", "merge": "#8c564b", "lora": "#e377c2", "orthogonal+replay": "#17becf",
-          "orthogonal-r5": "#7f7f7f", "orthogonal-task": "#bcbd22", "orthogonal-k16": "#393b79"}
+          "orthogonal-r5": "#7f7f7f", "orthogonal-task": "#bcbd22", "orthogonal-k16": "#393b79",
+          "update-r5": "#6b3d9a", "update-r5-small": "#c5b0d5"}
 
 
 def require_matplotlib() -> None:

@@ -41,8 +41,13 @@ def at_refusal(points: Sequence[dict], target: float, key: str, start: Optional[
     return None
 
 
-def run_metrics(arm: dict, before: dict, target: float) -> dict[str, Optional[float]]:
-    """Per-run numbers of one arm: at the end and at matched refusal."""
+def run_metrics(arm: dict, before: dict, target: float, first_part_steps: Optional[int] = None
+                ) -> dict[str, Optional[float]]:
+    """Per-run numbers of one arm: at the end and at matched refusal (read along the whole
+    trajectory: for SFT→DPO, wherever the model first reaches ``target``, SFT part included).
+
+    ``first_part_steps``: for a two-part stage, the last step of the first part (SFT); adds
+    ``forgetting_part2`` = forgetting at the end − forgetting at the end of the first part."""
     traj = arm["trajectory"]
     end = traj[-1]
     if traj[0].get("merge_weight") is not None:
@@ -59,10 +64,16 @@ def run_metrics(arm: dict, before: dict, target: float) -> dict[str, Optional[fl
         out[f"forgetting_end/{task}"] = before["exact_match"][task] - v
     if traj[0].get("merge_weight") is not None:
         out["merge_weight_matched"] = at_refusal(traj, target, "merge_weight", dict(before, merge_weight=0.0))
+    if first_part_steps is not None:
+        mid = [p for p in traj if p.get("step") == first_part_steps]
+        out["forgetting_part2"] = (mid[0]["general_score"] - end["general_score"]) if mid else None
     proj = arm.get("projection", {})
     out["removed_fraction"] = max((st["removed_fraction"] for st in proj.values()), default=0.0)
-    out["train_seconds"] = sum(st["seconds"] for st in proj.values()) if proj else None
-    out["refresh_seconds"] = sum(st["refresh_seconds"] for st in proj.values()) if proj else None
+    train = sum(st["seconds"] for st in proj.values()) if proj else None
+    refresh = sum(st["refresh_seconds"] for st in proj.values()) if proj else None
+    out["train_seconds"], out["refresh_seconds"] = train, refresh
+    out["refreshes"] = sum(st.get("refreshes", 0) for st in proj.values()) if proj else None
+    out["refresh_share"] = refresh / train if proj and train else None
     return out
 
 
@@ -70,19 +81,22 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """``{stage: {arm: {metric: mean_std}}}`` over seeds, plus the mean trajectories for plots."""
     target = results["config"]["match_refusal"]
     before = results["before"]
+    sft_steps = results["config"].get("sft_steps")
     per: dict[str, dict[str, dict[str, list]]] = {}
     curves: dict[str, dict[str, list]] = {}
     for run in results["runs"]:
         for arm, a in run["arms"].items():
             acc = per.setdefault(run["stage"], {}).setdefault(arm, {})
-            for k, v in run_metrics(a, before, target).items():
+            split = sft_steps if "+" in run["stage"] else None
+            for k, v in run_metrics(a, before, target, split).items():
                 acc.setdefault(k, []).append(v)
             curves.setdefault(run["stage"], {}).setdefault(arm, []).append(a["trajectory"])
     stages = {}
     for stage, arms in per.items():
         stages[stage] = {arm: {k: mean_std(v) for k, v in m.items()} for arm, m in arms.items()}
     mean_curves = {stage: {arm: _mean_curve(ts) for arm, ts in arms.items()} for stage, arms in curves.items()}
-    return {"seeds": results["config"]["seeds"], "match_refusal": target, "stages": stages, "curves": mean_curves}
+    return {"seeds": results["config"]["seeds"], "match_refusal": target, "stages": stages, "curves": mean_curves,
+            "refresh_design": refresh_design(results)}
 
 
 def _mean_curve(trajectories: list[list[dict]]) -> list[dict]:
@@ -102,31 +116,87 @@ def _pct(ms: dict[str, Any], sign: float = 1.0) -> str:
     return text + (f" ({ms['n']}/{ms['of']})" if ms["n"] < ms["of"] else "")
 
 
+def refresh_design(results: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """``{stage: {arm: "every N, E examples"}}`` of the projection arms (from the first seed;
+    two-part stages join the parts with "/")."""
+    out: dict[str, dict[str, str]] = {}
+    for run in results["runs"]:
+        for arm, a in run["arms"].items():
+            parts = [st for st in a.get("projection", {}).values() if st.get("refreshes")]
+            if parts and arm not in out.setdefault(run["stage"], {}):
+                every = "/".join(str(st.get("refresh_every", "?")) for st in parts)
+                examples = "/".join(str(st.get("reference_examples", "?")) for st in parts)
+                out[run["stage"]][arm] = f"{every} | {examples}"
+    return out
+
+
+def _num(ms: dict[str, Any], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    return "—" if ms["mean"] is None else fmt.format(scale * ms["mean"])
+
+
+def _main_table(stage: str, arms: dict[str, Any], seeds: int, target: float) -> list[str]:
+    two_part = "+" in stage
+    plain = arms.get("plain", {}).get("forgetting_matched", {}).get("mean")
+    head = ["arm", f"forgetting @ {target:.0f} % refusal ↓", "vs plain", f"over-refusal @ {target:.0f} % ↓",
+            "refusal end ↑", "forgetting end ↓"] + (["DPO part adds ↓"] if two_part else []) + [
+            "over-refusal end ↓", "removed ‖·‖² %", "train s"]
+    lines = ["", f"**Stage {stage}** (mean ± std over {seeds} seeds; (n/N): seeds that reached {target:.0f} % "
+             "refusal)", "", "| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for arm, m in arms.items():
+        fm = m["forgetting_matched"]["mean"]
+        rel = "—" if fm is None or not plain or arm == "plain" else f"{100 * (1 - fm / plain):+.0f} %"
+        name = arm
+        if arm == "merge" and m.get("merge_weight_matched", {}).get("mean") is not None:
+            name = f"merge (weight {m['merge_weight_matched']['mean']:.2f})"
+        extra = [_pct(m["forgetting_part2"]) if arm != "merge" else "—"] if two_part else []
+        lines.append("| " + " | ".join([
+            name, _pct(m["forgetting_matched"]), rel, _pct(m["over_refusal_matched"]), _pct(m["refusal_end"]),
+            _pct(m["forgetting_end"])] + extra + [_pct(m["over_refusal_end"]), _pct(m["removed_fraction"]),
+            _num(m["train_seconds"])]) + " |")
+    return lines
+
+
+def _refresh_table(stage: str, arms: dict[str, Any], design: dict[str, str], target: float) -> list[str]:
+    rows = [(arm, m) for arm, m in arms.items() if arm in design]
+    if not rows:
+        return []
+    head = ["arm", "refresh every (steps)", "examples per rebuild", "rebuilds", "refresh s", "train s",
+            "refresh share of train time", f"forgetting @ {target:.0f} % ↓", "forgetting end ↓"]
+    lines = ["", f"Refresh cost, stage {stage} (mean over seeds; rebuilds include the one before step 1)", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for arm, m in rows:
+        lines.append("| " + " | ".join([
+            arm, design[arm], _num(m["refreshes"], "{:.0f}"), _num(m["refresh_seconds"], "{:.2f}"),
+            _num(m["train_seconds"], "{:.2f}"), _num(m["refresh_share"], "{:.0f} %", 100.0),
+            _pct(m["forgetting_matched"]), _pct(m["forgetting_end"])]) + " |")
+    return lines
+
+
+LEGEND = (
+    "\"vs plain\": reduction of forgetting at matched refusal relative to plain (+50 % is the goal). "
+    "Forgetting = drop of the mean exact match over the general tasks (points). Matched refusal is read along "
+    "the whole trajectory: for sft+dpo wherever the model first reaches the target, SFT part included, because "
+    "matched safety is a property of the model, not of the stage that produced it; where the SFT part reaches "
+    "it, those columns equal the sft stage's (same seeds and SFT batches), and the DPO part shows in the end "
+    "columns and in \"DPO part adds\" (forgetting at the end − forgetting at the end of the SFT part). "
+    "removed ‖·‖² %: share of the squared norm the projection removed, mean over steps (max over parts): of "
+    "the clipped gradient for gradient-space arms, of the AdamW direction for the update arms. train s: the "
+    "arm's training wall time, every subspace rebuild included, evaluation excluded.")
+
+
 def table(summary: dict[str, Any], before: dict[str, Any]) -> str:
-    """One markdown table per stage; forgetting in exact-match points (lower is better)."""
+    """One markdown table per stage (forgetting in exact-match points, lower is better), each
+    followed by the refresh-cost table of its projection arms (rebuild design from
+    ``summary["refresh_design"]``, see :func:`refresh_design`)."""
+    design = summary.get("refresh_design", {})
     target = 100 * summary["match_refusal"]
     lines = [f"Before safety-tuning: general score {100 * before['general_score']:.1f} % "
              f"({', '.join(f'{t} {100 * v:.0f}' for t, v in before['exact_match'].items())}), refusal "
              f"{100 * before['refusal_rate']:.0f} %, over-refusal {100 * before['over_refusal_rate']:.0f} %."]
     for stage, arms in summary["stages"].items():
-        plain = arms.get("plain", {}).get("forgetting_matched", {}).get("mean")
-        head = ["arm", f"forgetting @ {target:.0f} % refusal ↓", "vs plain", f"over-refusal @ {target:.0f} % ↓",
-                "refusal end ↑", "forgetting end ↓", "over-refusal end ↓", "removed ‖g‖² %", "train s"]
-        lines += ["", f"**Stage {stage}** (mean ± std over {summary['seeds']} seeds; (n/N): seeds that "
-                  f"reached {target:.0f} % refusal)", "", "| " + " | ".join(head) + " |",
-                  "|" + "|".join(" --- " for _ in head) + "|"]
-        for arm, m in arms.items():
-            fm = m["forgetting_matched"]["mean"]
-            rel = "—" if fm is None or not plain or arm == "plain" else f"{100 * (1 - fm / plain):+.0f} %"
-            if arm == "merge" and m.get("merge_weight_matched", {}).get("mean") is not None:
-                arm = f"merge (weight {m['merge_weight_matched']['mean']:.2f})"
-            sec = m["train_seconds"]
-            lines.append("| " + " | ".join([
-                arm, _pct(m["forgetting_matched"]), rel, _pct(m["over_refusal_matched"]), _pct(m["refusal_end"]),
-                _pct(m["forgetting_end"]), _pct(m["over_refusal_end"]), _pct(m["removed_fraction"]),
-                "—" if sec["mean"] is None else f"{sec['mean']:.1f}"]) + " |")
-    lines += ["", "\"vs plain\": reduction of forgetting at matched refusal relative to plain "
-              "(+50 % is the goal). Forgetting = drop of the mean exact match over the general tasks."]
+        lines += _main_table(stage, arms, summary["seeds"], target)
+        lines += _refresh_table(stage, arms, design.get(stage, {}), target)
+    lines += ["", LEGEND]
     return "\n".join(lines)
 
 
