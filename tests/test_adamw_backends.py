@@ -119,7 +119,10 @@ def test_cpu_kernel_rejects_bad_input_before_writing():
 # Triton kernels (interpreter on CPU) and the reduce_dots hook
 # ---------------------------------------------------------------------------------------------
 
+import json  # noqa: E402
 import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -459,3 +462,203 @@ def test_reduce_dots_called_once_without_projected_tensors():
     seen = []
     run_steps(params, states, bases, h, "triton", steps=1, reduce_dots=lambda t: seen.append(tuple(t.shape)))
     assert seen == [(0, 1)]
+
+
+def _snapshot(params, states):
+    return [p.detach().clone() for p in params], [{k: v.clone() for k, v in st.items()} for st in states]
+
+
+def _bad_inputs():
+    """(description, items mutator, call kwargs) of inputs the step must refuse before writing."""
+    def wrong_basis(items):
+        name, u, minv = items[2][3]
+        items[2] = items[2][:3] + ((name, torch.randn(u.shape[0], u.shape[1] + 1), minv),)
+
+    def wrong_minv(items):
+        name, u, minv = items[3][3]
+        items[3] = items[3][:3] + ((name, u, torch.eye(u.shape[0] + 1)),)
+
+    def no_grad(items):
+        items[-1][0].grad = None
+
+    def mixed_global_ranks(items):
+        name, u, minv = items[1][3]
+        items[1] = items[1][:3] + ((name, u[:1].contiguous(), minv[:1, :1].contiguous()),)
+
+    def amsgrad_without_state(items):
+        p, st, h, b = items[-2]
+        items[-2] = (p, st, StepHyper(**{**h.__dict__, "amsgrad": True}), b)
+
+    return [("basis shape", wrong_basis, {}), ("M^-1 shape", wrong_minv, {}), ("no gradient", no_grad, {}),
+            ("global ranks", mixed_global_ranks, {"scope": "global"}), ("amsgrad state", amsgrad_without_state, {}),
+            ("mode", lambda items: None, {"mode": "sideways"}), ("scope", lambda items: None, {"scope": "model"}),
+            ("backend", lambda items: None, {"backend": "fastest"})]
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_input_raises_before_any_change(backend):
+    h = StepHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    for what, mutate, kw in _bad_inputs():
+        params, states, bases = make_items(seed=4, **SMALL)
+        for p, g in zip(params, grads_for(params, 0)):
+            p.grad = g
+        items = [(p, st, h, b) for p, st, b in zip(params, states, bases)]
+        mutate(items)
+        before_p, before_s = _snapshot(params, states)
+        with pytest.raises(ValueError):
+            projected_step(items, **{"backend": backend, **kw})
+        assert all(torch.equal(a, b) for a, b in zip(params, before_p)), what
+        assert all(torch.equal(st[k], sb[k]) for st, sb in zip(states, before_s) for k in sb), what
+
+
+def test_routing_on_cpu(monkeypatch):
+    h = StepHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    params, states, bases = make_items(seed=1, shapes=[(7,), (9,)], ranks=[2, 0])
+    params[0].grad = torch.randn(7)
+    item = (params[0], states[0], h, bases[0])
+    opts = dict(scope="tensor", mode="orthogonal", reduce_dots=None, keep_updates=False)
+    cpu = "cpu" if cpu_kernel_available() else "torch"
+    assert adamw_backends.route(item, "auto", **opts) == cpu
+    assert adamw_backends.route(item, "torch", **opts) == "torch"
+    # the compiled op has no hook, no global scope, only the orthogonal rule: the torch path
+    assert adamw_backends.route(item, "auto", **{**opts, "reduce_dots": print}) == "torch"
+    assert adamw_backends.route(item, "auto", **{**opts, "scope": "global"}) == "torch"
+    assert adamw_backends.route(item, "auto", **{**opts, "mode": "conflict"}) == "torch"
+    assert adamw_backends.route(item, "auto", **{**opts, "keep_updates": True}) == "torch"
+    if _interpreted_triton():
+        assert adamw_backends.route(item, "triton", **opts) == "triton"
+        assert adamw_backends.route(item, "triton", **{**opts, "reduce_dots": print}) == "triton"
+        bf16_moments = {**states[0], "exp_avg": states[0]["exp_avg"].bfloat16()}
+        assert adamw_backends.route((params[0], bf16_moments, h, bases[0]), "triton", **opts) == "torch"
+        empty = torch.zeros(0)
+        empty.grad = torch.zeros(0)
+        st = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(0), "exp_avg_sq": torch.zeros(0)}
+        assert adamw_backends.route((empty, st, h, None), "triton", **opts) == "torch"
+    monkeypatch.setenv("OGPSA_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="fastest"):
+        adamw_backends.requested("auto")
+    monkeypatch.setenv("OGPSA_BACKEND", "torch")
+    assert adamw_backends.requested("cpu") == "torch"  # the environment wins over the config
+    info = adamw_backends.info()
+    assert set(info) >= {"cpu", "cuda", "triton", "torch", "auto", "requested"}
+
+
+@needs_triton
+def test_projected_adamw_with_triton_backend(monkeypatch):
+    """ProjectedAdamW end to end with OGPSA_BACKEND=triton agrees with the torch backend."""
+    model, sub = setup_problem(torch.float32)
+    results = []
+    for backend in ("triton", "torch"):
+        m = copy.deepcopy(model)
+        p0 = [p.detach().clone() for p in m.parameters()]
+        opt = run(m, sub, backend, steps=2, amsgrad=True)
+        results.append(([p.detach() - q for p, q in zip(m.parameters(), p0)], opt.last_stats))
+    (da, sa), (db, sb) = results
+    assert sa.backends == ("triton",) and sb.backends == ("torch",)
+    for a, b in zip(da, db):
+        assert rel(a, b) <= 1e-5
+    assert torch.allclose(sa.removed_sq, sb.removed_sq, rtol=1e-3, atol=1e-6 * float(sb.sq_before.max()))
+
+
+_COMPILE = r"""
+import json, sys
+from ogpsa.kernels import adamw, aot
+want = json.loads(sys.argv[1])
+out = []
+for fn, sig, meta, warps in adamw.aot_variants(kinds=((0, 0), (1, 1)), aligned=(True, False), k_pads=(1, 4, 8, 16)):
+    key = [fn.__name__, meta["P_KIND"], meta["U_KIND"], meta["ALIGNED"], meta["K_PAD"]]
+    if want and key not in want:
+        continue
+    k = aot.compile_variant(fn, sig, meta, warps, 90)
+    out.append({"key": key, "loads": aot.vector_loads(k.asm["ptx"]), **aot._resources(k.asm["cubin"])})
+print(json.dumps(out))
+"""
+
+
+def _compile_for_sm90(want: list) -> list:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run_ = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(want)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    if run_.returncode != 0 and "ptxas" in run_.stderr and "not found" in run_.stderr.lower():
+        pytest.skip(f"no ptxas for sm_90: {run_.stderr[-300:]}")
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    return json.loads(run_.stdout.strip().splitlines()[-1])
+
+
+def _check_compiled(report: list) -> None:
+    assert report
+    assert all(r.get("local_bytes", 0) == 0 for r in report), report  # no register spills
+    for r in report:
+        if r["key"][3]:  # ALIGNED: 128-bit loads
+            assert r["loads"]["v4"] > 0, r
+        else:  # no 16-byte assumption without the alignment check
+            assert r["loads"]["v4"] == 0, r
+
+
+def test_triton_adamw_compiles_for_sm90_and_vectorises():
+    """Compile-only (no GPU): a few variants, in a process without TRITON_INTERPRET."""
+    _check_compiled(_compile_for_sm90([["_adamw_fused_small_kernel", 0, 0, True, 16],
+                                       ["_adamw_dots_kernel", 1, 1, True, 1],
+                                       ["_adamw_apply_kernel", 0, 0, True, 8],
+                                       ["_adamw_dots_kernel", 0, 0, False, 4]]))
+
+
+@pytest.mark.slow
+def test_triton_adamw_compiles_for_sm90_every_variant():
+    _check_compiled(_compile_for_sm90([]))
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU (skipped without one): compiled Triton and the routing of CUDA tensors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,basis_dtype,scope,amsgrad,pwd", [
+    (torch.float32, torch.float32, "tensor", False, False), (torch.float32, torch.bfloat16, "global", True, True),
+    (torch.bfloat16, torch.float32, "tensor", True, True), (torch.float16, torch.bfloat16, "global", False, False)])
+def test_triton_on_gpu_matches_float64_and_is_deterministic(dtype, basis_dtype, scope, amsgrad, pwd):
+    shapes = SHAPES + [(2**20 + 3,), (1000, 257)]
+    ranks = RANKS + [16, 3]
+    k_global = 7 if scope == "global" else 0
+    h = StepHyper(lr=5e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=True)
+    runs = []
+    for _ in range(2):
+        params, states, bases = make_items(dtype, basis_dtype, scope, k_global, amsgrad, seed=17, shapes=shapes,
+                                           ranks=ranks, device="cuda")
+        p0 = [p.detach().double().cpu() for p in params]
+        res = run_steps(params, states, bases, h, "triton", scope=scope, project_weight_decay=pwd)
+        torch.cuda.synchronize()
+        runs.append((params, states, res))
+    (pa, sa, ra), (pb, sb, rb) = runs
+    assert ra.stats.backends == ("triton",)
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(sa, sb) for k in a)
+    assert torch.equal(ra.stats.removed_sq, rb.stats.removed_sq)
+    exp_p, exp_m, _, _ = adamw64([p.cpu() for p in pa], [None if b is None else (b[0], b[1].cpu()) for b in
+                                                         make_items(dtype, basis_dtype, scope, k_global, amsgrad,
+                                                                    seed=17, shapes=shapes, ranks=ranks)[2]],
+                                 h, 3, scope, pwd, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, (p, st) in enumerate(zip(pa, sa)):
+        got = p.detach().double().cpu().reshape(-1).numpy() - p0[i].reshape(-1).numpy()
+        assert rel(got, exp_p[i] - p0[i].reshape(-1).numpy()) <= tol, i
+        assert rel(st["exp_avg"].double().cpu(), exp_m[i]) <= 1e-5, i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_route_to_cuda_op_then_triton():
+    h = StepHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    params, states, bases = make_items(seed=1, shapes=[(7,)], ranks=[2], device="cuda")
+    params[0].grad = torch.randn(7, device="cuda")
+    item = (params[0], states[0], h, bases[0])
+    opts = dict(scope="tensor", mode="orthogonal", reduce_dots=None, keep_updates=False)
+    first = "cuda" if adamw_backends.cuda_kernel_available() else "triton"
+    assert adamw_backends.route(item, "auto", **opts) == first
+    assert adamw_backends.route(item, "auto", **{**opts, "reduce_dots": print}) == "triton"
+    assert adamw_backends.route(item, "auto", **{**opts, "scope": "global"}) == "triton"
+    assert adamw_backends.route(item, "triton", **opts) == "triton"
