@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .config import REFERENCE_AVERAGING, OGPSAConfig
+from .config import DEFAULT_REFERENCE_BATCH_SIZE, REFERENCE_AVERAGING, OGPSAConfig
 from .sequences import (  # noqa: F401  (example_to_sequences, lm_loss_per_sequence: public here too)
     _SEQ,
     _check_datasets,
@@ -160,7 +160,7 @@ def collect_reference_gradients(
         num_samples: the first this many examples of each dataset are averaged (fewer if
             the dataset is smaller).
         batch_size: examples per forward/backward batch (default:
-            ``config.reference_batch_size``, 8). With ``averaging="batch"`` also the
+            ``config.reference_batch_size``, else 8). With ``averaging="batch"`` also the
             averaging unit (the original used ``per_device_train_batch_size``).
         loss_fn: ``loss_fn(model, examples) -> scalar``: the *mean* loss over a list of raw
             examples. Default: next-token cross-entropy (see the module docs).
@@ -197,7 +197,7 @@ def collect_reference_gradients(
     if config is not None and not isinstance(config, OGPSAConfig):
         raise TypeError(f"config must be an ogpsa.OGPSAConfig or None, got {type(config).__name__}")
     if batch_size is None:
-        batch_size = getattr(config, "reference_batch_size", None) or OGPSAConfig.reference_batch_size
+        batch_size = getattr(config, "reference_batch_size", None) or DEFAULT_REFERENCE_BATCH_SIZE
     if averaging is None:
         averaging = config.reference_averaging if config is not None else OGPSAConfig.reference_averaging
     if averaging not in REFERENCE_AVERAGING:

@@ -19,6 +19,9 @@ BASIS_DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 REFERENCE_AVERAGING = ("example", "batch")
 SPACES = ("gradient", "update")
+#: reference-collection batch size when neither the call nor the config sets one (trainers use
+#: their per_device_train_batch_size instead)
+DEFAULT_REFERENCE_BATCH_SIZE = 8
 
 
 def _choice(field: str, value: Any, allowed: tuple) -> None:
@@ -79,6 +82,9 @@ class OGPSAConfig:
             ``per_device_train_batch_size``). See :mod:`ogpsa.collect`.
         reference_batch_size: examples per forward/backward batch when collecting
             reference gradients (and, for ``reference_averaging="batch"``, per averaged batch).
+            None (default): ``DEFAULT_REFERENCE_BATCH_SIZE`` (8) when collecting directly, the
+            Trainer's ``per_device_train_batch_size`` inside the TRL trainers and the callback
+            (what the original implementation used). Any integer, 8 included, is used as given.
         space: what is projected. ``"gradient"`` (the paper's default): the accumulated
             gradient, before clipping and the optimizer; with Adam the applied update is then
             NOT orthogonal to the subspace (Adam rescales each element by 1/sqrt(v)).
@@ -103,7 +109,7 @@ class OGPSAConfig:
     backend: str = "auto"
     max_norm: Optional[float] = None
     reference_averaging: str = "example"
-    reference_batch_size: int = 8
+    reference_batch_size: Optional[int] = None
     space: str = "gradient"
 
     def __post_init__(self) -> None:
@@ -140,10 +146,11 @@ class OGPSAConfig:
             )
         _choice("reference_averaging", self.reference_averaging, REFERENCE_AVERAGING)
         _choice("space", self.space, SPACES)
-        if (not isinstance(self.reference_batch_size, int) or isinstance(self.reference_batch_size, bool)
+        if self.reference_batch_size is not None and (
+                not isinstance(self.reference_batch_size, int) or isinstance(self.reference_batch_size, bool)
                 or self.reference_batch_size < 1):
             raise ValueError(
-                f"OGPSAConfig.reference_batch_size={self.reference_batch_size!r} must be an integer >= 1")
+                f"OGPSAConfig.reference_batch_size={self.reference_batch_size!r} must be None or an integer >= 1")
         if self.max_norm is not None and not (float(self.max_norm) > 0.0):
             raise ValueError(f"OGPSAConfig.max_norm={self.max_norm!r} must be None or > 0")
 

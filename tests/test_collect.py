@@ -278,3 +278,20 @@ def test_list_of_examples_instead_of_datasets_says_wrap_it(model, tok):
     with pytest.raises(TypeError, match="list of reference datasets"):
         build_subspace(model, "just one text", tokenizer=tok, progress=False)
     assert build_subspace(model, [GENERAL], tokenizer=tok, progress=False).names
+
+
+def test_trainer_reference_batch_size_rule_takes_any_set_value_even_the_direct_default():
+    """None in the config means "not set": trainers then use their train batch size; any integer the
+    user sets (8 included, the direct-collection default) is used as given."""
+    from ogpsa.config import DEFAULT_REFERENCE_BATCH_SIZE
+    from ogpsa.integrations.common import trainer_reference_batch_size
+
+    assert ogpsa.OGPSAConfig().reference_batch_size is None
+    assert trainer_reference_batch_size(None, ogpsa.OGPSAConfig(), 4) == 4
+    for size in (DEFAULT_REFERENCE_BATCH_SIZE, 3):
+        # None: the collection reads the config's value
+        assert trainer_reference_batch_size(None, ogpsa.OGPSAConfig(reference_batch_size=size), 4) is None
+    assert trainer_reference_batch_size(2, ogpsa.OGPSAConfig(reference_batch_size=8), 4) == 2
+    with pytest.raises(ValueError, match="reference_batch_size"):
+        ogpsa.OGPSAConfig(reference_batch_size=0)
+    assert ogpsa.OGPSAConfig.from_dict(ogpsa.OGPSAConfig().to_dict()).reference_batch_size is None

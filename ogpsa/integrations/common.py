@@ -29,8 +29,6 @@ SFT_REFRESH_EVERY = 30
 DPO_REFRESH_EVERY = 5
 """Default refresh interval (optimizer steps) of the DPO stage, as in the original work."""
 
-_DEFAULT_REFERENCE_BATCH_SIZE = OGPSAConfig.reference_batch_size
-
 
 def unwrap_optimizer(optimizer: Any) -> Optional[torch.optim.Optimizer]:
     """The innermost ``torch.optim.Optimizer`` (accelerate wraps it in ``.optimizer``), or None."""
@@ -69,12 +67,12 @@ def trainer_reference_batch_size(explicit: Optional[int], config: OGPSAConfig,
     """Reference-collection batch size inside a Trainer.
 
     ``explicit`` (the trainer's ``reference_batch_size`` argument) wins; else a
-    ``config.reference_batch_size`` changed from its default (returns None: the collection
+    ``config.reference_batch_size`` that is set (not None; returns None: the collection
     reads it from the config); else the Trainer's ``per_device_train_batch_size`` (what the
     original used for ``reference_averaging="batch"``, and a size known to fit in memory)."""
     if explicit is not None:
         return explicit
-    if getattr(config, "reference_batch_size", None) not in (None, _DEFAULT_REFERENCE_BATCH_SIZE):
+    if getattr(config, "reference_batch_size", None) is not None:
         return None
     return train_batch_size
 

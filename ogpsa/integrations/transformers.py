@@ -59,8 +59,8 @@ class OGPSACallback(TrainerCallback):
         subspace: start from this subspace (object, file or directory) instead of building one.
         tokenizer: for text reference examples (default: the Trainer's ``processing_class``).
         loss_fn, num_samples: passed to :func:`~ogpsa.collect.collect_reference_gradients`.
-        batch_size: collection batch size (default: ``config.reference_batch_size`` if changed
-            from its default, else the Trainer's ``per_device_train_batch_size``).
+        batch_size: collection batch size (default: ``config.reference_batch_size`` when set
+            (not None), else the Trainer's ``per_device_train_batch_size``).
         progress: progress bar while collecting (default: on unless ``args.disable_tqdm``).
         resume_from_checkpoint: directory to restore the basis from; default: when the run
             resumes (``global_step > 0`` at train begin), ``output_dir/checkpoint-<step>``.

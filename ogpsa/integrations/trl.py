@@ -287,7 +287,7 @@ class OGPSASFTTrainer(OGPSATrainerMixin, _trl.SFTTrainer):
             ``ogpsa_subspace.safetensors``) instead of building one at step 0.
         reference_loss_fn: ``fn(model, examples) -> mean loss``; default next-token loss.
         reference_batch_size: batch size of the collection (default: ``ogpsa_config.reference_batch_size``
-            if changed from its default, else the train batch size); with
+            when set (not None), else the train batch size); with
             ``ogpsa_config.reference_averaging="batch"`` also the averaging unit.
         reference_num_samples: examples per reference set (default ``ogpsa_config.num_reference_samples``).
         reference_progress: progress bar while collecting (default: on unless ``args.disable_tqdm``).
