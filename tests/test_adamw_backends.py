@@ -621,31 +621,30 @@ def test_triton_adamw_compiles_for_sm90_every_variant():
     (torch.float32, torch.float32, "tensor", False, False), (torch.float32, torch.bfloat16, "global", True, True),
     (torch.bfloat16, torch.float32, "tensor", True, True), (torch.float16, torch.bfloat16, "global", False, False)])
 def test_triton_on_gpu_matches_float64_and_is_deterministic(dtype, basis_dtype, scope, amsgrad, pwd):
-    shapes = SHAPES + [(2**20 + 3,), (1000, 257)]
-    ranks = RANKS + [16, 3]
+    _gpu_case(dtype, basis_dtype, scope, amsgrad, pwd, "cuda", SHAPES + [(2**20 + 3,), (1000, 257)], RANKS + [16, 3])
+
+
+def _gpu_case(dtype, basis_dtype, scope, amsgrad, pwd, device, shapes, ranks):
     k_global = 7 if scope == "global" else 0
     h = StepHyper(lr=5e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=True)
+    setup = dict(seed=17, shapes=shapes, ranks=ranks)
     runs = []
     for _ in range(2):
-        params, states, bases = make_items(dtype, basis_dtype, scope, k_global, amsgrad, seed=17, shapes=shapes,
-                                           ranks=ranks, device="cuda")
-        p0 = [p.detach().double().cpu() for p in params]
+        params, states, bases = make_items(dtype, basis_dtype, scope, k_global, amsgrad, device=device, **setup)
         res = run_steps(params, states, bases, h, "triton", scope=scope, project_weight_decay=pwd)
-        torch.cuda.synchronize()
         runs.append((params, states, res))
     (pa, sa, ra), (pb, sb, rb) = runs
     assert ra.stats.backends == ("triton",)
     assert all(torch.equal(a, b) for a, b in zip(pa, pb))
     assert all(torch.equal(a[k], b[k]) for a, b in zip(sa, sb) for k in a)
     assert torch.equal(ra.stats.removed_sq, rb.stats.removed_sq)
-    exp_p, exp_m, _, _ = adamw64([p.cpu() for p in pa], [None if b is None else (b[0], b[1].cpu()) for b in
-                                                         make_items(dtype, basis_dtype, scope, k_global, amsgrad,
-                                                                    seed=17, shapes=shapes, ranks=ranks)[2]],
-                                 h, 3, scope, pwd, dtype)
+    start, _, cpu_bases = make_items(dtype, basis_dtype, scope, k_global, amsgrad, **setup)  # same values, on CPU
+    exp_p, exp_m, _, _ = adamw64(start, cpu_bases, h, 3, scope, pwd, dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for i, (p, st) in enumerate(zip(pa, sa)):
-        got = p.detach().double().cpu().reshape(-1).numpy() - p0[i].reshape(-1).numpy()
-        assert rel(got, exp_p[i] - p0[i].reshape(-1).numpy()) <= tol, i
+    for i, (p, st, p0) in enumerate(zip(pa, sa, start)):
+        p0 = p0.double().reshape(-1).numpy()
+        got = p.detach().double().cpu().reshape(-1).numpy() - p0
+        assert rel(got, exp_p[i] - p0) <= tol, i
         assert rel(st["exp_avg"].double().cpu(), exp_m[i]) <= 1e-5, i
 
 
@@ -662,3 +661,35 @@ def test_cuda_tensors_route_to_cuda_op_then_triton():
     assert adamw_backends.route(item, "auto", **{**opts, "reduce_dots": print}) == "triton"
     assert adamw_backends.route(item, "auto", **{**opts, "scope": "global"}) == "triton"
     assert adamw_backends.route(item, "triton", **opts) == "triton"
+
+
+@needs_triton
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_triton_tables_reused_across_steps_and_never_stale(scope):
+    """The basis-side tables are built once (not per step, though gradients are new tensors every
+    step); new bases and M^-1 are used at once, as new tensors (maybe at the freed ones'
+    addresses) or written in place into the old ones."""
+    h = StepHyper(lr=5e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    params, states, bases = make_items(scope=scope, k_global=3, seed=6, **SMALL)
+    run_steps(params, states, bases, h, "triton", steps=1, scope=scope)
+    builds = adamw_backends._CACHE.builds
+    run_steps(params, states, bases, h, "triton", steps=2, scope=scope)
+    assert adamw_backends._CACHE.builds == builds
+    for in_place in (False, True):
+        new = make_items(scope=scope, k_global=3, seed=7 + in_place, **SMALL)[2]  # other bases, same shapes,
+        f = 3.0 if in_place else 2.0  # rows of norm f: M^-1 = I / f^2 matters
+        new = [None if b is None else (b[0], f * b[1], b[2] / f**2) for b in new]
+        if in_place:
+            for b, nb in zip(bases, new):
+                if b is not None:
+                    b[1].copy_(nb[1])
+                    b[2].copy_(nb[2])
+        else:
+            del bases
+            bases = [copy.deepcopy(b) for b in new]
+        twin_p, twin_s = [p.clone() for p in params], copy.deepcopy(states)
+        p0 = [p.clone() for p in params]
+        run_steps(params, states, bases, h, "triton", steps=1, scope=scope)
+        run_steps(twin_p, twin_s, new, h, "torch", steps=1, scope=scope)
+        for p, q, t in zip(params, p0, twin_p):
+            assert rel(p - q, t - q) <= 1e-5, in_place

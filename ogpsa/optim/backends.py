@@ -204,7 +204,8 @@ cpu_step = op_step  # the first version's name
 class _LRU:
     """LRU of values derived from stable tensors. A hit must find the very tensor objects the
     value was built from (weak references, checked): a freed tensor whose address and shape
-    a new one took (a rebuilt subspace) is a miss, never a stale value."""
+    a new one took (a rebuilt subspace) is a miss, never a stale value. Callers put the
+    ``_version`` of tensors whose VALUES the entry depends on into ``extra`` (in-place edits)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.builds, self._d = capacity, 0, OrderedDict()
@@ -224,7 +225,8 @@ class _LRU:
         return value
 
 
-_CACHE = _LRU(64)
+_CACHE = _LRU(64)  # tables and padded stacks: a few per param group
+_GRAMS = _LRU(1 << 14)  # k x k per basis tensor: one per parameter
 
 
 def key_of(tensors) -> tuple:
@@ -241,7 +243,7 @@ def gram64(u: Tensor) -> Tensor:
             blk = u[:, a:a + step].double()
             out += blk @ blk.T
         return out
-    return _CACHE.get([u], ("gram64",), build)
+    return _GRAMS.get([u], ("gram64", u._version), build)
 
 
 def gram_of(basis: tuple) -> Tensor:
@@ -260,7 +262,8 @@ def padded_stack(mats: list, k: int, device: torch.device, dtype: torch.dtype = 
             if m is not None and m.numel():
                 out[i, :m.shape[0], :m.shape[1]] = m.to(device=device, dtype=dtype)
         return out
-    return _CACHE.get(list(mats), ("stack", k, dtype, device), build)
+    versions = tuple(None if m is None else m._version for m in mats)
+    return _CACHE.get(list(mats), ("stack", k, dtype, device) + versions, build)
 
 
 def tensor_weights(c: Tensor, minv: Tensor, ks: Tensor, mode: str, aligned_scale: float) -> tuple[Tensor, Tensor]:
@@ -347,7 +350,9 @@ class TritonGroup:
         its = [self.items[i] for i in idx]
         stable = [t for p, s, _, b in its for t in (p, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"))
                   + ((None, None, None) if b is None else (b[1], b[2], b[3] if len(b) > 3 else None))]
-        extra = ("adamw", chunk, rows, self.p_dtype, self.u_dtype, self.amsgrad, self.k_max)
+        values = tuple(None if b is None else (b[1]._version, b[2]._version, b[3]._version if len(b) > 3 else None)
+                       for _, _, _, b in its)  # bases, M^-1, M: stacks hold their values
+        extra = ("adamw", chunk, rows, self.p_dtype, self.u_dtype, self.amsgrad, self.k_max) + values
         return _CACHE.get(stable, extra, lambda: _Subset(self, idx, chunk, rows))
 
     def begin(self) -> None:
