@@ -277,6 +277,16 @@ def scenario_fsdp_tensor(rank, out):
     opt = ProjectedAdamW(model, sub, lr=LR, eps=EPS, weight_decay=WD, project_weight_decay=True, config=config)
     local = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
     run = fsdp_run(rank, model, opt, sub, "tensor")
+    # paused (as while reference gradients are collected): plain AdamW on the shards, no collective
+    opt.paused = True
+    opt.zero_grad(set_to_none=True)
+    loss_of(model, rank_batch(rank, STEPS)).backward()
+    before = [p.to_local().clone() for p in model.parameters()]
+    with CollectiveCounter() as cc:
+        opt.step()
+    out["paused"] = dict(collectives=cc.ops, changed=all(not torch.equal(a, p.to_local())
+                                                         for a, p in zip(before, model.parameters())
+                                                         if a.numel()))
     out.update(summarize(run, single, exact, single_f, exact_f), local_shapes=local,
                state_is_dtensor=all(type(st["exp_avg"]).__name__ == "DTensor" for st in opt.state.values()))
 

@@ -117,6 +117,7 @@ def test_fsdp2_tensor_scope_projected_adamw(dist_results):
         assert_orthogonal(out)
         assert out["collectives"] == [["c10d::allreduce_"]] * STEPS, out["collectives"]  # one per step
         assert out["state_is_dtensor"]  # m, v sharded like p
+        assert out["paused"] == {"collectives": [], "changed": True}  # paused: plain AdamW, no collective
     assert ranks[0]["fraction"] == ranks[1]["fraction"]  # weights from the same summed dots on every rank
     shapes = [out["local_shapes"]["embed.weight"] for out in ranks]
     assert shapes == [[19, 24], [18, 24]]  # 37 rows: uneven shards

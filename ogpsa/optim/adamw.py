@@ -64,7 +64,8 @@ class ProjectedAdamW(torch.optim.AdamW):
             True; also restored in float32 by :meth:`load_state_dict`). False: states in the
             parameter's dtype, exactly as torch's AdamW.
         keep_updates: remember the last applied float32 direction per parameter in
-            ``last_updates`` (for tests and analysis; costs one fp32 copy of the model).
+            ``last_updates`` (for tests and analysis; costs one fp32 copy of the model; under
+            FSDP2 each rank keeps its flattened local shard of it).
     """
 
     def __init__(self, params: Union[Iterable[Any], torch.nn.Module], subspace: Optional[Subspace] = None,
