@@ -476,16 +476,6 @@ SCENARIOS = {"fsdp_tensor": scenario_fsdp_tensor, "fsdp_global": scenario_fsdp_g
              "deepspeed": scenario_deepspeed}
 
 
-def _json(x):
-    if isinstance(x, dict):
-        return {k: _json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return None  # per-step update tensors stay in the worker
-    return x
-
-
 def run(rank, port, outdir, names):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -507,7 +497,7 @@ def run(rank, port, outdir, names):
                 out["error"] = traceback.format_exc()
             out["seconds"] = time.perf_counter() - start
             with open(os.path.join(outdir, f"{name}.rank{rank}.json"), "w") as f:
-                json.dump(_json(out), f, indent=1, default=str)
+                json.dump(out, f, indent=1, default=str)
             if "error" in out:
                 break  # the other rank may be stuck in a collective; stop here
     finally:
