@@ -112,8 +112,9 @@ def triton_status() -> tuple[bool, str]:
 
 def info() -> dict:
     """What ``ogpsa info`` reports about the projected AdamW step's backends."""
-    out = {"cpu": cpu_kernel_available(), "cuda": cuda_kernel_available(), "triton": triton_status()[1]
-           if triton_status()[0] else f"no ({triton_status()[1]})", "torch": True}
+    ok, why = triton_status()
+    out = {"cpu": cpu_kernel_available(), "cuda": cuda_kernel_available(), "triton": why if ok else f"no ({why})",
+           "torch": True}
     try:
         out["requested"] = requested("auto")
     except (ValueError, RuntimeError) as exc:
@@ -157,18 +158,24 @@ def route(item: tuple, name: str, *, scope: str, mode: str, reduce_dots: Optiona
     if p.device.type == "cpu":
         if name in ("auto", "cpu") and op_ok and cpu_kernel_available():
             return "cpu"
-        if name == "triton":  # requested() checked that the interpreter is on
+        if name == "triton" and _interpreted():  # CPU tensors: the interpreter only, and only by name
             return "triton"
         return "torch"
     if p.device.type == "cuda":
         if name in ("auto", "cuda") and op_ok and cuda_kernel_available():
             return "cuda"
-        if name in ("auto", "cuda", "triton") and triton_status()[0]:
-            from ogpsa.kernels import common
-
-            if not common.INTERPRETED:
-                return "triton"
+        if name in ("auto", "cuda", "triton") and triton_status()[0] and not _interpreted():
+            return "triton"
     return "torch"
+
+
+def _interpreted() -> bool:
+    """The Triton kernels were decorated under TRITON_INTERPRET=1 (CPU tensors only)."""
+    if _triton()[0] is None:
+        return False
+    from ogpsa.kernels import common
+
+    return bool(common.INTERPRETED)
 
 
 def op_step(group: list, h, project_weight_decay: bool) -> Tensor:
