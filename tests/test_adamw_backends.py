@@ -331,6 +331,8 @@ def test_triton_single_pass_equals_two_passes(monkeypatch):
         p0 = [p.clone() for p in params]
         res = run_steps(params, states, bases, h, "triton", steps=2, project_weight_decay=True)
         results.append(([p - q for p, q in zip(params, p0)], [st["exp_avg_sq"].clone() for st in states], res.stats))
+        expect = sum(1 for p, b in zip(params, bases) if b is not None and p.numel() <= limit)
+        assert res.stats.single_pass == expect  # reported by the statistics
     for other in results[1:]:
         for a, b in zip(results[0][0], other[0]):
             assert rel(a, b) <= 1e-6

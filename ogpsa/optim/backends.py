@@ -352,6 +352,7 @@ class TritonGroup:
         self.project_wd = bool(project_weight_decay)
         self.decay_in_d = self.project_wd and any(h.weight_decay != 0 for _, _, h, _ in items)
         self._hyper: Optional[Tensor] = None
+        self.single_pass: list = []  # group indices stepped in one pass by the last tensor_step
 
     def subset(self, idx: list, chunk: int, rows: int) -> _Subset:
         its = [self.items[i] for i in idx]
@@ -417,6 +418,7 @@ class TritonGroup:
         small = [i for i, it in enumerate(self.items) if it[0].numel() <= limit]
         large = [i for i, it in enumerate(self.items) if it[0].numel() > limit]
         k, out = self.k_max, []
+        self.single_pass = small
         if small:
             sub = self.subset(small, max(1, limit), kern.SMALL_ROWS)
             g_ptrs, hyper, aligned = self._arrays(sub)

@@ -155,6 +155,7 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
     updates: dict = {}
     stats: dict = {}  # item position -> (||d||^2, removed), float64 0-d tensors
     used = sorted(set(routes))
+    single = 0  # projected tensors the Triton kernels stepped in one pass
     if scope == "tensor" and reduce_dots is None:
         ops: dict = {}
         for i, (it, r) in enumerate(zip(items, routes)):
@@ -165,6 +166,7 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
             for idx, sq, rem in grp.tensor_step(mode, aligned_scale):
                 for j, a, b in zip(idx, sq, rem):
                     stats[grp.positions[j]] = (a, b)
+            single += sum(1 for j in grp.single_pass if grp.items[j][3] is not None)
         for (_, h), pos in ops.items():
             out = _be.op_step([(items[i][0], items[i][1], items[i][3]) for i in pos], h, project_weight_decay)
             for i, row in zip(pos, out):
@@ -198,7 +200,7 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
         result = ProjectionStats(sq_before=sq_before, sq_after=sq_after, removed_sq=removed_sq,
                                  total_norm=sq_after.sum().sqrt(),
                                  clip_coef=torch.ones((), dtype=torch.float64, device=home), names=names,
-                                 backends=tuple(used))
+                                 backends=tuple(used), single_pass=single)
     return StepResult(stats=result, updates=updates)
 
 
