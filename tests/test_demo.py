@@ -101,7 +101,7 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert data["command"].startswith("ogpsa demo --model")
-    assert set(data) >= {"config", "base", "before", "runs", "summary", "arms_missing", "seconds"}
+    assert set(data) >= {"config", "base", "before", "runs", "summary", "arms_missing", "seconds", "load_average"}
     assert ("update" in data["arms_missing"]) != update_space_available()
     assert [(r["stage"], r["seed"]) for r in data["runs"]] == [("sft+dpo", 0)]  # covers both SFT and DPO
     for run in data["runs"]:

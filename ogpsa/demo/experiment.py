@@ -19,6 +19,7 @@ the base model and the evaluation prompts are shared by all seeds and arms.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -146,6 +147,7 @@ def run_experiment(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[
     """Run every stage, seed and arm; returns raw trajectories (see :mod:`ogpsa.demo.report`)."""
     device = torch.device(cfg.device)
     t_start = time.perf_counter()
+    loads = [_load_average()]  # the machine's 1-minute load average, sampled after every arm
     missing = [a for a in cfg.arms if a not in available_arms()]
     arms = [a for a in cfg.arms if a not in missing]
     if missing:
@@ -182,6 +184,7 @@ def run_experiment(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[
                     plain_final = res.pop("state")
                 res["seconds"] = time.perf_counter() - t
                 results[arm] = res
+                loads.append(_load_average())
                 end = res["trajectory"][-1]
                 removed = [st["removed_fraction"] for st in res["projection"].values()]
                 log(f"  {stage} seed {seed} {arm:<18} general {end['general_score']:.3f} refusal "
@@ -190,4 +193,18 @@ def run_experiment(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[
             runs.append({"stage": stage, "seed": seed, "arms": results, "seconds": time.perf_counter() - t_seed})
     return {"config": cfg.to_dict(), "base": base_info, "before": before, "runs": runs, "arms_missing": missing,
             "seconds": time.perf_counter() - t_start, "torch": torch.__version__, "ogpsa": ogpsa.__version__,
-            "num_threads": torch.get_num_threads()}
+            "num_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": _load_summary(loads)}
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return None
+
+
+def _load_summary(samples: list) -> Optional[dict[str, float]]:
+    vals = [v for v in samples if v is not None]
+    if not vals:
+        return None
+    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "samples": len(vals)}

@@ -215,8 +215,11 @@ def write(results: dict[str, Any], out_dir: str, command: Optional[str] = None) 
         json.dump(payload, f, indent=1)
     with open(paths["table"], "w") as f:
         if command:
+            load = results.get("load_average")
+            load_text = (f", 1-min load average {load['mean']:.1f} (min {load['min']:.1f}, max {load['max']:.1f}) "
+                         f"on {results.get('cpu_count', '?')} CPUs" if load else "")
             f.write(f"Command: `{command}` ({results['seconds']:.0f} s, {results.get('num_threads', '?')} "
-                    f"threads; arms not available: {', '.join(results['arms_missing']) or 'none'})\n\n")
+                    f"threads{load_text}; arms not available: {', '.join(results['arms_missing']) or 'none'})\n\n")
         f.write(table(summary, results["before"]) + "\n")
     pareto(summary, results["before"], paths["png"])
     return paths
