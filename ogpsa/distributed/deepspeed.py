@@ -1,5 +1,7 @@
 """DeepSpeed ZeRO-1/2: project this rank's reduced gradient partition right before the
-ZeRO optimizer's step (DeepSpeed's own clipping then sees the projected gradient)."""
+ZeRO optimizer's step (DeepSpeed's own clipping then sees the projected gradient). With
+``space="update"``, :func:`attach_deepspeed` hands over to
+:class:`ogpsa.optim.distributed.ZeroUpdateProjector` (the AdamW step on the flat partitions)."""
 
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ class ZeroProjector(Projector):
         super().remove()
 
 
-def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] = None) -> Projector:
+def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] = None):
     """Attach OGPSA to a DeepSpeed engine (the object ``deepspeed.initialize`` returns, or a
     trainer's ``model_wrapped``).
 
@@ -176,12 +178,27 @@ def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] =
     reduced partition is projected right before the ZeRO optimizer's step (one all_reduce
     of a ``[tensors, k+1]`` table). Stage 0 with a plain torch optimizer: the usual
     optimizer pre-hook (gradients are already all-reduced). Stage 3 is not supported.
+
+    ``OGPSAConfig(space="update")``: the AdamW direction is projected instead. ZeRO-1/2: a
+    :class:`ogpsa.optim.distributed.ZeroUpdateProjector` hooks the torch AdamW that the ZeRO
+    optimizer steps on its flat fp32 partitions (one all_reduce of the pass-1 dots per param
+    group; DeepSpeed's FusedAdam / DeepSpeedCPUAdam and other optimizers raise, naming the
+    setting that gives a torch AdamW). Stage 0: :func:`ogpsa.optim.attach_update_space` on the
+    engine's torch AdamW.
     """
-    if getattr(config if config is not None else getattr(subspace, "config", None), "space", None) == "update":
-        raise UnsupportedSetupError("OGPSAConfig(space='update') is not supported under DeepSpeed: the ZeRO optimizer "
-                                    "runs AdamW on flat fp32 partitions that ogpsa's projected step cannot see. Use "
-                                    "space='gradient' with DeepSpeed, or FSDP2 / DDP with ogpsa.optim.ProjectedAdamW")
     stage = int(engine.zero_optimization_stage())
+    if getattr(config if config is not None else getattr(subspace, "config", None), "space", None) == "update":
+        if stage in (1, 2):
+            from ..optim.distributed import ZeroUpdateProjector  # ogpsa.optim builds on this package
+
+            return ZeroUpdateProjector(engine, subspace, config)
+        if stage == 0:
+            from ..optim.attach import attach_update_space
+
+            return attach_update_space(engine.module, engine.optimizer, subspace, config)
+        raise UnsupportedSetupError("space='update' under DeepSpeed ZeRO stage 3 is not supported (ZeRO-3 partitions "
+                                    "the parameters themselves); use ZeRO-2, or FSDP2 with "
+                                    "ogpsa.optim.ProjectedAdamW")
     if stage in (1, 2):
         if not hasattr(engine.optimizer, "params_in_partition"):
             raise UnsupportedSetupError(f"DeepSpeed ZeRO stage {stage} optimizer {type(engine.optimizer).__name__} "
@@ -194,4 +211,3 @@ def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] =
                                   f"OGPSA supports ZeRO stage 1 or 2 (or stage 0 with a plain torch optimizer)")
     raise UnsupportedSetupError("DeepSpeed ZeRO stage 3 is not supported by OGPSA yet; use ZeRO-2 or FSDP2 "
                               "(ogpsa.distributed.attach_fsdp)")
-

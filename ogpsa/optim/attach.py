@@ -13,8 +13,10 @@
 Multi-GPU: DDP needs nothing (the hooks run after DDP's averaging). FSDP2 (``fully_shard``,
 DTensor parameters): the step runs on each rank's shards with one all_reduce of the pass-1 dots
 per step (:mod:`ogpsa.optim.distributed`); ``subspace`` may be full or a
-:class:`~ogpsa.distributed.ShardedSubspace`. DeepSpeed (engine or ZeRO optimizer) and FSDP1 raise
-:class:`~ogpsa.errors.UnsupportedSetupError`.
+:class:`~ogpsa.distributed.ShardedSubspace`. DeepSpeed ZeRO-1/2: pass the ENGINE as ``model``
+(:func:`ogpsa.distributed.attach_deepspeed` then hooks the torch AdamW inside its ZeRO optimizer,
+:class:`~ogpsa.optim.distributed.ZeroUpdateProjector`); a ZeRO optimizer next to a plain model,
+and FSDP1, raise :class:`~ogpsa.errors.UnsupportedSetupError`.
 
 Clipping (``clip_grad_norm_``) clips the raw gradient, which then feeds the moments.
 """
@@ -30,7 +32,7 @@ from ..config import OGPSAConfig
 from ..stats import ProjectionStats
 from ..subspace import Subspace
 from .adamw import ProjectedAdamW
-from .distributed import check_supported
+from .distributed import check_supported, is_deepspeed_object
 
 
 def _shadow(optimizer: torch.optim.AdamW, model: torch.nn.Module, config: OGPSAConfig) -> ProjectedAdamW:
@@ -139,10 +141,20 @@ class UpdateSpaceProjector:
 
 
 def attach_update_space(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], subspace: Subspace,
-                        config: Optional[OGPSAConfig] = None) -> UpdateSpaceProjector:
+                        config: Optional[OGPSAConfig] = None) -> Any:
     """Update-space OGPSA on ``optimizer`` (a :class:`ProjectedAdamW` or a plain
-    :class:`torch.optim.AdamW`); see the module docs. Other optimizers raise ValueError."""
+    :class:`torch.optim.AdamW`): an :class:`UpdateSpaceProjector`, or for a DeepSpeed engine as
+    ``model`` a :class:`~ogpsa.optim.distributed.ZeroUpdateProjector`; see the module docs.
+    Other optimizers raise ValueError."""
     config = config if config is not None else getattr(subspace, "config", None) or OGPSAConfig(space="update")
+    if is_deepspeed_object(model) and hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine
+        from ..distributed.deepspeed import attach_deepspeed
+
+        zero = getattr(model, "optimizer", None)
+        if optimizer is not None and optimizer is not zero and optimizer is not getattr(zero, "optimizer", None):
+            raise ValueError("ogpsa.attach(engine, optimizer, ...) under DeepSpeed: pass the engine's own optimizer "
+                             "(or None); the projection hooks the AdamW inside the engine's ZeRO optimizer")
+        return attach_deepspeed(model, subspace, config if config.space == "update" else config.replace(space="update"))
     if optimizer is None:
         raise ValueError("ogpsa.attach(space='update') projects the optimizer's update and needs the optimizer: "
                          "pass the torch.optim.AdamW (or an ogpsa.optim.ProjectedAdamW)")
