@@ -436,7 +436,8 @@ def scenario_errors(rank, out):
 
 
 def scenario_deepspeed(rank, out):
-    """The real DeepSpeed ZeRO-2 engine: every way into update space is refused."""
+    """The real DeepSpeed ZeRO-2 engine: update space attaches through the engine; the ZeRO optimizer
+    alone (without its engine) and a ProjectedAdamW stepped by ZeRO without attach are refused."""
     import deepspeed
 
     import ogpsa
@@ -458,9 +459,10 @@ def scenario_deepspeed(rank, out):
     model = tiny_lm()
     engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
                                               config=ds_config)
-    expect("attach_engine", lambda: ogpsa.attach(engine, zero, sub, config))
+    # through the engine: supported (tests/test_adamw_zero.py checks the steps); detached again at once
+    expect("attach_engine", lambda: ogpsa.attach(engine, zero, sub, config).remove())
     expect("attach_zero_optimizer", lambda: ogpsa.attach(engine.module, engine.optimizer, sub, config))
-    expect("attach_deepspeed", lambda: attach_deepspeed(engine, sub, config))
+    expect("attach_deepspeed", lambda: attach_deepspeed(engine, sub, config).remove())
 
     def wrapped():  # ZeRO steps the wrapped optimizer at initialize (state allocation) or at the first step
         m2 = tiny_lm()

@@ -17,7 +17,10 @@ The math of one step is :func:`ogpsa.reference.projected_adamw_step_`.
 Multi-GPU: under DDP the step sees the averaged, replicated gradient (nothing special). Under
 FSDP2 (``fully_shard``: DTensor parameters) each rank steps its own shards with its slice of
 every basis and the pass-1 dots are summed with one all_reduce per step
-(:mod:`ogpsa.optim.distributed`). FSDP1 and DeepSpeed ZeRO raise
+(:mod:`ogpsa.optim.distributed`). DeepSpeed ZeRO-1/2 runs its own optimizer on flat fp32
+partitions: attach through the engine (``ogpsa.distributed.attach_deepspeed(engine, subspace,
+OGPSAConfig(space="update"))``), which projects the step of the AdamW inside it with the same
+one all_reduce. FSDP1, ZeRO-3 and a ProjectedAdamW stepped by ZeRO without that attach raise
 :class:`~ogpsa.errors.UnsupportedSetupError` naming what to use instead.
 """
 
