@@ -227,7 +227,7 @@ def test_cuda_matches_float64(pdt, udt, opts):
 @needs_gpu
 @pytest.mark.parametrize("k", range(1, 17))
 def test_cuda_every_rank(k):
-    pb = Problem((7, 8193, 70001), (k, k, k), torch.float32, torch.float32, amsgrad=False, seed=100 + k,
+    pb = Problem((33, 8193, 70001), (k, k, k), torch.float32, torch.float32, amsgrad=False, seed=100 + k,
                  device="cuda")
     run_and_check(pb, (False, False, True, 0.1))
 
@@ -323,7 +323,7 @@ def test_cuda_rejects_bad_input_before_writing():
 
     cases = {
         "grads\\[1\\]": lambda pb, g: (pb, [g[0], g[1].double()]),
-        "bases\\[1\\]": lambda pb, g: (_set(pb, "bases", 1, pb.bases[1][:, :-1]), g),
+        "bases\\[1\\]": lambda pb, g: (_set(pb, "bases", 1, pb.bases[1][:, :-1].contiguous()), g),
         "k <= 16|bases\\[0\\]": lambda pb, g: (_set(pb, "bases", 0, torch.zeros(17, 9, device="cuda")), g),
         "m_invs\\[1\\]": lambda pb, g: (_set(pb, "minvs", 1, torch.eye(2, device="cuda")), g),
         "tensor 1 is not contiguous": lambda pb, g: (_set(pb, "ms", 1, torch.zeros(2 * 8193, device="cuda")[::2]), g),
