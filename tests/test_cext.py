@@ -272,11 +272,35 @@ def _opcheck_args(device):
         "gram": (refs,),
         "combine": (refs, coef, [2, 1], torch.float32),
         "fused_project_": (grads, bases, m_inv, "conflict", 0.5),
+        **_adamw_opcheck_args(device),
+    }
+
+
+def _adamw_opcheck_args(device):
+    """Arguments of the projected AdamW ops: 3 tensors (one without a basis), k = 2, step 3."""
+    gen = torch.Generator().manual_seed(61)
+    sizes = (7, 33, 129)
+    params = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    ms = [0.1 * torch.randn(n, generator=gen).to(device) for n in sizes]
+    vs = [torch.rand(n, generator=gen).to(device) + 0.01 for n in sizes]
+    bases = [torch.linalg.qr(torch.randn(n, 2, generator=gen))[0].T.contiguous().to(device) for n in sizes[:2]]
+    bases.append(torch.empty(0, sizes[2], device=device))
+    m_invs = [torch.eye(2, device=device), torch.eye(2, device=device), torch.empty(0, 0, device=device)]
+    steps = [3, 3, 3]
+    weights = torch.randn(3, 2, generator=gen).to(device)
+    return {
+        "projected_adamw_": (params, grads, ms, vs, [], bases, m_invs, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01,
+                             False, False),
+        "projected_adamw_pass1_": (params, grads, ms, vs, [], bases, steps, 2, 0.9, 0.999, 1e-8, 0.01, False, True),
+        "projected_adamw_pass2_": (params, ms, vs, [], bases, weights, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0,
+                                   True),
     }
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ("dots", "update_", "gram", "combine", "fused_project_"))
+@pytest.mark.parametrize("op", ("dots", "update_", "gram", "combine", "fused_project_", "projected_adamw_",
+                                "projected_adamw_pass1_", "projected_adamw_pass2_"))
 def test_opcheck(device, op):
     if device == "cuda" and op == "fused_project_":
         pytest.skip("fused_project_ is CPU-only (CUDA uses the two-pass kernels)")

@@ -96,6 +96,26 @@ if _C is not None:
     def _fused_fake(grads, bases, gram_inv, rule, aligned_scale):
         return grads[0].new_empty((len(grads), gram_inv.shape[1] + 1), dtype=torch.float32)
 
+    # the projected AdamW step (csrc/adamw.cpp, csrc/cuda/adamw_cuda.cu): statistics tables in float64
+    if hasattr(torch.ops.ogpsa, "projected_adamw_"):
+
+        @torch.library.register_fake("ogpsa::projected_adamw_")
+        def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, m_invs, steps, lr, beta1,
+                        beta2, eps, weight_decay, maximize, project_weight_decay):
+            return params[0].new_empty((len(params), 2), dtype=torch.float64)
+
+    if hasattr(torch.ops.ogpsa, "projected_adamw_pass1_"):
+
+        @torch.library.register_fake("ogpsa::projected_adamw_pass1_")
+        def _adamw_pass1_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, steps, k_max, beta1,
+                              beta2, eps, weight_decay, maximize, project_weight_decay):
+            return params[0].new_empty((len(params), k_max + 1), dtype=torch.float64)
+
+        @torch.library.register_fake("ogpsa::projected_adamw_pass2_")
+        def _adamw_pass2_fake(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, weights, steps, lr, beta1,
+                              beta2, eps, weight_decay, kappa, project_weight_decay):
+            return params[0].new_empty((len(params),), dtype=torch.float64)
+
 
 # ----------------------------------------------------------------------------------------
 # Backends
