@@ -1,9 +1,11 @@
 """``ogpsa bench``: time every way of projecting (and clipping) gradients, side by side
-(the micro suite), and OGPSA inside a real training loop (``--suite loop``).
+(the micro suite), OGPSA inside a real training loop (``--suite loop``), and the projected
+AdamW step against torch's AdamW (``--suite adamw``).
 
 Modules: :mod:`.workloads` (shape lists, random tensors), :mod:`.contenders` (what is timed),
 :mod:`.timing` (timers, memory, machine description), :mod:`.micro` (the micro suites),
-:mod:`.loop` (the training-loop suite), :mod:`.report` (JSON, markdown, plots, README block),
+:mod:`.loop` (the training-loop suite), :mod:`.adamw` (the projected-AdamW suite),
+:mod:`.report` (JSON, markdown, plots, README blocks),
 :mod:`.cli` (the command).
 
 The micro suite times, on the same tensors and in the same process:
