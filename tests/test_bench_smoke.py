@@ -379,6 +379,10 @@ def test_adamw_backends_are_timed_only_where_they_run(monkeypatch):
     from ogpsa.optim import backends as ob
 
     assert (got["cpu"] is None) == ob.cpu_kernel_available()
+    # a backend that is not available is skipped with the reason its check gives
+    monkeypatch.setattr(ob, "cpu_kernel_available", lambda: False)
+    assert "not available" in dict(adamw.projected_backends(torch.device("cpu")))["cpu"]
+    monkeypatch.undo()
     monkeypatch.setenv("OGPSA_BACKEND", "torch")
     got = dict(adamw.projected_backends(torch.device("cpu")))
     assert got["torch"] is None and "OGPSA_BACKEND=torch" in got["cpu"]
@@ -429,6 +433,7 @@ def test_adamw_suite_cli_smoke_and_readme_block(tmp_path):
         assert r["eff_gbps"] == pytest.approx(r[r["floor"]] / (r["median_ms"] * 1e-3) / 1e9)
         assert r["bytes_per_element"] == {"bytes_adamw": 28, "bytes_separate": 56, "bytes_projected": 52}[r["floor"]]
     assert rows["projected-adamw:torch"]["x_best_separate"] is not None
+    assert rows["projected-adamw:torch"]["ran_backends"] == ["torch"]  # from the step's own statistics
     md = (tmp_path / "adamw.md").read_text()
     assert "| projected-adamw:torch |" in md and "36 + 8k" in md
     start, end = bench.readme_markers("adamw")

@@ -88,9 +88,10 @@ def byte_counts(params: Sequence[Tensor], bases: Sequence[Tensor]) -> dict:
 def projected_backends(device: torch.device) -> list[tuple[str, Optional[str]]]:
     """``(backend, skip reason or None)`` for the projected AdamW step on ``device``.
 
-    A backend counts only when :func:`ogpsa.optim.backends.choose` would run that backend
-    itself (a name that falls back to the torch path is skipped, saying so). ``OGPSA_BACKEND``
-    overrides every config, so with it set only that backend is timed."""
+    A backend counts when :func:`ogpsa.optim.backends.requested` accepts it (an unavailable
+    one raises there) and it runs on ``device``'s tensors; :func:`build_adamw_contenders` then
+    checks, from the step's statistics, that it really ran (not the torch fallback).
+    ``OGPSA_BACKEND`` overrides every config, so with it set only that backend is timed."""
     from ..optim import backends as ob
 
     env = os.environ.get("OGPSA_BACKEND", "")
@@ -104,8 +105,9 @@ def projected_backends(device: torch.device) -> list[tuple[str, Optional[str]]]:
         elif name in ("triton", "cuda") and device.type != "cuda":
             why = "GPU kernel: no CUDA device here (the Triton interpreter is a test tool, not a performance path)"
         elif name != "torch":
+            check = getattr(ob, "requested", None) or ob.choose
             try:
-                got = ob.choose(name)
+                got = check(name)
             except Exception as exc:  # an unavailable backend requested by name is an error there
                 why = f"{type(exc).__name__}: {exc}"
             else:
@@ -212,7 +214,11 @@ def build_adamw_contenders(case: _Case, device: torch.device, only: Optional[Seq
         except Exception as exc:  # report it and go on with the other contenders
             out.append(dict(row, skip=f"{type(exc).__name__}: {exc}"))
             continue
-        out.append(dict(row, fn=opt.step))
+        ran = tuple(getattr(opt.last_stats, "backends", ()) or ())
+        if ran and backend not in ran:
+            out.append(dict(row, skip=f"backend={backend!r} ran {'/'.join(ran)} on these tensors"))
+            continue
+        out.append(dict(row, fn=opt.step, ran_backends=list(ran)))
     if proj is not None:
         for row in out:
             row.setdefault("cleanup", proj.remove)
@@ -238,6 +244,8 @@ def run_case(name: str, wl: Workload, k: int, device: torch.device, *, budget_s:
     for c in contenders:
         row = {"workload": name, "description": wl.description, "tensors": wl.tensors, "k": k, "contender": c["name"],
                "label": c["label"], "floor": c["floor"], **counts}
+        if c.get("ran_backends"):
+            row["ran_backends"] = c["ran_backends"]  # what the step's statistics say ran (a mix: some tensors fell back)
         if "fn" not in c:
             row.update(status="skipped", reason=c["skip"])
         else:
