@@ -353,7 +353,7 @@ def launch_config(k_pad: int) -> dict:
     timed, identical in every process and on every rank). Four float32 elements per thread
     (128-bit accesses) up to k_pad 8, two at 16, where the ``[k_pad, BLOCK]`` basis tile and the
     five element streams already take ~160-250 registers on sm_90 (compile-only, no spills:
-    tests/test_adamw_backends.py). The interpreter uses :data:`common.INTERPRET_BLOCK`."""
+    tests/test_adamw_triton.py). The interpreter uses :data:`common.INTERPRET_BLOCK`."""
     if INTERPRETED:
         return {"BLOCK": common.INTERPRET_BLOCK}
     return {"BLOCK": 1024 if k_pad <= 8 else 512, "num_warps": 8}
