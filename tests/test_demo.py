@@ -222,3 +222,17 @@ def test_dpo_stage_raises_refusal_from_the_base_model():
                             lambda m: evaluate(m, codec, data, device, losses=False))
     assert before["refusal_rate"] == 0.0
     assert log.steps == cfg.dpo_steps and traj[-1]["refusal_rate"] >= 0.5
+
+
+def test_readme_demo_tables_come_from_the_committed_runs():
+    """Every table row and the table legend in the README's Demo section are lines of
+    docs/demo/default/table.md or docs/demo/full/table.md (no hand-edited numbers)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    section = readme.split("## Demo: does the projection reduce forgetting?", 1)[1].split("\n## ", 1)[0]
+    published = set()
+    for run in ("default", "full"):
+        published |= set(open(os.path.join(root, "docs", "demo", run, "table.md")).read().splitlines())
+    rows = [line for line in section.splitlines() if line.startswith("|") or line.startswith('"vs plain"')]
+    assert len(rows) > 40
+    assert [r for r in rows if r not in published] == []
