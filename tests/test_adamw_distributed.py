@@ -20,16 +20,13 @@ by O(sqrt(removed fraction)) as well: orders of magnitude beyond the bound, whic
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from dist_launch import launch_worker
 from oracle import deepspeed_importable
 
 import ogpsa
@@ -37,7 +34,6 @@ from ogpsa.distributed import attach_deepspeed
 from ogpsa.errors import UnsupportedSetupError
 from ogpsa.optim import ProjectedAdamW
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 280
 EPS32 = torch.finfo(torch.float32).eps
 RATIO, EXTRA = 4.0, 8 * EPS32
@@ -48,28 +44,7 @@ SCENARIOS = ("fsdp_tensor", "fsdp_global", "fsdp_empty_shard", "ddp", "errors")
 
 
 def _launch(outdir: str, scenarios, env=None) -> dict:
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "adamw_dist_worker.py"), outdir, ",".join(scenarios)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                            cwd=os.path.dirname(HERE))
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and its ranks only
-        log, _ = proc.communicate()
-        pytest.fail(f"distributed worker timed out after {TIMEOUT}s:\n{log.decode(errors='replace')[-4000:]}")
-    results = {}
-    for name in scenarios:
-        ranks = []
-        for r in range(2):
-            path = os.path.join(outdir, f"{name}.rank{r}.json")
-            if not os.path.exists(path):
-                ranks.append({"error": f"no result from rank {r}; worker exit {proc.returncode}:\n"
-                                       f"{log.decode(errors='replace')[-4000:]}"})
-                continue
-            with open(path) as f:
-                ranks.append(json.load(f))
-        results[name] = ranks
-    return results
+    return launch_worker("adamw_dist_worker.py", outdir, scenarios, TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module")

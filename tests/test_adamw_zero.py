@@ -19,16 +19,13 @@ the FULL basis (float64) <= 1e-5 plus what rounding p - lr d to float32 alone ca
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from dist_launch import launch_worker
 from oracle import deepspeed_importable
 
 import ogpsa
@@ -37,7 +34,6 @@ from ogpsa.errors import UnsupportedSetupError
 from ogpsa.optim import ProjectedAdamW
 from ogpsa.optim.distributed import ZeroUpdateProjector
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 280
 DEEPSPEED_TIMEOUT = 500  # importing and initialising DeepSpeed twice per rank on 2 busy cores: ~4 min
 EPS32 = torch.finfo(torch.float32).eps
@@ -49,28 +45,7 @@ ALL_REDUCE = ["c10d::allreduce_"]
 
 
 def _launch(outdir: str, scenarios, timeout: int = TIMEOUT, env=None) -> dict:
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "adamw_zero_worker.py"), outdir, ",".join(scenarios)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                            cwd=os.path.dirname(HERE))
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and its ranks only
-        log, _ = proc.communicate()
-        pytest.fail(f"ZeRO worker timed out after {timeout}s:\n{log.decode(errors='replace')[-4000:]}")
-    results = {}
-    for name in scenarios:
-        ranks = []
-        for r in range(2):
-            path = os.path.join(outdir, f"{name}.rank{r}.json")
-            if not os.path.exists(path):
-                ranks.append({"error": f"no result from rank {r}; worker exit {proc.returncode}:\n"
-                                       f"{log.decode(errors='replace')[-4000:]}"})
-                continue
-            with open(path) as f:
-                ranks.append(json.load(f))
-        results[name] = ranks
-    return results
+    return launch_worker("adamw_zero_worker.py", outdir, scenarios, timeout, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,18 @@ what the ranks report. Fast single-process unit tests of the slicing and error p
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from dist_launch import launch_worker
 from oracle import deepspeed_importable
 
 import ogpsa
 from ogpsa.distributed import LocalSlice, ShardedSubspace, attach_deepspeed
 from ogpsa.ops import UnsupportedSetupError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 280
 
 # Tolerances, from float32 error analysis against a float64 oracle (tests/dist_worker.py:
@@ -67,28 +63,7 @@ def grad_level_bound(out: dict) -> float:
 
 
 def _launch(outdir: str, scenarios: str, env=None) -> dict:
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dist_worker.py"), outdir, scenarios],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=env, cwd=os.path.dirname(HERE))
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and its ranks only
-        log, _ = proc.communicate()
-        pytest.fail(f"distributed worker timed out after {TIMEOUT}s:\n{log.decode(errors='replace')[-4000:]}")
-    results = {}
-    for name in scenarios.split(","):
-        ranks = []
-        for r in range(2):
-            path = os.path.join(outdir, f"{name}.rank{r}.json")
-            if not os.path.exists(path):
-                ranks.append({"error": f"no result from rank {r}; worker exit {proc.returncode}:\n"
-                                       f"{log.decode(errors='replace')[-4000:]}"})
-                continue
-            with open(path) as f:
-                ranks.append(json.load(f))
-        results[name] = ranks
-    return results
+    return launch_worker("dist_worker.py", outdir, scenarios.split(","), TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module")
