@@ -20,16 +20,14 @@ collective counts. Scenarios:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import time
-import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_rank import run_scenarios
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_worker import WORLD, CollectiveCounter, _full, free_port, rel  # noqa: E402  (shared helpers)
@@ -479,31 +477,7 @@ SCENARIOS = {"fsdp_tensor": scenario_fsdp_tensor, "fsdp_global": scenario_fsdp_g
 
 
 def run(rank, port, outdir, names):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    if "deepspeed" in names:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for name in names:
-            out = {}
-            start = time.perf_counter()
-            try:
-                SCENARIOS[name](rank, out)
-            except Exception:
-                out["error"] = traceback.format_exc()
-            out["seconds"] = time.perf_counter() - start
-            with open(os.path.join(outdir, f"{name}.rank{rank}.json"), "w") as f:
-                json.dump(out, f, indent=1, default=str)
-            if "error" in out:
-                break  # the other rank may be stuck in a collective; stop here
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(rank, port, outdir, names, SCENARIOS, WORLD)
 
 
 if __name__ == "__main__":

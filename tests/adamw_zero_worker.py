@@ -18,14 +18,13 @@ batch) and a float64 oracle itself (tests/adamw_dist_worker.py: ``single_adamw``
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_rank import run_scenarios
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adamw_dist_worker import (  # noqa: E402  (shared helpers)
@@ -271,32 +270,9 @@ SCENARIOS = {"zero_tensor": scenario_zero_tensor, "zero_global": scenario_zero_g
 
 
 def run(rank, port, outdir, names):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    if "deepspeed" in names:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for name in names:
-            out = {}
-            try:
-                if name == "deepspeed":
-                    SCENARIOS[name](rank, out, os.path.join(outdir, "ckpt"))
-                else:
-                    SCENARIOS[name](rank, out)
-            except Exception:
-                out["error"] = traceback.format_exc()
-            with open(os.path.join(outdir, f"{name}.rank{rank}.json"), "w") as f:
-                json.dump(out, f, indent=1, default=str)
-            if "error" in out:
-                break  # the other rank may be stuck in a collective; stop here
-    finally:
-        dist.destroy_process_group()
+    ckpt = os.path.join(outdir, "ckpt")
+    scenarios = {**SCENARIOS, "deepspeed": lambda r, out: scenario_deepspeed(r, out, ckpt)}
+    run_scenarios(rank, port, outdir, names, scenarios, WORLD)
 
 
 if __name__ == "__main__":

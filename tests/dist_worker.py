@@ -16,17 +16,16 @@ relative errors and collective counts that the test asserts on. Scenarios:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
 import sys
-import traceback
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_rank import run_scenarios
 
 WORLD = 2
 EPS32 = torch.finfo(torch.float32).eps
@@ -495,32 +494,10 @@ SCENARIOS = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "zero_fake": scenario_z
 
 
 def run(rank, port, outdir, names):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    if any(n.startswith("deepspeed") for n in names):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     tmp = os.path.join(outdir, "files")
     os.makedirs(tmp, exist_ok=True)
-    try:
-        for name in names:
-            out = {}
-            try:
-                fn = SCENARIOS[name]
-                fn(rank, out, tmp) if name == "fsdp" else fn(rank, out)
-            except Exception:
-                out["error"] = traceback.format_exc()
-            with open(os.path.join(outdir, f"{name}.rank{rank}.json"), "w") as f:
-                json.dump(out, f, indent=1, default=str)
-            if "error" in out:
-                break  # the other rank may be stuck in a collective; stop here
-    finally:
-        dist.destroy_process_group()
+    scenarios = {**SCENARIOS, "fsdp": lambda r, out: SCENARIOS["fsdp"](r, out, tmp)}
+    run_scenarios(rank, port, outdir, names, scenarios, WORLD)
 
 
 if __name__ == "__main__":
