@@ -11,8 +11,10 @@
 //   host:   w = M^{-1} c (k x k, M^{-1} given in fp32)
 //   pass 2: d recomputed from the stored moments (elementwise, no moment writes),
 //           p <- p (1 - lr wd) [decoupled] - lr (d - U^T w)
-// Tensors are processed one after another, so a tensor that fits in cache is still there
-// for pass 2 (the single pass over memory the design asks for small tensors).
+// A tensor of at most kFuseMaxNumel elements is one work item (pass 1, w, pass 2 back to back on
+// one thread, so pass 2 finds it in cache); the work items of a list go to the threads from a
+// shared queue in one parallel region. Larger tensors are split into chunks: pass 1 of every
+// chunk of every large tensor in one parallel region, w on the host, then pass 2 likewise.
 //
 // The two passes as separate ops, for a reduction between them (sharded parameters: sum the
 // pass-1 rows of every shard with one all_reduce, then w = M^{-1} c, then pass 2 on each shard;
@@ -28,27 +30,49 @@
 //
 // pass1_ then pass2_ with w = M^{-1} c (fp64 accumulation, rounded to fp32) and kappa = 1 is
 // projected_adamw_ exactly. Params/grads: float32, bfloat16 or float16 (same dtype); moments
-// float32; basis float32 or bfloat16. Determinism: fixed-size chunks independent of the thread
-// count, partial sums per chunk reduced in chunk order in fp64. Every input is validated before
-// any buffer is written. The CUDA kernels (csrc/cuda/adamw_cuda.cu) compute the same.
+// float32; basis float32 or bfloat16. Every input is validated before any buffer is written.
+// The CUDA kernels (csrc/cuda/adamw_cuda.cu) compute the same.
+//
+// Speed: the element-wise work runs over blocks of kBlock elements in loops the compiler
+// vectorises (branches on amsgrad / maximize / projected decay are template parameters, 16-bit
+// values converted into fp32 stack buffers, sqrt by SIMD intrinsics since -fmath-errno keeps
+// std::sqrt scalar). Element-wise arithmetic is rounded step by step in a fixed order (no
+// reciprocals, no FMA): moments, d and the parameters are bit for bit those of the scalar loop.
+// Determinism: the dots and squared norms accumulate in kLanes fp32 lanes per block, folded
+// (fixed pairwise order) into an fp64 partial per fixed-size chunk; chunk partials are summed in
+// chunk order in fp64. No result depends on the thread count or on which thread ran what.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "dispatch.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 namespace ogpsa {
 namespace {
 
-constexpr int64_t kChunk = 16384;
+constexpr int64_t kChunk = 16384;  // elements per chunk: fixes the summation order
 constexpr int kMaxK = 16;
+constexpr int64_t kBlock = 512;             // element-wise block (fp32 stack buffers, in L1)
+constexpr int kLanes = 16;                  // independent fp32 accumulators per dot
+constexpr int64_t kFuseMaxNumel = 1 << 18;  // projected_adamw_: one work item per tensor up to this
 
 struct Hyper {
   // 1 - beta in double, then rounded: 1 - (float)0.999 is off by 1.3e-5 relative
@@ -74,90 +98,263 @@ Hyper make_hyper(int64_t step, double lr, double beta1, double beta2, double eps
   return h;
 }
 
-// One tensor's buffers; g is null in pass 2, vmax without amsgrad.
-template <typename P, typename U>
-struct View {
-  P* p;
-  const P* g;
+template <typename T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+
+template <>
+inline float to_f<c10::BFloat16>(c10::BFloat16 v) {
+  // bf16 is the top half of an fp32 (exactly c10's conversion): a shift the compiler vectorises
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <typename T>
+inline void load_block(const T* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+
+// dst = sqrt(src), correctly rounded (as std::sqrt) in SIMD registers
+inline void sqrt_block(const float* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128 a = _mm_sqrt_ps(_mm_loadu_ps(src + i));
+    const __m128 b = _mm_sqrt_ps(_mm_loadu_ps(src + i + 4));
+    _mm_storeu_ps(dst + i, a);
+    _mm_storeu_ps(dst + i + 4, b);
+  }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+  for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vsqrtq_f32(vld1q_f32(src + i)));
+#endif
+  for (; i < n; ++i) dst[i] = std::sqrt(src[i]);
+}
+
+inline float reduce_lanes(const float* a) {
+  // fixed pairwise order
+  float t[kLanes];
+  for (int l = 0; l < kLanes; ++l) t[l] = a[l];
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+
+// sum_i u[i] * d[i] over n elements in kLanes fp32 lanes, folded in a fixed order
+template <typename U>
+inline float dot_block(const U* __restrict u, const float* __restrict d, int64_t n) {
+  alignas(64) float a[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) a[l] += to_f(u[i + l]) * d[i + l];
+  for (int l = 0; i + l < n; ++l) a[l] += to_f(u[i + l]) * d[i + l];
+  return reduce_lanes(a);
+}
+
+// One tensor's buffers and hyperparameters, with its chunk kernels chosen once (element types
+// and flags as template parameters). g is null in pass 2, vmax without amsgrad, u when k = 0.
+struct Job {
+  void* p;
+  const void* g;
   float* m;
   float* v;
   float* vmax;
-  const U* u;
+  const void* u;
   int64_t n, k;
-  View(const at::Tensor& p_t, const at::Tensor* g_t, const at::Tensor& m_t, const at::Tensor& v_t,
-       const at::Tensor* vmax_t, const at::Tensor& u_t)
-      : p(p_t.data_ptr<P>()),
-        g(g_t ? g_t->data_ptr<P>() : nullptr),
-        m(m_t.data_ptr<float>()),
-        v(v_t.data_ptr<float>()),
-        vmax(vmax_t ? vmax_t->data_ptr<float>() : nullptr),
-        u(u_t.size(0) ? u_t.data_ptr<U>() : nullptr),
-        n(p_t.numel()),
-        k(u_t.size(0)) {}
-
-  float direction(const Hyper& h, int64_t e) const {
-    const float vv = vmax ? vmax[e] : v[e];
-    float d = (m[e] / h.bc1) / (std::sqrt(vv) / h.bc2_sqrt + h.eps);
-    if (h.project_wd) d += h.wd * static_cast<float>(p[e]);
-    return d;
-  }
+  Hyper h;
+  // pass 1 over elements [a, b): moments written, out[0..k) = U d, out[k] = ||d||^2 (fp64)
+  void (*pass1)(const Job&, int64_t a, int64_t b, double* out);
+  // pass 2 over [a, b): parameters written; returns ||d - new||^2 (fp64)
+  double (*pass2)(const Job&, const float* w, int64_t a, int64_t b);
 };
 
-// pass 1: moments (written once), d, c = U d, ||d||^2 into cs[0..k] (fp64, chunk order)
-template <typename P, typename U>
-void pass1(const View<P, U>& t, const Hyper& h, double* cs) {
-  const int64_t n = t.n, k = t.k;
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> part(static_cast<size_t>(nchunks) * (k + 1), 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t a = c * kChunk, b = std::min(n, a + kChunk);
-      float acc[kMaxK + 1] = {0};
-      for (int64_t e = a; e < b; ++e) {
-        float gg = static_cast<float>(t.g[e]);
-        if (h.maximize) gg = -gg;
-        t.m[e] += h.one_minus_beta1 * (gg - t.m[e]);  // lerp, as torch's AdamW
-        t.v[e] = t.v[e] * h.beta2 + h.one_minus_beta2 * gg * gg;
-        if (t.vmax) t.vmax[e] = std::max(t.vmax[e], t.v[e]);
-        const float d = t.direction(h, e);
-        for (int64_t j = 0; j < k; ++j) acc[j] += static_cast<float>(t.u[j * n + e]) * d;
-        acc[k] += d * d;
-      }
-      for (int64_t j = 0; j <= k; ++j) part[c * (k + 1) + j] = acc[j];
-    }
-  });
-  for (int64_t j = 0; j <= k; ++j) cs[j] = 0.0;
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int64_t j = 0; j <= k; ++j) cs[j] += part[c * (k + 1) + j];
+// d = (m / bc1) / (sqrt(vv) / bc2_sqrt + eps) [+ wd p], rounded step by step; sq holds sqrt(vv)
+template <bool PWD>
+inline void directions(const Hyper& h, const float* __restrict m, const float* __restrict sq,
+                       const float* __restrict p, float* __restrict d, int64_t n) {
+  const float bc1 = h.bc1, bc2 = h.bc2_sqrt, eps = h.eps, wd = h.wd;
+  for (int64_t i = 0; i < n; ++i) {
+    float x = (m[i] / bc1) / (sq[i] / bc2 + eps);
+    if (PWD) x += wd * p[i];
+    d[i] = x;
+  }
 }
 
-// pass 2: recompute d, new = kappa d - U^T w, write p; returns ||d - new||^2 (fp64, chunk order).
-// With kappa = 1, new = d - U^T w and d - new is U^T w, rounded as such.
-template <typename P, typename U>
-double pass2(const View<P, U>& t, const Hyper& h, const float* w) {
-  const int64_t n = t.n, k = t.k;
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> part(static_cast<size_t>(nchunks), 0.0);
-  const float shrink = h.project_wd ? 1.0f : 1.0f - h.lr * h.wd;
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t a = c * kChunk, b = std::min(n, a + kChunk);
-      float rem = 0;
-      for (int64_t e = a; e < b; ++e) {
-        float sub = 0;
-        for (int64_t j = 0; j < k; ++j) sub += static_cast<float>(t.u[j * n + e]) * w[j];
-        const float de = t.direction(h, e);
-        const float d = h.kappa * de - sub;
-        const float r = (1.0f - h.kappa) * de + sub;
-        rem += r * r;
-        t.p[e] = static_cast<P>(static_cast<float>(t.p[e]) * shrink - h.lr * d);
+template <typename P, typename U, bool AMS, bool MAX, bool PWD>
+void pass1_chunk(const Job& t, int64_t a, int64_t b, double* out) {
+  const Hyper& h = t.h;
+  const P* g = static_cast<const P*>(t.g);
+  const P* p = static_cast<const P*>(t.p);
+  const U* u = static_cast<const U*>(t.u);
+  const int64_t k = t.k;
+  const float beta2 = h.beta2, omb1 = h.one_minus_beta1, omb2 = h.one_minus_beta2;
+  alignas(64) float gb[kBlock], vb[kBlock], sb[kBlock], pb[kBlock], db[kBlock];
+  for (int64_t j = 0; j <= k; ++j) out[j] = 0.0;
+  for (int64_t s = a; s < b; s += kBlock) {
+    const int64_t n = std::min(kBlock, b - s);
+    float* __restrict m = t.m + s;
+    float* __restrict v = t.v + s;
+    load_block(g + s, gb, n);
+    for (int64_t i = 0; i < n; ++i) {
+      const float gg = MAX ? -gb[i] : gb[i];
+      const float mi = m[i] + omb1 * (gg - m[i]);  // lerp, as torch's AdamW
+      const float vi = v[i] * beta2 + omb2 * gg * gg;
+      m[i] = mi;
+      v[i] = vi;
+      vb[i] = vi;
+    }
+    if (AMS) {
+      float* __restrict x = t.vmax + s;
+      for (int64_t i = 0; i < n; ++i) {
+        const float xo = x[i], vi = vb[i];
+        const float xi = xo < vi ? vi : xo;  // std::max(x, v)
+        x[i] = xi;
+        vb[i] = xi;
       }
-      part[c] = rem;
+    }
+    sqrt_block(vb, sb, n);
+    if (PWD) load_block(p + s, pb, n);
+    directions<PWD>(h, m, sb, pb, db, n);
+    for (int64_t j = 0; j < k; ++j) out[j] += dot_block(u + j * t.n + s, db, n);
+    out[k] += dot_block(db, db, n);
+  }
+}
+
+template <typename P, typename U, bool AMS, bool PWD>
+double pass2_chunk(const Job& t, const float* w, int64_t a, int64_t b) {
+  const Hyper& h = t.h;
+  P* p = static_cast<P*>(t.p);
+  const U* u = static_cast<const U*>(t.u);
+  const int64_t k = t.k;
+  const float shrink = PWD ? 1.0f : 1.0f - h.lr * h.wd;
+  const float kappa = h.kappa, omk = 1.0f - h.kappa, lr = h.lr;
+  alignas(64) float sb[kBlock], pb[kBlock], db[kBlock], ub[kBlock], rb[kBlock];
+  double removed = 0;
+  for (int64_t s = a; s < b; s += kBlock) {
+    const int64_t n = std::min(kBlock, b - s);
+    sqrt_block((AMS ? t.vmax : t.v) + s, sb, n);
+    load_block(p + s, pb, n);
+    directions<PWD>(h, t.m + s, sb, pb, db, n);
+    for (int64_t i = 0; i < n; ++i) ub[i] = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      const float wj = w[j];
+      const U* __restrict ur = u + j * t.n + s;
+      for (int64_t i = 0; i < n; ++i) ub[i] += to_f(ur[i]) * wj;
+    }
+    P* __restrict po = p + s;
+    for (int64_t i = 0; i < n; ++i) {
+      const float de = db[i], sub = ub[i];
+      const float d = kappa * de - sub;
+      rb[i] = omk * de + sub;
+      po[i] = static_cast<P>(pb[i] * shrink - lr * d);
+    }
+    removed += dot_block(rb, rb, n);
+  }
+  return removed;
+}
+
+template <typename P, typename U, bool AMS, bool PWD>
+void set_kernels(Job& j) {
+  j.pass1 = j.h.maximize ? &pass1_chunk<P, U, AMS, true, PWD> : &pass1_chunk<P, U, AMS, false, PWD>;
+  j.pass2 = &pass2_chunk<P, U, AMS, PWD>;
+}
+
+// g_t null in pass 2, vmax_t null without amsgrad; dtypes checked by validate()
+Job make_job(const at::Tensor& p_t, const at::Tensor* g_t, const at::Tensor& m_t, const at::Tensor& v_t,
+             const at::Tensor* vmax_t, const at::Tensor& u_t, const Hyper& h, const char* op) {
+  Job j;
+  j.p = p_t.data_ptr();
+  j.g = g_t ? g_t->data_ptr() : nullptr;
+  j.m = m_t.data_ptr<float>();
+  j.v = v_t.data_ptr<float>();
+  j.vmax = vmax_t ? vmax_t->data_ptr<float>() : nullptr;
+  j.u = u_t.size(0) ? u_t.data_ptr() : nullptr;
+  j.n = p_t.numel();
+  j.k = u_t.size(0);
+  j.h = h;
+  const bool ams = vmax_t != nullptr, pwd = h.project_wd;
+  dispatch_gu(p_t.scalar_type(), u_t.scalar_type(), op, [&](auto ptag, auto utag) {
+    using P = decltype(ptag);
+    using U = decltype(utag);
+    if (ams) {
+      if (pwd) set_kernels<P, U, true, true>(j);
+      else set_kernels<P, U, true, false>(j);
+    } else {
+      if (pwd) set_kernels<P, U, false, true>(j);
+      else set_kernels<P, U, false, false>(j);
     }
   });
-  double removed = 0;
-  for (int64_t c = 0; c < nchunks; ++c) removed += part[c];
-  return removed;
+  return j;
+}
+
+int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// f(0..count) on the intra-op threads, items taken from a shared counter in one parallel region.
+// Which thread runs an item never changes its result: every item writes only its own outputs.
+template <typename F>
+void run_items(int64_t count, const F& f) {
+  if (count <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      f(i);
+  });
+}
+
+// The chunks of a set of tensors, as work items (a tensor's chunks adjacent, in order).
+struct Item {
+  int64_t job, a, b;
+};
+
+std::vector<Item> chunk_items(const std::vector<Job>& jobs, const std::vector<int64_t>& which) {
+  std::vector<Item> items;
+  for (const int64_t i : which)
+    for (int64_t a = 0; a < jobs[i].n; a += kChunk) items.push_back({i, a, std::min(jobs[i].n, a + kChunk)});
+  return items;
+}
+
+// pass 1 of the given tensors, chunks in parallel; cs[i * W + j] = chunk partials summed in order
+void pass1_all(const std::vector<Job>& jobs, const std::vector<int64_t>& which, int64_t W, double* cs) {
+  const auto items = chunk_items(jobs, which);
+  const int64_t I = static_cast<int64_t>(items.size());
+  std::vector<double> part(static_cast<size_t>(I) * (kMaxK + 1));
+  run_items(I, [&](int64_t it) {
+    const Item& c = items[it];
+    jobs[c.job].pass1(jobs[c.job], c.a, c.b, part.data() + it * (kMaxK + 1));
+  });
+  for (const int64_t i : which)
+    for (int64_t j = 0; j <= jobs[i].k; ++j) cs[i * W + j] = 0.0;
+  for (int64_t it = 0; it < I; ++it) {
+    const Job& t = jobs[items[it].job];
+    for (int64_t j = 0; j <= t.k; ++j) cs[items[it].job * W + j] += part[it * (kMaxK + 1) + j];
+  }
+}
+
+// pass 2 of the given tensors with weights row i at w + i * ldw, chunks in parallel; removed[i]
+void pass2_all(const std::vector<Job>& jobs, const std::vector<int64_t>& which, const float* w, int64_t ldw,
+               double* removed) {
+  const auto items = chunk_items(jobs, which);
+  const int64_t I = static_cast<int64_t>(items.size());
+  std::vector<double> part(static_cast<size_t>(I));
+  run_items(I, [&](int64_t it) {
+    const Item& c = items[it];
+    part[it] = jobs[c.job].pass2(jobs[c.job], w + c.job * ldw, c.a, c.b);
+  });
+  for (const int64_t i : which) removed[i] = 0.0;
+  for (int64_t it = 0; it < I; ++it) removed[items[it].job] += part[it];
+}
+
+// w = M^{-1} c (fp64 accumulation, rounded to fp32)
+void solve(const float* minv, const double* cs, int64_t k, float* w) {
+  for (int64_t a = 0; a < k; ++a) {
+    double s = 0;
+    for (int64_t b = 0; b < k; ++b) s += static_cast<double>(minv[a * k + b]) * cs[b];
+    w[a] = static_cast<float>(s);
+  }
 }
 
 // What each op passes; validate() checks every tensor before anything is written.
@@ -214,27 +411,47 @@ at::Tensor projected_adamw_cpu(at::TensorList params, at::TensorList grads, at::
                                double eps, double weight_decay, bool maximize, bool project_weight_decay) {
   const Lists L{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, m_invs, steps, true, true};
   validate(L, "projected_adamw_");
-  const size_t T = params.size();
-  auto out = at::zeros({static_cast<int64_t>(T), 2}, at::TensorOptions().dtype(at::kDouble));
+  const int64_t T = static_cast<int64_t>(params.size());
+  auto out = at::zeros({T, 2}, at::TensorOptions().dtype(at::kDouble));
   double* st = out.data_ptr<double>();
-  for (size_t i = 0; i < T; ++i) {
+  std::vector<Job> jobs;
+  std::vector<const float*> minv(T, nullptr);
+  std::vector<int64_t> small, large;
+  for (int64_t i = 0; i < T; ++i) {
     const Hyper h = make_hyper(steps[i], lr, beta1, beta2, eps, weight_decay, maximize, project_weight_decay);
-    dispatch_gu(params[i].scalar_type(), bases[i].scalar_type(), "projected_adamw_", [&](auto ptag, auto utag) {
-      using P = decltype(ptag);
-      using U = decltype(utag);
-      const View<P, U> t(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i]);
-      double cs[kMaxK + 1];
-      pass1(t, h, cs);
-      float w[kMaxK] = {0};
-      const float* minv = t.k ? m_invs[i].data_ptr<float>() : nullptr;
-      for (int64_t a = 0; a < t.k; ++a) {
-        double s = 0;
-        for (int64_t b = 0; b < t.k; ++b) s += static_cast<double>(minv[a * t.k + b]) * cs[b];
-        w[a] = static_cast<float>(s);
-      }
-      st[2 * i] = cs[t.k];
-      st[2 * i + 1] = pass2(t, h, w);
-    });
+    jobs.push_back(make_job(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h,
+                            "projected_adamw_"));
+    if (jobs[i].k) minv[i] = m_invs[i].data_ptr<float>();
+    (jobs[i].n <= kFuseMaxNumel ? small : large).push_back(i);
+  }
+  // small tensors: pass 1, w and pass 2 of a tensor on one thread (chunks in order, as below)
+  run_items(static_cast<int64_t>(small.size()), [&](int64_t s) {
+    const int64_t i = small[s];
+    const Job& t = jobs[i];
+    double cs[kMaxK + 1] = {0}, part[kMaxK + 1];
+    for (int64_t a = 0; a < t.n; a += kChunk) {
+      t.pass1(t, a, std::min(t.n, a + kChunk), part);
+      for (int64_t j = 0; j <= t.k; ++j) cs[j] += part[j];
+    }
+    float w[kMaxK] = {0};
+    solve(minv[i], cs, t.k, w);
+    double removed = 0;
+    for (int64_t a = 0; a < t.n; a += kChunk) removed += t.pass2(t, w, a, std::min(t.n, a + kChunk));
+    st[2 * i] = cs[t.k];
+    st[2 * i + 1] = removed;
+  });
+  // large tensors: each pass over the chunks of all of them
+  if (!large.empty()) {
+    constexpr int64_t W = kMaxK + 1;
+    std::vector<double> cs(static_cast<size_t>(T) * W), removed(T);
+    std::vector<float> w(static_cast<size_t>(T) * kMaxK, 0.0f);
+    pass1_all(jobs, large, W, cs.data());
+    for (const int64_t i : large) {
+      solve(minv[i], cs.data() + i * W, jobs[i].k, w.data() + i * kMaxK);
+      st[2 * i] = cs[i * W + jobs[i].k];
+    }
+    pass2_all(jobs, large, w.data(), kMaxK, removed.data());
+    for (const int64_t i : large) st[2 * i + 1] = removed[i];
   }
   return out;
 }
@@ -245,25 +462,28 @@ at::Tensor projected_adamw_pass1_cpu(at::TensorList params, at::TensorList grads
                                      double weight_decay, bool maximize, bool project_weight_decay) {
   const Lists L{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, {}, steps, true, false};
   validate(L, "projected_adamw_pass1_");
-  const size_t T = params.size();
-  for (size_t i = 0; i < T; ++i)
+  const int64_t T = static_cast<int64_t>(params.size());
+  for (int64_t i = 0; i < T; ++i)
     TORCH_CHECK(bases[i].size(0) <= k_max, "ogpsa::projected_adamw_pass1_: bases[", i, "] has k=", bases[i].size(0),
                 " > k_max=", k_max);
   TORCH_CHECK(k_max >= 0 && k_max <= kMaxK, "ogpsa::projected_adamw_pass1_: k_max=", k_max, " is outside [0, 16]");
-  auto out = at::zeros({static_cast<int64_t>(T), k_max + 1}, at::TensorOptions().dtype(at::kDouble));
+  auto out = at::zeros({T, k_max + 1}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  for (size_t i = 0; i < T; ++i) {
+  std::vector<Job> jobs;
+  std::vector<int64_t> all(T);
+  for (int64_t i = 0; i < T; ++i) {
     const Hyper h = make_hyper(steps[i], 0.0, beta1, beta2, eps, weight_decay, maximize, project_weight_decay);
-    dispatch_gu(params[i].scalar_type(), bases[i].scalar_type(), "projected_adamw_pass1_", [&](auto ptag, auto utag) {
-      using P = decltype(ptag);
-      using U = decltype(utag);
-      const View<P, U> t(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i]);
-      double cs[kMaxK + 1];
-      pass1(t, h, cs);
-      double* row = o + i * (k_max + 1);
-      for (int64_t j = 0; j < t.k; ++j) row[j] = cs[j];
-      row[k_max] = cs[t.k];
-    });
+    jobs.push_back(make_job(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h,
+                            "projected_adamw_pass1_"));
+    all[i] = i;
+  }
+  constexpr int64_t W = kMaxK + 1;
+  std::vector<double> cs(static_cast<size_t>(T) * W);
+  pass1_all(jobs, all, W, cs.data());
+  for (int64_t i = 0; i < T; ++i) {
+    double* row = o + i * (k_max + 1);
+    for (int64_t j = 0; j < jobs[i].k; ++j) row[j] = cs[i * W + j];
+    row[k_max] = cs[i * W + jobs[i].k];
   }
   return out;
 }
@@ -282,18 +502,15 @@ at::Tensor projected_adamw_pass2_cpu(at::TensorList params, at::TensorList exp_a
               "ogpsa::projected_adamw_pass2_: weights must be a contiguous float32 CPU tensor [T=", T,
               ", k_max >= ", kk, "], got ", weights.scalar_type(), " ", weights.sizes(), " on ", weights.device());
   auto out = at::zeros({T}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  const float* w = weights.data_ptr<float>();
-  const int64_t KM = weights.size(1);
+  std::vector<Job> jobs;
+  std::vector<int64_t> all(T);
   for (int64_t i = 0; i < T; ++i) {
     const Hyper h = make_hyper(steps[i], lr, beta1, beta2, eps, weight_decay, false, project_weight_decay, kappa);
-    dispatch_gu(params[i].scalar_type(), bases[i].scalar_type(), "projected_adamw_pass2_", [&](auto ptag, auto utag) {
-      using P = decltype(ptag);
-      using U = decltype(utag);
-      const View<P, U> t(params[i], nullptr, exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i]);
-      o[i] = pass2(t, h, w + i * KM);
-    });
+    jobs.push_back(make_job(params[i], nullptr, exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h,
+                            "projected_adamw_pass2_"));
+    all[i] = i;
   }
+  pass2_all(jobs, all, weights.data_ptr<float>(), weights.size(1), out.data_ptr<double>());
   return out;
 }
 
