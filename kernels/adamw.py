@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import common
 from .common import INTERPRETED, launch
+from .projection import _chunk_items  # the chunk metadata walk, shared with the projection kernels
 from .tables import ChunkTable
 
 #: columns of the per-tensor hyperparameter table (float32)
@@ -64,23 +65,6 @@ MODE_CODE = {"orthogonal": 0, "conflict": 1, "plane": 2, "threshold": 3}
 #: asked for; compiled code rounds to nearest even. Under the interpreter the parameter store
 #: rounds by hand, so both give the same bits for the same float32 value.
 _MANUAL_BF16_RNE = tl.constexpr(INTERPRETED)
-
-
-@triton.jit
-def _items(chunk_tensor, chunk_start, chunk_len, numels, C, ROWS: tl.constexpr, ALIGNED: tl.constexpr,
-           U_VEC: tl.constexpr):
-    """This program's ROWS chunks: (program id, chunk ids, valid, tensor ids, start, end)."""
-    pid = tl.program_id(0)
-    item = pid * ROWS + tl.arange(0, ROWS)
-    item_ok = item < C
-    t = tl.load(chunk_tensor + item, mask=item_ok, other=0)
-    start = tl.load(chunk_start + item, mask=item_ok, other=0)
-    n = tl.load(numels + t)
-    if ALIGNED:
-        start = tl.multiple_of(start, 16)
-        n = tl.multiple_of(n, U_VEC)
-    end = tl.where(item_ok, tl.minimum(start + tl.load(chunk_len + t), n), 0)
-    return pid, item, item_ok, t, start, n, end
 
 
 @triton.jit
@@ -204,7 +188,7 @@ def _adamw_dots_kernel(g_ptrs, p_ptrs, m_ptrs, v_ptrs, x_ptrs, u_ptrs, numels, k
                        chunk_start, prog_len, hyper, partials, C, W, ROWS: tl.constexpr, K_PAD: tl.constexpr,
                        BLOCK: tl.constexpr, P_KIND: tl.constexpr, U_KIND: tl.constexpr, AMSGRAD: tl.constexpr,
                        DECAY_IN_D: tl.constexpr, ALIGNED: tl.constexpr, U_VEC: tl.constexpr):
-    pid, item, item_ok, t, start, n, end = _items(chunk_tensor, chunk_start, chunk_len, numels, C, ROWS, ALIGNED,
+    pid, item, item_ok, t, start, n, end = _chunk_items(chunk_tensor, chunk_start, chunk_len, numels, C, ROWS, ALIGNED,
                                                   U_VEC)
     g = _typed(g_ptrs, t, P_KIND, ALIGNED)
     p = _typed(p_ptrs, t, P_KIND, ALIGNED)
@@ -242,7 +226,7 @@ def _adamw_apply_kernel(p_ptrs, m_ptrs, vr_ptrs, u_ptrs, numels, ks, chunk_len, 
                         prog_len, hyper, wk, C, KW, ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
                         P_KIND: tl.constexpr, U_KIND: tl.constexpr, DECAY_IN_D: tl.constexpr,
                         ALIGNED: tl.constexpr, U_VEC: tl.constexpr):
-    pid, item, item_ok, t, start, n, end = _items(chunk_tensor, chunk_start, chunk_len, numels, C, ROWS, ALIGNED,
+    pid, item, item_ok, t, start, n, end = _chunk_items(chunk_tensor, chunk_start, chunk_len, numels, C, ROWS, ALIGNED,
                                                   U_VEC)
     p = _typed(p_ptrs, t, P_KIND, ALIGNED)
     m = _typed(m_ptrs, t, 0, ALIGNED)
@@ -273,7 +257,7 @@ def _adamw_fused_small_kernel(g_ptrs, p_ptrs, m_ptrs, v_ptrs, x_ptrs, vr_ptrs, u
                               U_KIND: tl.constexpr, AMSGRAD: tl.constexpr, DECAY_IN_D: tl.constexpr,
                               ALIGNED: tl.constexpr, U_VEC: tl.constexpr):
     # every tensor is one chunk (start 0), so a program owns ROWS whole tensors
-    pid, item, item_ok, t, start, n, end = _items(chunk_tensor, chunk_start, chunk_len, numels, C, ROWS, ALIGNED,
+    pid, item, item_ok, t, start, n, end = _chunk_items(chunk_tensor, chunk_start, chunk_len, numels, C, ROWS, ALIGNED,
                                                   U_VEC)
     g = _typed(g_ptrs, t, P_KIND, ALIGNED)
     p = _typed(p_ptrs, t, P_KIND, ALIGNED)

@@ -45,6 +45,18 @@ def _zero_partition_slices(zero_opt, params_by_id: Mapping[int, str]) -> dict[st
     return out
 
 
+def check_zero_subspace(subspace, config: OGPSAConfig, model: torch.nn.Module) -> None:
+    """A subspace a ZeRO projector can take: a full one (each rank slices its own partition),
+    built with the projector's scope, matching the model's parameter names and shapes."""
+    if isinstance(subspace, ShardedSubspace):
+        raise TypeError("attach_deepspeed takes a full Subspace (ZeRO partitions cut parameters at element "
+                        "offsets; each rank slices its own part)")
+    if subspace.config.scope != config.scope:
+        raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
+                         f"uses scope={config.scope!r}")
+    subspace.check_model(model)
+
+
 def _zero_pieces(zero_opt, layout: Mapping[str, tuple[int, int, LocalSlice]], params: Mapping[str, Tensor]):
     """This rank's reduced gradient piece of every parameter in ``layout`` (views into
     DeepSpeed's buffers, so in-place projection changes what the optimizer consumes)."""
@@ -107,13 +119,7 @@ class ZeroProjector(Projector):
 
     def set_subspace(self, subspace: Union[Subspace, ShardedSubspace]) -> None:
         """Use a new full subspace (sliced here to this rank's partition) from the next step on."""
-        if isinstance(subspace, ShardedSubspace):
-            raise TypeError("attach_deepspeed takes a full Subspace (ZeRO partitions cut parameters at element "
-                            "offsets; each rank slices its own part)")
-        if subspace.config.scope != self.config.scope:
-            raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
-                             f"uses scope={self.config.scope!r}")
-        subspace.check_model(self.model)
+        check_zero_subspace(subspace, self.config, self.model)
         opt = self.zero_optimizer
         params = dict(self.model.named_parameters())
         by_id = {id(p): n for n, p in params.items()}

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..config import OGPSAConfig
-from ..distributed.deepspeed import _zero_partition_slices
+from ..distributed.deepspeed import _zero_partition_slices, check_zero_subspace
 from ..distributed.layout import LocalSlice, _all_reduce, _local, fsdp_layout, is_dtensor
 from ..distributed.sharded import ShardedSubspace
 from ..errors import UnsupportedSetupError
@@ -280,13 +280,7 @@ class ZeroUpdateProjector:
 
     def set_subspace(self, subspace: Subspace) -> None:
         """Use a new full subspace (each rank cuts its pieces' columns here) from the next step on."""
-        if isinstance(subspace, ShardedSubspace):
-            raise TypeError("attach_deepspeed takes a full Subspace (ZeRO partitions cut parameters at element "
-                            "offsets; each rank slices its own part)")
-        if subspace.config.scope != self.config.scope:
-            raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
-                             f"uses scope={self.config.scope!r}")
-        subspace.check_model(self.model)
+        check_zero_subspace(subspace, self.config, self.model)
         zero = self.zero_optimizer
         named = list(self.model.named_parameters())
         layout = _zero_partition_slices(zero, {id(p): n for n, p in named})
