@@ -57,6 +57,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -115,6 +116,27 @@ inline float to_f<c10::BFloat16>(c10::BFloat16 v) {
 template <typename T>
 inline void load_block(const T* __restrict src, float* __restrict dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+
+// src[0..n) as fp32: the buffer itself for fp32 data, else converted into buf
+template <typename T>
+inline const float* as_f32(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    load_block(src, buf, n);
+    return buf;
+  }
+}
+
+// software prefetch of [x, x + n): the element-wise loops take one stream at a time, so the
+// hardware prefetchers alone leave the next block's lines to demand misses
+template <typename T>
+inline void prefetch(const T* x, int64_t n) {
+#if defined(__GNUC__)
+  const char* c = reinterpret_cast<const char*>(x);
+  for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+#endif
 }
 
 // dst = sqrt(src), correctly rounded (as std::sqrt) in SIMD registers
@@ -196,9 +218,18 @@ void pass1_chunk(const Job& t, int64_t a, int64_t b, double* out) {
     const int64_t n = std::min(kBlock, b - s);
     float* __restrict m = t.m + s;
     float* __restrict v = t.v + s;
-    load_block(g + s, gb, n);
+    if (s + kBlock < b) {
+      const int64_t nn = std::min(kBlock, b - s - kBlock);
+      prefetch(g + s + kBlock, nn);
+      prefetch(m + kBlock, nn);
+      prefetch(v + kBlock, nn);
+      if (AMS) prefetch(t.vmax + s + kBlock, nn);
+      if (PWD) prefetch(p + s + kBlock, nn);
+      for (int64_t j = 0; j < k; ++j) prefetch(u + j * t.n + s + kBlock, nn);
+    }
+    const float* __restrict gf = as_f32(g + s, gb, n);
     for (int64_t i = 0; i < n; ++i) {
-      const float gg = MAX ? -gb[i] : gb[i];
+      const float gg = MAX ? -gf[i] : gf[i];
       const float mi = m[i] + omb1 * (gg - m[i]);  // lerp, as torch's AdamW
       const float vi = v[i] * beta2 + omb2 * gg * gg;
       m[i] = mi;
@@ -215,8 +246,8 @@ void pass1_chunk(const Job& t, int64_t a, int64_t b, double* out) {
       }
     }
     sqrt_block(vb, sb, n);
-    if (PWD) load_block(p + s, pb, n);
-    directions<PWD>(h, m, sb, pb, db, n);
+    const float* pf = PWD ? as_f32(p + s, pb, n) : nullptr;
+    directions<PWD>(h, m, sb, pf, db, n);
     for (int64_t j = 0; j < k; ++j) out[j] += dot_block(u + j * t.n + s, db, n);
     out[k] += dot_block(db, db, n);
   }
@@ -235,8 +266,15 @@ double pass2_chunk(const Job& t, const float* w, int64_t a, int64_t b) {
   for (int64_t s = a; s < b; s += kBlock) {
     const int64_t n = std::min(kBlock, b - s);
     sqrt_block((AMS ? t.vmax : t.v) + s, sb, n);
-    load_block(p + s, pb, n);
-    directions<PWD>(h, t.m + s, sb, pb, db, n);
+    if (s + kBlock < b) {
+      const int64_t nn = std::min(kBlock, b - s - kBlock);
+      prefetch(t.m + s + kBlock, nn);
+      prefetch((AMS ? t.vmax : t.v) + s + kBlock, nn);
+      prefetch(p + s + kBlock, nn);
+      for (int64_t j = 0; j < k; ++j) prefetch(u + j * t.n + s + kBlock, nn);
+    }
+    const float* pf = PWD ? as_f32(p + s, pb, n) : nullptr;
+    directions<PWD>(h, t.m + s, sb, pf, db, n);
     for (int64_t i = 0; i < n; ++i) ub[i] = 0.0f;
     for (int64_t j = 0; j < k; ++j) {
       const float wj = w[j];
@@ -248,7 +286,7 @@ double pass2_chunk(const Job& t, const float* w, int64_t a, int64_t b) {
       const float de = db[i], sub = ub[i];
       const float d = kappa * de - sub;
       rb[i] = omk * de + sub;
-      po[i] = static_cast<P>(pb[i] * shrink - lr * d);
+      po[i] = static_cast<P>(to_f(po[i]) * shrink - lr * d);
     }
     removed += dot_block(rb, rb, n);
   }
