@@ -36,7 +36,8 @@
 // Speed: the element-wise work runs over blocks of kBlock elements in loops the compiler
 // vectorises (branches on amsgrad / maximize / projected decay are template parameters, 16-bit
 // values converted into fp32 stack buffers, sqrt by SIMD intrinsics since -fmath-errno keeps
-// std::sqrt scalar). Element-wise arithmetic is rounded step by step in a fixed order (no
+// std::sqrt scalar), compiled twice on x86-64 (baseline SSE2 and AVX2 without FMA, picked at run
+// time; bit for bit the same), with software prefetch of the next block. Element-wise arithmetic is rounded step by step in a fixed order (no
 // reciprocals, no FMA): moments, d and the parameters are bit for bit those of the scalar loop.
 // Determinism: the dots and squared norms accumulate in kLanes fp32 lanes per block, folded
 // (fixed pairwise order) into an fp64 partial per fixed-size chunk; chunk partials are summed in
@@ -139,6 +140,20 @@ inline void prefetch(const T* x, int64_t n) {
 #endif
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OGPSA_AVX2 1
+#include <immintrin.h>
+// 8 lanes; never inlined into default-target code, called once per block
+__attribute__((target("avx2"), noinline)) void sqrt_block_avx2(const float* __restrict src, float* __restrict dst,
+                                                               int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_sqrt_ps(_mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = std::sqrt(src[i]);
+}
+#else
+#define OGPSA_AVX2 0
+#endif
+
 // dst = sqrt(src), correctly rounded (as std::sqrt) in SIMD registers
 inline void sqrt_block(const float* __restrict src, float* __restrict dst, int64_t n) {
   int64_t i = 0;
@@ -204,8 +219,8 @@ inline void directions(const Hyper& h, const float* __restrict m, const float* _
   }
 }
 
-template <typename P, typename U, bool AMS, bool MAX, bool PWD>
-void pass1_chunk(const Job& t, int64_t a, int64_t b, double* out) {
+template <typename P, typename U, bool AMS, bool MAX, bool PWD, bool AVX2>
+__attribute__((always_inline)) inline void pass1_body(const Job& t, int64_t a, int64_t b, double* out) {
   const Hyper& h = t.h;
   const P* g = static_cast<const P*>(t.g);
   const P* p = static_cast<const P*>(t.p);
@@ -245,7 +260,8 @@ void pass1_chunk(const Job& t, int64_t a, int64_t b, double* out) {
         vb[i] = xi;
       }
     }
-    sqrt_block(vb, sb, n);
+    if constexpr (AVX2) sqrt_block_avx2(vb, sb, n);
+    else sqrt_block(vb, sb, n);
     const float* pf = PWD ? as_f32(p + s, pb, n) : nullptr;
     directions<PWD>(h, m, sb, pf, db, n);
     for (int64_t j = 0; j < k; ++j) out[j] += dot_block(u + j * t.n + s, db, n);
@@ -253,8 +269,8 @@ void pass1_chunk(const Job& t, int64_t a, int64_t b, double* out) {
   }
 }
 
-template <typename P, typename U, bool AMS, bool PWD>
-double pass2_chunk(const Job& t, const float* w, int64_t a, int64_t b) {
+template <typename P, typename U, bool AMS, bool PWD, bool AVX2>
+__attribute__((always_inline)) inline double pass2_body(const Job& t, const float* w, int64_t a, int64_t b) {
   const Hyper& h = t.h;
   P* p = static_cast<P*>(t.p);
   const U* u = static_cast<const U*>(t.u);
@@ -265,7 +281,8 @@ double pass2_chunk(const Job& t, const float* w, int64_t a, int64_t b) {
   double removed = 0;
   for (int64_t s = a; s < b; s += kBlock) {
     const int64_t n = std::min(kBlock, b - s);
-    sqrt_block((AMS ? t.vmax : t.v) + s, sb, n);
+    if constexpr (AVX2) sqrt_block_avx2((AMS ? t.vmax : t.v) + s, sb, n);
+    else sqrt_block((AMS ? t.vmax : t.v) + s, sb, n);
     if (s + kBlock < b) {
       const int64_t nn = std::min(kBlock, b - s - kBlock);
       prefetch(t.m + s + kBlock, nn);
@@ -293,8 +310,45 @@ double pass2_chunk(const Job& t, const float* w, int64_t a, int64_t b) {
   return removed;
 }
 
+// The same bodies compiled for the baseline ISA and, on x86-64, for AVX2 (8-lane div/sqrt; no
+// FMA, so no contraction: bit for bit the same results), chosen at run time.
+template <typename P, typename U, bool AMS, bool MAX, bool PWD>
+void pass1_chunk(const Job& t, int64_t a, int64_t b, double* out) {
+  pass1_body<P, U, AMS, MAX, PWD, false>(t, a, b, out);
+}
+template <typename P, typename U, bool AMS, bool PWD>
+double pass2_chunk(const Job& t, const float* w, int64_t a, int64_t b) {
+  return pass2_body<P, U, AMS, PWD, false>(t, w, a, b);
+}
+#if OGPSA_AVX2
+template <typename P, typename U, bool AMS, bool MAX, bool PWD>
+__attribute__((target("avx2"))) void pass1_chunk_avx2(const Job& t, int64_t a, int64_t b, double* out) {
+  pass1_body<P, U, AMS, MAX, PWD, true>(t, a, b, out);
+}
+template <typename P, typename U, bool AMS, bool PWD>
+__attribute__((target("avx2"))) double pass2_chunk_avx2(const Job& t, const float* w, int64_t a, int64_t b) {
+  return pass2_body<P, U, AMS, PWD, true>(t, w, a, b);
+}
+#endif
+
+bool use_avx2() {
+#if OGPSA_AVX2
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 template <typename P, typename U, bool AMS, bool PWD>
 void set_kernels(Job& j) {
+#if OGPSA_AVX2
+  if (use_avx2()) {
+    j.pass1 = j.h.maximize ? &pass1_chunk_avx2<P, U, AMS, true, PWD> : &pass1_chunk_avx2<P, U, AMS, false, PWD>;
+    j.pass2 = &pass2_chunk_avx2<P, U, AMS, PWD>;
+    return;
+  }
+#endif
   j.pass1 = j.h.maximize ? &pass1_chunk<P, U, AMS, true, PWD> : &pass1_chunk<P, U, AMS, false, PWD>;
   j.pass2 = &pass2_chunk<P, U, AMS, PWD>;
 }
