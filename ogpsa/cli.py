@@ -21,6 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--selftest", action="store_true",
+                        help="check every available backend against the torch backend on a small random problem, "
+                             "for every device and grad/basis dtype, and print a table (exit 1 on a mismatch)")
 
 
 def info() -> dict:
@@ -62,7 +65,27 @@ def info() -> dict:
 EXTRA_INFO: dict[str, str] = {"extension": "ogpsa.backends.cext", "adamw_backends": "ogpsa.optim.backends"}
 
 
+def run_selftest(as_json: bool) -> int:
+    """``ogpsa info --selftest``: the first-contact checks of :mod:`ogpsa.selftest` over every
+    available backend (the interpreted Triton included), device and dtype."""
+    from ogpsa import ops, selftest
+
+    available = {name: ops.get_backend(name) for name, (ok, _) in ops.backends().items() if ok}
+    rows = selftest.run_all(available)
+    if as_json:
+        import json
+
+        print(json.dumps([{"backend": r.backend, "device": r.device, "grad_dtype": str(r.grad_dtype),
+                           "basis_dtype": str(r.basis_dtype), "space": r.space, "ok": r.ok, "err_over_tol": r.worst,
+                           "detail": r.detail, "seconds": r.seconds} for r in rows], indent=2))
+    else:
+        print(selftest.format_table(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "selftest", False):
+        return run_selftest(args.json)
     data = info()
     if args.json:
         import json

@@ -11,7 +11,9 @@ are re-created.
 Backend choice: ``backend=`` argument, else the environment variable ``OGPSA_BACKEND``,
 else ``"auto"``, which takes the first of cuda > triton > cpu > torch that is available
 and supports the group. A named backend that is unavailable or cannot handle a group is
-an error, never a silent fallback.
+an error, never a silent fallback. The first time a compiled backend serves a key it checks
+itself against the torch backend (:mod:`ogpsa.selftest`): ``auto`` skips one that fails
+(with a warning), a named one raises.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import selftest
 from .backends.base import Backend
 from .config import MODES, SCOPES
 from .errors import BackendUnavailableError, ProjectionInputError, UnsupportedSetupError
@@ -121,12 +124,15 @@ def select_backend(device: torch.device, grad_dtype: torch.dtype, basis_dtype: t
                 f"OGPSA backend {name!r} does not handle {device.type} tensors with grad dtype {grad_dtype} "
                 f"and basis dtype {basis_dtype}"
             )
+        if (why := selftest.failure(be, device, grad_dtype, basis_dtype)) is not None:  # never silently wrong
+            raise BackendUnavailableError(why)
         return be
     for cand in _PREFERENCE:
         if cand not in _REGISTRY:
             continue
         be = _load(cand)
-        if be is not None and be.availability()[0] and be.supports(device, grad_dtype, basis_dtype, False):
+        if (be is not None and be.availability()[0] and be.supports(device, grad_dtype, basis_dtype, False)
+                and selftest.passes(be, device, grad_dtype, basis_dtype)):  # first contact: checked once per key
             return be
     raise BackendUnavailableError(f"no OGPSA backend handles {device} {grad_dtype}/{basis_dtype}")
 
