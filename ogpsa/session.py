@@ -38,11 +38,13 @@ import json
 import logging
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from . import atomic
 from .attaching import attach
 from .collect import CollectInfo, collect_reference_gradients
 from .config import OGPSAConfig
@@ -54,12 +56,11 @@ from .integrations.common import (
     load_subspace,
     unwrap_optimizer,
 )
+from .state_file import STATE_VERSION as _STATE_VERSION
+from .state_file import StateFileError, check_schedule, read_state, warn_not_restored
 from .subspace import Subspace
 
 logger = logging.getLogger("ogpsa")
-
-_STATE_VERSION = 1
-
 
 class OGPSA:
     """Build, refresh, apply, time, save and restore OGPSA for one model + optimizer.
@@ -190,7 +191,9 @@ class OGPSA:
         if resume_dir is not None:
             sub = self._load_checkpoint(resume_dir)
             if sub is None:
-                logger.warning("ogpsa: checkpoint %s holds no %s; building a new subspace", resume_dir, SUBSPACE_FILE)
+                warn_not_restored(step, f"checkpoint {os.fspath(resume_dir)!r} holds no {SUBSPACE_FILE}")
+        elif step > 0:
+            warn_not_restored(step, "no checkpoint directory with ogpsa state was found")
         if sub is None and self.initial_subspace is not None and step == 0:
             sub = self.initial_subspace
             self.built_at = 0
@@ -351,9 +354,11 @@ class OGPSA:
                 "config": self.config.to_dict()}
 
     def _restore_schedule(self, schedule: dict) -> None:
-        self.step = int(schedule.get("step", schedule.get("built_at") or 0))
-        self.built_at = schedule.get("built_at")
-        self.refresh_steps = list(schedule.get("refresh_steps", []))
+        """Take step count, build step and refresh history from a schedule that
+        :func:`check_schedule` accepted."""
+        self.step = schedule["step"]
+        self.built_at = schedule["built_at"]
+        self.refresh_steps = list(schedule["refresh_steps"])
 
     def state_dict(self) -> dict:
         """Basis (the bytes of its safetensors file, as a uint8 tensor, so ``torch.load(weights_only=True)``
@@ -367,7 +372,11 @@ class OGPSA:
         """Restore a :meth:`state_dict`: the same basis bit for bit, and the schedule."""
         if not isinstance(state, dict) or "subspace" not in state or "schedule" not in state:
             raise ValueError("state must be a dict from OGPSA.state_dict() with keys 'subspace' and 'schedule'")
-        schedule = json.loads(state["schedule"])
+        try:
+            schedule = json.loads(state["schedule"])
+        except (TypeError, ValueError) as exc:
+            raise StateFileError(f"state['schedule']: not valid JSON ({exc})") from exc
+        check_schedule(schedule, "state['schedule']")
         sub = _load_subspace_from(bytes(state["subspace"].numpy().tobytes()))
         sub.check_model(self.model)
         self.projector.set_subspace(sub)
@@ -380,21 +389,25 @@ class OGPSA:
             raise RuntimeError("OGPSA has no subspace yet (call setup first)")
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
+        # Each file is replaced atomically (ogpsa.atomic): a save killed half-way over an existing
+        # checkpoint leaves every file whole (at worst the new basis next to the old schedule).
         self.subspace.save(os.path.join(directory, SUBSPACE_FILE))
-        with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump(self._schedule(), f, indent=2)
+        atomic.write_json(os.path.join(directory, STATE_FILE), self._schedule())
 
     def _load_checkpoint(self, directory: str) -> Optional[Subspace]:
         """The subspace saved in ``directory`` (None if there is none); restores the schedule."""
         path = os.path.join(directory, SUBSPACE_FILE)
         if not os.path.isfile(path):
             return None
-        sub = Subspace.load(path)
         state_path = os.path.join(directory, STATE_FILE)
-        if os.path.isfile(state_path):
-            with open(state_path) as f:
-                schedule = json.load(f)
+        schedule = read_state(state_path) if os.path.isfile(state_path) else None
+        sub = Subspace.load(path)
+        if schedule is not None:
             step = self.step
+            if schedule["step"] != step:
+                warnings.warn(f"ogpsa: {state_path} was saved at step {schedule['step']}, but training resumes at "
+                              f"step {step}; the basis built at step {schedule['built_at']} is restored and the "
+                              "refresh schedule continues from the resumed step", UserWarning, stacklevel=3)
             self._restore_schedule(schedule)
             self.step = step  # the host's step counter (the Trainer's global_step) is the authority
         return sub
@@ -412,8 +425,7 @@ class OGPSA:
         schedule: dict = {}
         state_path = os.path.join(directory, STATE_FILE)
         if os.path.isfile(state_path):
-            with open(state_path) as f:
-                schedule = json.load(f)
+            schedule = read_state(state_path)
         if config is None and "config" in schedule:
             config = OGPSAConfig.from_dict(schedule["config"])
         if "refresh_every" in schedule and "refresh_every" not in kwargs and (config is None
@@ -449,4 +461,4 @@ def _load_subspace_from(data: bytes) -> Subspace:
         return Subspace.load(path)
 
 
-__all__ = ["OGPSA"]
+__all__ = ["OGPSA", "StateFileError", "read_state", "check_schedule"]

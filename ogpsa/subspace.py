@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
-from . import ops, reference
+from . import atomic, ops, reference
 from .config import OGPSAConfig
 from .plan import gram64
 
@@ -197,8 +196,10 @@ class Subspace(NamedBases):
 
         ``path`` may be a directory: the file is then ``<path>/ogpsa_subspace.safetensors``
         (:data:`SUBSPACE_FILE`, the name the trainer integrations use). The file is written to
-        a temporary file in the same directory and moved into place with :func:`os.replace`,
-        so a failed or interrupted save leaves neither a partial file nor a temporary one."""
+        a temporary file in the same directory, fsync-ed and moved into place with
+        :func:`os.replace` (:mod:`ogpsa.atomic`), so a failed, interrupted or killed save leaves
+        the old file intact and no temporary file behind. The file is serialised in memory
+        first: a save briefly holds a second copy of the bases."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, SUBSPACE_FILE)
@@ -215,16 +216,9 @@ class Subspace(NamedBases):
             "num_references": str(self.num_references),
             "sha256": _checksum(tensors, len(self.names)),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".ogpsa-subspace-", suffix=".tmp",
-                                   dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # Serialised in memory first (safetensors' own save_file renames its own temporary file,
+        # which a killed process would leave behind), then written with ogpsa.atomic.
+        atomic.write_bytes(path, save_bytes(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None) -> Subspace:

@@ -27,6 +27,7 @@ import os
 import sys
 from typing import Any
 
+from . import atomic
 from .config import BASIS_DTYPES, MODES, SCOPES
 
 
@@ -50,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     parser.add_argument("--optim", default="adamw_torch", help="transformers optimizer name (e.g. adamw_torch, sgd)")
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--resume-from-checkpoint", default=None, metavar="DIR|last",
+                        help="continue an interrupted run from a checkpoint directory (checkpoint-N of any run's "
+                             "--output) or 'last' (the newest checkpoint in --output): weights, optimizer, data "
+                             "order, and the ogpsa basis and refresh schedule")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
@@ -198,6 +203,7 @@ def _prepare(args: argparse.Namespace) -> Any:
     if args.space == "update" and not args.no_ogpsa and args.optim != "adamw_torch":
         raise UsageError(f"--space update projects the AdamW direction and needs --optim adamw_torch "
                          f"(got --optim {args.optim}); use --space gradient with other optimizers")
+    args.resume_from_checkpoint = _resume_checkpoint(args)
     train_rows = read_jsonl(args.data)
     references = [read_jsonl(p) for p in args.reference]
     config = ogpsa.OGPSAConfig(**_config_kwargs(args))
@@ -262,9 +268,30 @@ def _prepare(args: argparse.Namespace) -> Any:
     return trainer
 
 
+def _resume_checkpoint(args: argparse.Namespace) -> Any:
+    """``--resume-from-checkpoint``: the checkpoint directory to resume (checked now), or None."""
+    value = args.resume_from_checkpoint
+    if value is None:
+        return None
+    if value == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output) if os.path.isdir(args.output) else None
+        if last is None:
+            raise UsageError(f"--resume-from-checkpoint last: no checkpoint-N directory in --output {args.output!r}")
+        return os.path.abspath(last)
+    if not os.path.isdir(value):
+        raise UsageError(f"--resume-from-checkpoint {value!r} is not a directory (give a checkpoint-N directory "
+                         "or 'last')")
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise UsageError(f"--resume-from-checkpoint {value!r} holds no trainer_state.json (not a Trainer checkpoint; "
+                         "checkpoints are written with --save-steps N)")
+    return os.path.abspath(value)
+
+
 def _train(args: argparse.Namespace, trainer: Any) -> int:
     tok = trainer._ogpsa_cli_tokenizer
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     tok.save_pretrained(args.output)
     summary = {"stage": args.stage, "output": args.output, "steps": trainer.state.global_step,
@@ -275,8 +302,7 @@ def _train(args: argparse.Namespace, trainer: Any) -> int:
         summary["subspace"] = og.subspace.memory_report()
         summary["space"] = og.config.space
         summary["refresh"] = og.timing()  # refreshes, refresh_seconds, train_seconds, refresh_share
-    with open(os.path.join(args.output, "ogpsa_train_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic.write_json(os.path.join(args.output, "ogpsa_train_summary.json"), summary)
     print(json.dumps(summary, indent=2))
     if og is not None:
         print(og.timing_summary())  # one line: refreshes, their seconds, their share of training time

@@ -267,12 +267,14 @@ def test_failed_save_leaves_no_file_behind(tmp_path, monkeypatch):
     sub.save(str(target))
     before = target.read_bytes()
 
-    def broken(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+    real_open = subspace_module.atomic.open_atomic
 
-    monkeypatch.setattr(subspace_module, "save_file", broken)
+    def broken(path, data):  # fails after part of the file reached the temporary file
+        with real_open(path) as f:
+            f.write(b"partial")
+            raise OSError("disk full")
+
+    monkeypatch.setattr(subspace_module.atomic, "write_bytes", broken)
     with pytest.raises(OSError, match="disk full"):
         Subspace.from_gradients(_refs(9)[0]).save(str(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temporary file

@@ -135,3 +135,27 @@ def test_readme_command_line_runs_on_the_example_files(tmp_path, monkeypatch, ca
         assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
             f"ogpsa: {timing['refreshes']} subspace refresh(es) took ")
     assert summary["stage"] == "dpo" and summary["space"] == "update"
+
+
+@pytest.mark.parametrize("space", ["gradient", "update"])
+def test_resume_from_checkpoint_of_another_output_is_bit_identical(files, tmp_path, space):
+    common = ["train", "--stage", "sft", "--model", "tiny", "--data", files["safety"], "--reference", files["general"],
+              "--max-steps", "4", "--batch-size", "2", "--cpu", "--save-steps", "2", "--refresh-every", "3",
+              "--num-reference-samples", "3", "--lr", "0.01", "--space", space, "--logging-steps", "1"]
+    run1, run2 = str(tmp_path / "run1"), str(tmp_path / "run2")
+    assert main(common + ["--output", run1]) == 0
+    assert main(common + ["--output", run2, "--resume-from-checkpoint", os.path.join(run1, "checkpoint-2")]) == 0
+    full, resumed = (load_file(os.path.join(d, "model.safetensors")) for d in (run1, run2))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    summary = json.loads((tmp_path / "run2" / "ogpsa_train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["refresh_steps"] == [0, 3]  # history restored, refresh at 3
+    assert summary["refresh"]["refreshes"] == 1
+
+
+def test_resume_flag_errors(files, tmp_path, capsys):
+    argv = ["train", "--stage", "sft", "--model", "tiny", "--data", files["safety"], "--reference", files["general"],
+            "--output", str(tmp_path / "o")]
+    assert main(argv + ["--resume-from-checkpoint", "last"]) == 2
+    assert "no checkpoint-N directory in --output" in capsys.readouterr().err
+    assert main(argv + ["--resume-from-checkpoint", str(tmp_path)]) == 2
+    assert "holds no trainer_state.json" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import atomic
 from . import tasks
 from .evaluate import evaluate
 from .model import Codec, build_tiny, char_tokenizer, lm_loss, make_batch, pairs
@@ -84,8 +85,7 @@ def save_base(model: torch.nn.Module, codec: Codec, info: dict, path: str) -> st
     model.save_pretrained(path)
     codec.tokenizer.save_pretrained(path)
     info = dict(info, sha256=sha256(os.path.join(path, "model.safetensors")))
-    with open(os.path.join(path, "recipe.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    atomic.write_json(os.path.join(path, "recipe.json"), info, indent=1)  # written last: marks a complete base
     return path
 
 

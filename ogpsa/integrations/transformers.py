@@ -26,11 +26,21 @@ bar unless ``disable_tqdm``), refreshes it every ``refresh_every`` optimizer ste
 ``ogpsa/*`` metrics (including ``ogpsa/refresh_seconds`` and ``ogpsa/refresh_share``) to the
 training logs, writes ``ogpsa_subspace.safetensors`` + ``ogpsa_state.json`` into every
 checkpoint and, when training resumes from a checkpoint, restores it bit-identically.
+
+Resume: ``Trainer.train(resume_from_checkpoint=...)`` passes the checkpoint path to no
+callback, so the callback reads it from the Trainer's training loop (the
+``resume_from_checkpoint`` argument of ``Trainer._inner_training_loop``, on the call stack of
+``on_train_begin``): the basis and the refresh schedule come from the checkpoint being
+resumed, wherever it lives (another run's ``output_dir`` included). An explicit
+``OGPSACallback(resume_from_checkpoint=...)`` wins. When the Trainer resumes
+(``global_step > 0``) and no ogpsa state is found, :meth:`ogpsa.OGPSA.setup` warns
+(``UserWarning``) and builds a new basis at that step.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -44,6 +54,28 @@ try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("ogpsa.integrations.transformers needs transformers: pip install 'ogpsa[trl]'") from exc
+
+
+def trainer_resume_checkpoint() -> Optional[str]:
+    """The checkpoint directory the running ``transformers.Trainer`` resumes from, or None.
+
+    The Trainer resolves ``train(resume_from_checkpoint=...)`` (``True``: the last checkpoint
+    of ``output_dir``) and hands the path to ``_inner_training_loop``, which calls the
+    callbacks' ``on_train_begin``; no callback argument carries it. Read it from that frame
+    (only a frame whose ``self`` is a Trainer counts)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        while f is not None:
+            if f.f_code.co_name == "_inner_training_loop" and isinstance(f.f_locals.get("self"), Trainer):
+                value = f.f_locals.get("resume_from_checkpoint")
+                return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            f = f.f_back
+    finally:
+        del frame  # break the frame reference cycle
+    return None
 
 
 class OGPSACallback(TrainerCallback):
@@ -63,7 +95,8 @@ class OGPSACallback(TrainerCallback):
             (not None), else the Trainer's ``per_device_train_batch_size``).
         progress: progress bar while collecting (default: on unless ``args.disable_tqdm``).
         resume_from_checkpoint: directory to restore the basis from; default: when the run
-            resumes (``global_step > 0`` at train begin), ``output_dir/checkpoint-<step>``.
+            resumes (``global_step > 0`` at train begin), the checkpoint the Trainer resumes
+            from (see the module docs), else ``output_dir/checkpoint-<step>``.
 
     The run's :class:`ogpsa.OGPSA` object (the one hand-written loops use) is :attr:`ogpsa`.
     """
@@ -109,6 +142,8 @@ class OGPSACallback(TrainerCallback):
         if og.progress is None:
             og.progress = not getattr(args, "disable_tqdm", False)
         resume = self.resume_from_checkpoint
+        if resume is None and state.global_step > 0:
+            resume = trainer_resume_checkpoint()
         if resume is None and state.global_step > 0:
             candidate = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             resume = candidate if os.path.isdir(candidate) else None

@@ -1,0 +1,199 @@
+"""Every file ogpsa writes is written atomically, and malformed state files name file and field
+(issue 23 item 4).
+
+Killed writers are real: a subprocess is stopped with SIGKILL while it is inside the write
+(after the new bytes went to the temporary file, before the rename), and an exception is
+injected mid-write in-process. Afterwards the old file must be intact and the directory must
+hold no temporary file.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import ogpsa
+from ogpsa import atomic
+from ogpsa.integrations.common import STATE_FILE, SUBSPACE_FILE
+from ogpsa.state_file import StateFileError, read_state
+
+
+def _subspace(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grads = [{"a": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g)} for _ in range(2)]
+    return ogpsa.Subspace.from_gradients(grads, ogpsa.OGPSAConfig())
+
+
+def _killed_while_writing(code: str, tmp_path, named_fallback: bool = False) -> None:
+    """Run ``code`` in a subprocess whose fsync (called after the data is written, before the
+    rename) announces itself and blocks; SIGKILL it there."""
+    prelude = textwrap.dedent(f"""
+        import os, sys, time
+        import ogpsa.atomic as atomic
+        if {named_fallback!r}:
+            atomic._unnamed_temp = lambda directory: None   # the named-temporary-file path
+        def blocking_fsync(fd):
+            print("writing", flush=True)
+            time.sleep(120)
+        os.fsync = blocking_fsync
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "writing", (line, proc.stderr.read() if proc.poll() is not None else "")
+        # the temporary file exists now and holds the new bytes (named path: visible in the directory)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _leftovers(directory):
+    return sorted(n for n in os.listdir(directory) if n.startswith(".") or n.endswith((".tmp", atomic.TMP_SUFFIX)))
+
+
+def test_write_replaces_and_leaves_nothing(tmp_path):
+    target = tmp_path / "f.json"
+    atomic.write_json(target, {"a": 1})
+    atomic.write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["f.json"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic.write_text(tmp_path / "missing" / "x", "y")
+    with pytest.raises(ValueError, match="mode"):
+        with atomic.open_atomic(target, "a"):
+            pass
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_exception_mid_write_keeps_the_old_file(tmp_path, monkeypatch, named):
+    if named:
+        monkeypatch.setattr(atomic, "_unnamed_temp", lambda directory: None)
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"old contents")
+    with pytest.raises(RuntimeError, match="injected"):
+        with atomic.open_atomic(target) as f:
+            f.write(b"new, half written")
+            raise RuntimeError("injected")
+    assert target.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["data.bin"]
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_killed_writer_keeps_the_old_file(tmp_path, named):
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"old contents")
+    _killed_while_writing("atomic.write_bytes('data.bin', b'new contents' * 1000)", tmp_path, named)
+    assert target.read_bytes() == b"old contents"
+    if named:
+        # A named temporary file of a killed process survives it; the next write removes it.
+        assert len(_leftovers(tmp_path)) == 1
+        atomic.write_bytes(tmp_path / "other.bin", b"x")
+    assert _leftovers(tmp_path) == []
+
+
+def test_subspace_save_exception_and_kill(tmp_path, monkeypatch):
+    old, new = _subspace(0), _subspace(1)
+    path = tmp_path / SUBSPACE_FILE
+    old.save(path)
+    # exception inside the write (after the temporary file holds part of the data)
+    real_open = atomic.open_atomic
+
+    def failing_write_bytes(p, data):
+        with real_open(p) as f:
+            f.write(data[: len(data) // 2])
+            raise OSError("injected: disk full")
+
+    monkeypatch.setattr(atomic, "write_bytes", failing_write_bytes)
+    with pytest.raises(OSError, match="injected"):
+        new.save(path)
+    monkeypatch.undo()
+    assert ogpsa.Subspace.load(path).equal(old) and _leftovers(tmp_path) == []
+    # killed writer
+    torch.save({"sub": None}, tmp_path / "unused.pt")  # a neighbour file that must survive too
+    code = f"""
+        import torch, ogpsa
+        g = torch.Generator().manual_seed(1)
+        grads = [{{"a": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g)}} for _ in range(2)]
+        ogpsa.Subspace.from_gradients(grads, ogpsa.OGPSAConfig()).save({str(path)!r})
+    """
+    for named in (False, True):
+        _killed_while_writing(code, tmp_path, named)
+        loaded = ogpsa.Subspace.load(path)
+        assert loaded.equal(old) and not loaded.equal(new)
+        atomic.remove_stale_temporaries(tmp_path)  # what the next write does first
+        assert _leftovers(tmp_path) == []
+
+
+def test_save_pretrained_killed_over_an_existing_checkpoint(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(2)]
+    sub = ogpsa.Subspace.from_gradients(grads, ogpsa.OGPSAConfig())
+    og = ogpsa.OGPSA(model, opt, subspace=sub, refresh_every=0, progress=False)
+    ckpt = tmp_path / "ckpt"
+    og.save_pretrained(ckpt)
+    state_before = (ckpt / STATE_FILE).read_bytes()
+    code = f"""
+        import torch, ogpsa
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        og = ogpsa.OGPSA.from_pretrained({str(ckpt)!r}, model, opt, progress=False)
+        og.step = 99
+        import ogpsa.atomic as a
+        a.write_json({str(ckpt / STATE_FILE)!r}, og._schedule())
+    """
+    _killed_while_writing(code, tmp_path)
+    assert (ckpt / STATE_FILE).read_bytes() == state_before
+    assert _leftovers(ckpt) == []
+    model2 = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    og2 = ogpsa.OGPSA.from_pretrained(ckpt, model2, torch.optim.SGD(model2.parameters(), lr=0.1), progress=False)
+    assert og2.subspace.equal(sub) and og2.step == 0
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("", "the file is empty"),
+    ("{\"version\": 1, \"step\": 3", "not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ("{}", "field 'version' is missing"),
+    ('{"version": 1, "step": "3", "built_at": 0, "refresh_every": 3, "refresh_steps": [0], "config": {}}',
+     "field 'step' is '3', expected an integer >= 0"),
+    ('{"version": 1, "step": 3, "built_at": 0, "refresh_every": 3, "refresh_steps": [0, -1], "config": {}}',
+     "field 'refresh_steps'"),
+    ('{"version": 1, "step": 3, "built_at": 0, "refresh_every": 3, "refresh_steps": [0], "config": {"mode": "x"}}',
+     "field 'config' is invalid"),
+])
+def test_malformed_state_file_names_the_file_and_field(tmp_path, content, needle):
+    path = tmp_path / STATE_FILE
+    path.write_text(content)
+    with pytest.raises(StateFileError) as info:
+        read_state(path)
+    assert str(path) in str(info.value) and needle in str(info.value), str(info.value)
+
+
+def test_from_pretrained_reports_a_malformed_state_file(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(5)
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}]
+    og = ogpsa.OGPSA(model, opt, subspace=ogpsa.Subspace.from_gradients(grads, ogpsa.OGPSAConfig()),
+                     refresh_every=0, progress=False)
+    og.save_pretrained(tmp_path)
+    og.remove()
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    state["built_at"] = "zero"
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(StateFileError, match=rf"{STATE_FILE}: field 'built_at' is 'zero'"):
+        ogpsa.OGPSA.from_pretrained(tmp_path, model, opt, progress=False)
+    assert (tmp_path / SUBSPACE_FILE).is_file()
