@@ -1,6 +1,6 @@
 """Smoke tests for ``ogpsa bench``: every contender on one tiny case, checked for what it
 computes (not for speed), the authors' hook scheme against real autograd hooks, the byte
-accounting, the result files, and the README table against its committed result file."""
+accounting, the result files, and the README/docs tables against their committed result files."""
 
 from __future__ import annotations
 
@@ -181,18 +181,21 @@ def test_cli_smoke_suite_writes_json_markdown_and_png(tmp_path):
 
 
 def test_readme_table_equals_the_committed_result_file():
-    """Every benchmark block in the README is exactly what ``ogpsa bench --readme <file>``
-    prints for the result file it names, and that file is in the repository."""
-    text = (ROOT / "README.md").read_text()
-    blocks = list(bench.README_BLOCK_RE.finditer(text))
-    assert blocks, "README has no benchmark block"
-    assert any(b.group(1) is None for b in blocks), "README has no default (CPU) benchmark block"
-    for b in blocks:
-        m = re.search(r"Source: \[`([^`]+/(?:results|loop|adamw)\.json)`\]", b.group(0))
-        assert m, f"README block {b.group(1)!r} does not name its result file"
-        src = ROOT / m.group(1)
-        assert src.is_file(), f"{src} is not in the repository"
-        assert b.group(0) == bench.readme_block(src, ROOT, name=b.group(1))
+    """Every benchmark block in README.md and docs/*.md is exactly what ``ogpsa bench --readme <file>
+    --update-readme <page>`` writes for the result file it names (links relative to the page), and
+    that file is in the repository."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = []
+    for page in pages:
+        for b in bench.README_BLOCK_RE.finditer(page.read_text()):
+            found.append(b.group(1))
+            m = re.search(r"Source: \[`([^`]+/(?:results|loop|adamw)\.json)`\]", b.group(0))
+            assert m, f"{page.name}: block {b.group(1)!r} does not name its result file"
+            src = (page.parent / m.group(1)).resolve()
+            assert src.is_file() and ROOT in src.parents, f"{src} is not in the repository"
+            assert b.group(0) == bench.readme_block(src, page.parent, name=b.group(1)), page.name
+    assert found, "no benchmark block in README.md or docs/*.md"
+    assert None in found, "no default (CPU) benchmark block in README.md or docs/*.md"
 
 
 def test_named_readme_block_round_trip(tmp_path):

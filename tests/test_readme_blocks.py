@@ -1,6 +1,6 @@
-"""Every fenced code block of README.md runs as written.
+"""Every fenced code block of README.md and docs/*.md runs as written.
 
-Convention (also in the README's Contributing section):
+Convention (also in docs/contributing.md):
 
 - Fenced blocks labelled ``python`` run in a fresh interpreter (this venv, ``TRITON_INTERPRET=1``)
   in a temporary working directory; blocks labelled ``bash``/``sh``/``shell`` run with
@@ -32,6 +32,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+#: the pages whose blocks run: the README and every docs page (not the generated docs/demo/** runs)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 RUN_LANGS = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 SKIP_RE = re.compile(r"<!--\s*readme-test:\s*skip\s*(?:\((?P<reason>.*?)\))?\s*-->")
 FENCE_RE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
@@ -40,6 +42,7 @@ OPTIONAL = ("trl", "transformers", "peft", "deepspeed", "datasets")
 
 @dataclass
 class Block:
+    page: str           # the file, relative to the repository root
     line: int           # 1-based line of the opening fence
     heading: str        # the nearest heading above
     lang: str
@@ -49,10 +52,10 @@ class Block:
     @property
     def id(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")[:40]
-        return f"L{self.line}-{slug}"
+        return f"{self.page}:L{self.line}-{slug}"
 
 
-def blocks(text: str) -> list[Block]:
+def blocks(text: str, page: str = "README.md") -> list[Block]:
     """The fenced blocks of a markdown text, with the skip marker before each (if any)."""
     out, lines, heading, i = [], text.splitlines(), "top", 0
     while i < len(lines):
@@ -72,12 +75,12 @@ def blocks(text: str) -> list[Block]:
         prev = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         marker = SKIP_RE.search(prev)
         skip = None if marker is None else (marker.group("reason") or "").strip()
-        out.append(Block(start + 1, heading, m.group("lang").lower(), "\n".join(body) + "\n", skip))
+        out.append(Block(page, start + 1, heading, m.group("lang").lower(), "\n".join(body) + "\n", skip))
         i += 1
     return out
 
 
-ALL = blocks(README.read_text())
+ALL = [b for p in PAGES for b in blocks(p.read_text(), p.relative_to(ROOT).as_posix())]
 RUNNABLE = [b for b in ALL if b.lang in RUN_LANGS]
 
 
@@ -85,19 +88,20 @@ def test_parser_sees_blocks_and_markers():
     sample = ("# A\n```python\nprint(1)\n```\n<!-- readme-test: skip (two ranks; examples/x.py) -->\n\n"
               "```bash\nmake demo\n```\n```text\nnot run\n```\n")
     got = blocks(sample)
+    assert {b.page for b in got} == {"README.md"}
     assert [(b.lang, b.skip, b.line) for b in got] == [("python", None, 2), ("bash", "two ranks; examples/x.py", 7),
                                                         ("text", None, 10)]
     assert got[0].code == "print(1)\n"
 
 
 def test_every_skip_marker_has_a_reason_and_its_files_exist():
-    assert RUNNABLE, "README.md has no runnable blocks"
+    assert [b for b in RUNNABLE if b.page == "README.md"], "README.md has no runnable blocks"
     for b in ALL:
         if b.skip is None:
             continue
-        assert b.skip, f"README.md:{b.line}: a readme-test skip marker needs a reason: skip (why)"
+        assert b.skip, f"{b.page}:{b.line}: a readme-test skip marker needs a reason: skip (why)"
         for path in re.findall(r"(?:examples|benchmarks|tests)/[\w./-]+\w", b.skip):
-            assert (ROOT / path).exists(), f"README.md:{b.line}: the skip reason names {path}, which does not exist"
+            assert (ROOT / path).exists(), f"{b.page}:{b.line}: the skip reason names {path}, which does not exist"
 
 
 def _env() -> dict:
@@ -110,7 +114,7 @@ def _env() -> dict:
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
 def test_readme_block_runs_as_written(block: Block, tmp_path):
     if block.skip is not None:
-        pytest.skip(f"README.md:{block.line} marked: {block.skip}")
+        pytest.skip(f"{block.page}:{block.line} marked: {block.skip}")
     lang = RUN_LANGS[block.lang]
     if lang == "python":
         for mod in OPTIONAL:
@@ -122,5 +126,5 @@ def test_readme_block_runs_as_written(block: Block, tmp_path):
         cmd = ["bash", "-euo", "pipefail", "-c", block.code]
         cwd = ROOT  # shell blocks are written for the repository root (make ..., benchmarks/...)
     out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, (f"README.md:{block.line} ({block.heading}) failed with exit {out.returncode}:\n"
+    assert out.returncode == 0, (f"{block.page}:{block.line} ({block.heading}) failed with exit {out.returncode}:\n"
                                  f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")

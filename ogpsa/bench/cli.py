@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--readme-name", default=None, metavar="NAME",
                         help="with --readme: a named block (<!-- ogpsa-bench:NAME:start -->), e.g. gpu")
     parser.add_argument("--update-readme", type=Path, default=None, metavar="README",
-                        help="with --readme: replace the block between the markers in this README")
+                        help="with --readme: replace the block between the markers in this page (e.g. docs/benchmarks.md)")
 
 
 def _matplotlib_missing() -> Optional[str]:
@@ -81,7 +81,9 @@ def default_out(device: torch.device, publish: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     if args.readme is not None:
-        block = readme_block(args.readme, name=args.readme_name)
+        # links in the block are relative to the page that holds it (e.g. docs/benchmarks.md)
+        base = args.update_readme.resolve().parent if args.update_readme is not None else REPO_ROOT
+        block = readme_block(args.readme, base, name=args.readme_name)
         if args.update_readme is not None:
             update_readme(args.update_readme, block, args.readme_name)
         else:
