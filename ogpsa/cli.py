@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import platform
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -102,11 +104,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (usage + one message, exit code 2) with "did you mean" for a mis-typed
+    choice (``--stage sfft``) or option (``--learning-rate``); subcommand parsers inherit it."""
+
+    def _all_options(self) -> list[str]:
+        out = []
+        for action in self._actions:
+            out += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):  # the subcommands' options too
+                for sub in action.choices.values():
+                    out += sub._all_options() if isinstance(sub, ArgumentParser) else []
+        return out
+
+    def error(self, message: str):  # type: ignore[override]
+        m = re.search(r"invalid choice: '?([^'()]*?)'? \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        m = re.search(r"unrecognized arguments: (.*)", message)
+        if m:
+            options = self._all_options()
+            for word in m.group(1).split():
+                close = difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.6) \
+                    if word.startswith("--") else []
+                if close:
+                    message += f"; did you mean {close[0]}?"
+                    break
+        super().error(message)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ogpsa", description="Orthogonal Gradient Projection for Safety Alignment")
+    parser = ArgumentParser(prog="ogpsa", description="Orthogonal Gradient Projection for Safety Alignment")
     sub = parser.add_subparsers(dest="command", required=True)
+    parsers: dict[str, argparse.ArgumentParser] = {}
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
+        parsers[name] = p
         try:
             mod = sys.modules[__name__] if module == __name__ else importlib.import_module(module)
         except ImportError as exc:
@@ -115,7 +151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser: its usage line, its options in "did you mean"
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args._run(args) or 0)
 
 

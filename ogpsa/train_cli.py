@@ -7,9 +7,14 @@ Examples::
     ogpsa train --stage dpo --model out/sft --data prefs.jsonl --reference general_prefs.jsonl \\
         --subspace out/sft --output out/dpo
 
-Data files are JSON lines in any format TRL accepts (``text``, ``prompt``/``completion``,
-``messages``; for DPO ``prompt``/``chosen``/``rejected``). Each ``--reference`` file is one
-reference set (one reference gradient; see :mod:`ogpsa.collect` for the formats).
+Data files are JSON lines: SFT rows hold ``prompt``/``completion``, ``text`` or ``messages``;
+DPO rows ``prompt``/``chosen``/``rejected``. Each ``--reference`` file is one reference set (one
+reference gradient; see :mod:`ogpsa.collect` for the formats). Every flag, path and row is
+checked before the model loads (:mod:`ogpsa.train_args`, :mod:`ogpsa.datacheck`): a mistake
+prints the usage line and one message naming the flag or ``file:line`` and field, exit code 2.
+``--stage dpo --model <an SFT output>`` reuses that output's basis, ``--mode`` and ``--space``
+(recorded with absolute paths in its ``ogpsa_train_summary.json``) unless given;
+``--resume-from-checkpoint DIR|last`` continues an interrupted run (basis and schedule included).
 ``--model tiny`` builds a small Llama with a character tokenizer (:mod:`ogpsa.tiny`), so the
 command runs anywhere; any other value is a local Hugging Face checkpoint directory (nothing
 is downloaded). Defaults mirror the original work: lr 1e-6 (1e-4 for ``tiny``),
@@ -29,6 +34,8 @@ from typing import Any
 
 from . import atomic
 from .config import BASIS_DTYPES, MODES, SCOPES
+from .datacheck import DataFileError, ModelDirError, read_jsonl
+from .train_args import SUMMARY_FILE, UsageError, check_args, stage_record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,11 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="training data (.jsonl)")
     parser.add_argument("--reference", action="append", default=[], metavar="FILE.jsonl",
                         help="a reference set (.jsonl); repeat for several (one reference gradient each)")
-    parser.add_argument("--output", required=True, help="output directory (model, tokenizer, subspace)")
+    parser.add_argument("--output", required=True,
+                        help="output directory (model, tokenizer, subspace); must not hold a run unless --overwrite "
+                             "or --resume-from-checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
     parser.add_argument("--subspace", default=None,
-                        help="start from this saved subspace (file or directory, e.g. the SFT output)")
+                        help="start from this saved subspace (file or directory); default for --stage dpo on an "
+                             "'ogpsa train' SFT output: that output's basis")
+    parser.add_argument("--fresh-subspace", action="store_true",
+                        help="build the starting subspace from --reference instead of reusing the SFT output's basis")
     parser.add_argument("--ref-model", default=None, help="DPO reference model directory (default: a copy of --model)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-6; 1e-4 for tiny)")
+    parser.add_argument("--lr", "--learning-rate", type=float, default=None, help="learning rate (default 1e-6; 1e-4 for tiny)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping after projection (0: off)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
@@ -60,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     # OGPSA
-    parser.add_argument("--mode", choices=MODES, default="orthogonal")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="projection mode (default: the SFT output's for --stage dpo, else orthogonal)")
     parser.add_argument("--scope", choices=SCOPES, default="tensor")
     parser.add_argument("--rank", type=int, default=None, help="keep at most this many directions")
     parser.add_argument("--basis-dtype", choices=BASIS_DTYPES, default="float32")
@@ -71,35 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-averaging", choices=("example", "batch"), default=None,
                         help="average reference losses per example or per batch (OGPSAConfig.reference_averaging)")
     parser.add_argument("--space", choices=("gradient", "update"), default=None,
-                        help="project the gradient or the optimizer's update (OGPSAConfig.space)")
+                        help="project the gradient or the optimizer's update (OGPSAConfig.space; default: the SFT "
+                             "output's for --stage dpo, else gradient)")
     parser.add_argument("--no-ogpsa", action="store_true", help="train without projection (a baseline)")
     # PEFT
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
                         help="comma-separated module names for LoRA")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSON-lines file (blank lines skipped), with the line number in any error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"data file {path!r} holds no examples")
-    return rows
 
 
 def load_model_and_tokenizer(spec: str, *, seed: int = 0) -> tuple[Any, Any]:
@@ -111,6 +104,9 @@ def load_model_and_tokenizer(spec: str, *, seed: int = 0) -> tuple[Any, Any]:
         return tiny_llama(tok, hidden=64, layers=2, seed=seed), tok
     if not os.path.isdir(spec):
         raise FileNotFoundError(f"--model {spec!r} is neither 'tiny' nor a local checkpoint directory")
+    # Absolute: the path is stored in the outputs (a LoRA adapter's base_model_name_or_path), which a
+    # later stage run from another directory must still find.
+    spec = os.path.abspath(spec)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,10 +130,6 @@ def load_model_and_tokenizer(spec: str, *, seed: int = 0) -> tuple[Any, Any]:
     return model, tok
 
 
-class UsageError(Exception):
-    """A mistake in the command line or its files: reported as usage + one line, exit code 2."""
-
-
 def _usage_error(message: str) -> int:
     parser = argparse.ArgumentParser(prog="ogpsa train")
     add_arguments(parser)
@@ -154,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     errors during training propagate with their traceback."""
     try:
         trainer = _prepare(args)
-    except (UsageError, FileNotFoundError, NotADirectoryError, ValueError, TypeError) as exc:
+    except (UsageError, DataFileError, ModelDirError, FileNotFoundError, NotADirectoryError, ValueError,
+            TypeError) as exc:
         return _usage_error(str(exc) or type(exc).__name__)
     return _train(args, trainer)
 
@@ -186,26 +179,9 @@ def _prepare(args: argparse.Namespace) -> Any:
 
     import ogpsa
 
-    if not args.reference and not (args.subspace and args.refresh_every == 0) and not args.no_ogpsa:
-        raise UsageError("give at least one --reference FILE.jsonl "
-                         "(or --subspace with --refresh-every 0, or --no-ogpsa)")
-    for flag in ("batch_size", "grad_accum", "max_length", "logging_steps"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.refresh_every is not None and args.refresh_every < 0:
-        raise UsageError(f"--refresh-every must be >= 0, got {args.refresh_every}")
-    if args.reference_batch_size is not None and args.reference_batch_size < 1:
-        raise UsageError(f"--reference-batch-size must be >= 1, got {args.reference_batch_size}")
-    if args.ref_model and args.stage != "dpo":
-        raise UsageError("--ref-model is for --stage dpo")
-    if args.subspace and not os.path.exists(args.subspace):
-        raise UsageError(f"--subspace {args.subspace!r} does not exist")
-    if args.space == "update" and not args.no_ogpsa and args.optim != "adamw_torch":
-        raise UsageError(f"--space update projects the AdamW direction and needs --optim adamw_torch "
-                         f"(got --optim {args.optim}); use --space gradient with other optimizers")
-    args.resume_from_checkpoint = _resume_checkpoint(args)
-    train_rows = read_jsonl(args.data)
-    references = [read_jsonl(p) for p in args.reference]
+    check_args(args)  # flags, paths, output, resume directory: nothing loaded yet
+    train_rows = read_jsonl(args.data, args.stage)  # every row checked for the stage, still before the model
+    references = [read_jsonl(p, "reference") for p in args.reference]
     config = ogpsa.OGPSAConfig(**_config_kwargs(args))
     model, tok = load_model_and_tokenizer(args.model, seed=args.seed)
     lr = args.lr if args.lr is not None else (1e-4 if args.model == "tiny" else 1e-6)
@@ -268,41 +244,23 @@ def _prepare(args: argparse.Namespace) -> Any:
     return trainer
 
 
-def _resume_checkpoint(args: argparse.Namespace) -> Any:
-    """``--resume-from-checkpoint``: the checkpoint directory to resume (checked now), or None."""
-    value = args.resume_from_checkpoint
-    if value is None:
-        return None
-    if value == "last":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(args.output) if os.path.isdir(args.output) else None
-        if last is None:
-            raise UsageError(f"--resume-from-checkpoint last: no checkpoint-N directory in --output {args.output!r}")
-        return os.path.abspath(last)
-    if not os.path.isdir(value):
-        raise UsageError(f"--resume-from-checkpoint {value!r} is not a directory (give a checkpoint-N directory "
-                         "or 'last')")
-    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
-        raise UsageError(f"--resume-from-checkpoint {value!r} holds no trainer_state.json (not a Trainer checkpoint; "
-                         "checkpoints are written with --save-steps N)")
-    return os.path.abspath(value)
-
-
 def _train(args: argparse.Namespace, trainer: Any) -> int:
     tok = trainer._ogpsa_cli_tokenizer
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     tok.save_pretrained(args.output)
-    summary = {"stage": args.stage, "output": args.output, "steps": trainer.state.global_step,
-               "train_loss": result.training_loss}
+    summary = {"stage": args.stage, "output": os.path.abspath(args.output), "steps": trainer.state.global_step,
+               "train_loss": result.training_loss,
+               "model": args.model if args.model == "tiny" else os.path.abspath(args.model),
+               "data": os.path.abspath(args.data), "reference": [os.path.abspath(p) for p in args.reference]}
     og = None if args.no_ogpsa else trainer.ogpsa
     if og is not None:
+        summary["ogpsa"] = stage_record(args, og)  # what the DPO stage reuses (absolute paths)
         summary["refresh_steps"] = og.refresh_steps
         summary["subspace"] = og.subspace.memory_report()
         summary["space"] = og.config.space
         summary["refresh"] = og.timing()  # refreshes, refresh_seconds, train_seconds, refresh_share
-    atomic.write_json(os.path.join(args.output, "ogpsa_train_summary.json"), summary)
+    atomic.write_json(os.path.join(args.output, SUMMARY_FILE), summary)
     print(json.dumps(summary, indent=2))
     if og is not None:
         print(og.timing_summary())  # one line: refreshes, their seconds, their share of training time

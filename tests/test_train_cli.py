@@ -81,7 +81,7 @@ def test_sft_then_dpo_with_lora_continues_the_sft_adapter(files, tmp_path):
     assert main(["train", "--stage", "dpo", "--model", sft_out, "--data", files["prefs"], "--reference",
                  files["general"], "--output", dpo_out, "--max-steps", "2"] + common) == 0
     summary = json.loads((tmp_path / "dpo" / "ogpsa_train_summary.json").read_text())
-    assert summary["refresh_steps"] == [0]  # rebuilt at the DPO stage's own step 0; refresh default 5 > 2 steps
+    assert summary["refresh_steps"] == []  # starts from the SFT output's basis; refresh default 5 > 2 steps
     dpo_adapter = load_file(os.path.join(dpo_out, "adapter_model.safetensors"))
     assert set(dpo_adapter) == set(sft_adapter)  # the same adapter, no second one stacked
     changed = [k for k in sft_adapter if not torch.equal(sft_adapter[k], dpo_adapter[k])]
@@ -95,12 +95,17 @@ def test_sft_then_dpo_with_lora_continues_the_sft_adapter(files, tmp_path):
     short = {n.split("lora_")[0].rsplit(".", 1)[0].split("layers.")[-1] for n in names}
     assert short == {k.split("lora_")[0].rsplit(".", 1)[0].split("layers.")[-1] for k in sft_adapter}
 
-    # Or reuse the SFT basis: --subspace matches it to the continued adapter by parameter names.
+    # The SFT basis, matched to the continued adapter by parameter names, is the DPO stage's starting basis.
+    sft_sub = Subspace.load(sft_out)
     reuse_out = str(tmp_path / "dpo_reuse")
     assert main(["train", "--stage", "dpo", "--model", sft_out, "--data", files["prefs"], "--subspace", sft_out,
                  "--refresh-every", "0", "--output", reuse_out, "--max-steps", "1"] + common) == 0
-    sft_sub = Subspace.load(sft_out)
     assert Subspace.load(reuse_out).equal(sft_sub) and set(sft_sub.ranks()) == names
+    # --fresh-subspace builds it from --reference at the DPO stage's step 0 instead.
+    fresh_out = str(tmp_path / "dpo_fresh")
+    assert main(["train", "--stage", "dpo", "--model", sft_out, "--data", files["prefs"], "--reference",
+                 files["general"], "--fresh-subspace", "--output", fresh_out, "--max-steps", "1"] + common) == 0
+    assert json.loads((tmp_path / "dpo_fresh" / "ogpsa_train_summary.json").read_text())["refresh_steps"] == [0]
 
 
 def _readme_train_commands():
@@ -130,8 +135,9 @@ def test_readme_command_line_runs_on_the_example_files(tmp_path, monkeypatch, ca
         out = argv[argv.index("--output") + 1]
         summary = json.load(open(os.path.join(out, "ogpsa_train_summary.json")))
         timing = summary["refresh"]
-        assert timing["refreshes"] == len(summary["refresh_steps"]) >= 1
-        assert 0 < timing["refresh_share"] <= 1
+        # DPO starts from the SFT output's basis (no build at its step 0; refresh every 5 > its steps)
+        assert timing["refreshes"] == len(summary["refresh_steps"]) >= (1 if summary["stage"] == "sft" else 0)
+        assert 0 <= timing["refresh_share"] <= 1
         assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
             f"ogpsa: {timing['refreshes']} subspace refresh(es) took ")
     assert summary["stage"] == "dpo" and summary["space"] == "update"
@@ -159,3 +165,119 @@ def test_resume_flag_errors(files, tmp_path, capsys):
     assert "no checkpoint-N directory in --output" in capsys.readouterr().err
     assert main(argv + ["--resume-from-checkpoint", str(tmp_path)]) == 2
     assert "holds no trainer_state.json" in capsys.readouterr().err
+
+
+def _no_model_load(monkeypatch):
+    import ogpsa.train_cli as train_cli
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(train_cli, "load_model_and_tokenizer", refuse)
+
+
+def _assert_usage_error(rc, err, needle):
+    assert rc == 2, err
+    assert err.startswith("usage: ogpsa train") and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ogpsa train: error:") and needle in last, err
+
+
+@pytest.mark.parametrize("stage, name, rows, needle", [
+    ("sft", "safety.jsonl", [{"prompt": "a?", "completion": "no."}, {"prompt": "b?"}],
+     "safety.jsonl:2: missing field 'completion'"),
+    ("sft", "safety.jsonl", [{"question": "a?", "answer": "no."}], "safety.jsonl:1: missing field"),
+    ("dpo", "prefs.jsonl", [{"prompt": "a?", "chosen": "no."}], "prefs.jsonl:1: missing field 'rejected'"),
+    ("dpo", "prefs.jsonl", [{"prompt": "a?", "chosen": "no.", "rejected": "ok", "score": 1}],
+     "prefs.jsonl:1: unknown field 'score'"),
+    ("sft", "general.jsonl", [{"text": "ok"}, {"body": "x"}], "general.jsonl:2: missing field"),
+])
+def test_data_errors_name_file_line_and_field_before_the_model_loads(files, tmp_path, capsys, monkeypatch, stage,
+                                                                     name, rows, needle):
+    _no_model_load(monkeypatch)
+    (tmp_path / "bad").mkdir()
+    bad = _write(tmp_path / "bad", name, rows)
+    data = bad if name != "general.jsonl" else (files["safety"] if stage == "sft" else files["prefs"])
+    reference = bad if name == "general.jsonl" else files["general"]
+    rc = main(["train", "--stage", stage, "--model", "tiny", "--data", data, "--reference", reference,
+               "--output", str(tmp_path / "o")])
+    _assert_usage_error(rc, capsys.readouterr().err, needle)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--lr=-1e-4"], "--lr must be a positive number, got -0.0001"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--epochs", "0"], "--epochs must be a positive number"),
+    (["--max-steps", "0"], "--max-steps must be >= 1 (or -1"),
+    (["--optim", "adamw_troch"], "did you mean 'adamw_torch'?"),
+    (["--stage", "sfft"], "invalid choice: 'sfft'"),
+    (["--mode", "orthogonl"], "did you mean 'orthogonal'?"),
+    (["--learning_rate", "1e-4"], "unrecognized arguments: --learning_rate 1e-4; did you mean --learning-rate?"),
+    (["--reference", "MISSING.jsonl"], "--reference 'MISSING.jsonl' does not exist"),
+    (["--subspace", "x", "--fresh-subspace"], "exclude each other"),
+])
+def test_cli_mistakes_print_usage_and_one_line(files, tmp_path, capsys, monkeypatch, extra, needle):
+    _no_model_load(monkeypatch)
+    argv = ["train", "--stage", "sft", "--model", "tiny", "--data", files["safety"], "--reference", files["general"],
+            "--output", str(tmp_path / "o")]
+    try:
+        rc = main(argv + extra)
+    except SystemExit as exc:  # argparse's own errors (choices, unknown options) exit with code 2
+        rc = exc.code
+    _assert_usage_error(rc, capsys.readouterr().err, needle)
+
+
+def test_output_and_model_directory_mistakes(files, tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    argv = ["train", "--stage", "sft", "--data", files["safety"], "--reference", files["general"]]
+    existing_file = tmp_path / "taken"
+    existing_file.write_text("x")
+    _assert_usage_error(main(argv + ["--model", "tiny", "--output", str(existing_file)]), capsys.readouterr().err,
+                        "is an existing file")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "model.safetensors").write_text("x")
+    _assert_usage_error(main(argv + ["--model", "tiny", "--output", str(used)]), capsys.readouterr().err,
+                        "is not empty")
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    _assert_usage_error(main(argv + ["--model", str(empty), "--output", str(tmp_path / "o")]),
+                        capsys.readouterr().err, "holds no tokenizer files")
+    (empty / "tokenizer.json").write_text("{}")
+    _assert_usage_error(main(argv + ["--model", str(empty), "--output", str(tmp_path / "o")]),
+                        capsys.readouterr().err, "holds no config.json")
+
+
+def test_sft_output_records_absolute_paths_basis_mode_and_space_for_dpo(files, tmp_path, monkeypatch, capsys):
+    tok = char_tokenizer()
+    monkeypatch.chdir(tmp_path)
+    tiny_llama(tok, hidden=32, layers=1, seed=0).save_pretrained("ckpt")
+    tok.save_pretrained("ckpt")
+    common = ["--batch-size", "2", "--cpu", "--num-reference-samples", "3", "--logging-steps", "1"]
+    assert main(["train", "--stage", "sft", "--model", "ckpt", "--data", files["safety"], "--reference",
+                 files["general"], "--output", "sft", "--max-steps", "2", "--lora-r", "4", "--lora-targets",
+                 "q_proj,v_proj", "--mode", "conflict", "--space", "update"] + common) == 0
+    summary = json.loads((tmp_path / "sft" / "ogpsa_train_summary.json").read_text())
+    assert summary["model"] == str(tmp_path / "ckpt") and summary["output"] == str(tmp_path / "sft")
+    assert summary["ogpsa"] == {"mode": "conflict", "space": "update", "scope": "tensor",
+                                "subspace": str(tmp_path / "sft" / "ogpsa_subspace.safetensors")}
+    adapter = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "ckpt")  # absolute: works from anywhere
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--stage", "dpo", "--model", str(tmp_path / "sft"), "--data", files["prefs"],
+                 "--reference", files["general"], "--output", "dpo", "--max-steps", "1"] + common) == 0
+    err = capsys.readouterr().err
+    assert "--mode conflict --space update --subspace" in err
+    dpo = json.loads((elsewhere / "dpo" / "ogpsa_train_summary.json").read_text())
+    assert dpo["ogpsa"]["mode"] == "conflict" and dpo["space"] == "update" and dpo["refresh_steps"] == []
+    from ogpsa import Subspace
+
+    assert Subspace.load(str(elsewhere / "dpo")).equal(Subspace.load(str(tmp_path / "sft")))
+    # explicit flags win
+    assert main(["train", "--stage", "dpo", "--model", str(tmp_path / "sft"), "--data", files["prefs"],
+                 "--reference", files["general"], "--output", "dpo2", "--max-steps", "1", "--mode", "orthogonal",
+                 "--space", "gradient", "--optim", "sgd"] + common) == 0
+    assert json.loads((elsewhere / "dpo2" / "ogpsa_train_summary.json").read_text())["ogpsa"]["mode"] == "orthogonal"

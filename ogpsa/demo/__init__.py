@@ -118,9 +118,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"ogpsa demo: {exc}", file=sys.stderr)
-        return 2
+        if args.model:
+            from ..datacheck import check_model_dir
+
+            check_model_dir(args.model, "--model")  # config and tokenizer files, before anything loads
+    except (ValueError, FileNotFoundError) as exc:
+        return _usage_error(str(exc))
     require_matplotlib()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +140,15 @@ def run(args: argparse.Namespace) -> int:
             shutil.copy(p, os.path.join(args.publish, os.path.basename(p)))
         print(f"published to {args.publish}")
     return 0
+
+
+def _usage_error(message: str) -> int:
+    """A mistake in the command line: the usage line and one message, exit code 2."""
+    parser = argparse.ArgumentParser(prog="ogpsa demo")
+    add_arguments(parser)
+    parser.print_usage(sys.stderr)
+    print(f"ogpsa demo: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:

@@ -71,9 +71,9 @@ class OGPSAArgumentsMixin:
         """The ``ogpsa_reference`` files read as lists of examples (None if there are none)."""
         if not self.ogpsa_reference:
             return None
-        from ..train_cli import read_jsonl
+        from ..datacheck import read_jsonl
 
-        return [read_jsonl(p) for p in self.ogpsa_reference]
+        return [read_jsonl(p, "reference") for p in self.ogpsa_reference]
 
 
 @dataclass
