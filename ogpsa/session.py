@@ -62,6 +62,8 @@ from .subspace import Subspace
 
 logger = logging.getLogger("ogpsa")
 
+_WARMED_UP = False  # whether this process ran OGPSA._warm_up (lazy initialisation is process-wide)
+
 class OGPSA:
     """Build, refresh, apply, time, save and restore OGPSA for one model + optimizer.
 
@@ -168,6 +170,7 @@ class OGPSA:
         self._interval_refreshes = 0
         self._refreshes = 0
         self._refresh_seconds = 0.0
+        self._warmup_seconds = 0.0
         self._clock_start: Optional[float] = None
         self._clock_stop: Optional[float] = None
 
@@ -265,13 +268,23 @@ class OGPSA:
         current = getattr(self.projector, "subspace", None)
         return current if current is not None else self._subspace
 
+    def _require_setup(self, what: str) -> None:
+        if self.projector is None:
+            raise RuntimeError(
+                f"OGPSA.{what} before setup: this OGPSA has no projector yet (OGPSA.deferred(...) builds and "
+                "attaches nothing until og.setup(model, optimizer), which the trainers and OGPSACallback call at "
+                "train begin); call og.setup(model, optimizer) first, or create it with ogpsa.OGPSA(model, "
+                "optimizer, ...)")
+
     def clip_grad_norm_(self, max_norm: float, **kwargs: Any) -> torch.Tensor:
         """Project and clip now (the optimizer's pre-hook then does not project again)."""
+        self._require_setup("clip_grad_norm_")
         return self.projector.clip_grad_norm_(max_norm, **kwargs)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Steps inside this block are not projected (they are still counted)."""
+        self._require_setup("paused")
         with self.projector.paused():
             yield
 
@@ -287,11 +300,33 @@ class OGPSA:
 
     @contextmanager
     def _timed_refresh(self) -> Iterator[None]:
+        self._warmup_seconds += self._warm_up()  # once per process, before the first timed build
         t0 = time.perf_counter()
         yield
         self._refresh_seconds += time.perf_counter() - t0
         self._refreshes += 1
         self._interval_refreshes += 1
+
+    def _warm_up(self) -> float:
+        """Once per process, before its first subspace build: a reference pass over one example
+        per set and a basis from it (random state saved and restored, ``.grad`` untouched,
+        result discarded). Lazy initialisation (backend selection and self-test, kernels,
+        allocator, autograd) then lands here instead of in the first refresh, which otherwise
+        reads 10x or more its steady cost. Returns its seconds (0.0 when already done)."""
+        global _WARMED_UP
+        if _WARMED_UP or self.reference_datasets is None or self.model is None:
+            return 0.0
+        _WARMED_UP = True
+        t0 = time.perf_counter()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            grads, _ = collect_reference_gradients(
+                self.model, self.reference_datasets, num_samples=1, batch_size=1, loss_fn=self.loss_fn,
+                tokenizer=self.tokenizer, projector=self.projector, progress=False, grad_mode=self.grad_mode,
+                config=self.config)
+            if any(grads):
+                Subspace.from_gradients(grads, self.config)
+        return time.perf_counter() - t0
 
     def start_clock(self) -> None:
         """Start timing training now (refresh count and seconds restart at zero). The
@@ -300,6 +335,7 @@ class OGPSA:
         self._clock_stop = None
         self._refreshes = 0
         self._refresh_seconds = 0.0
+        self._warmup_seconds = 0.0
 
     def stop_clock(self) -> None:
         """Freeze the training time (trainers call it at train end)."""
@@ -309,20 +345,27 @@ class OGPSA:
     def timing(self) -> dict[str, float]:
         """``refreshes`` (subspaces built since the clock started), ``refresh_seconds`` (their
         time: collection, basis, attach), ``train_seconds`` (since the clock started, until it
-        stopped) and ``refresh_share`` (= refresh_seconds / train_seconds)."""
+        stopped, less the warm-up), ``refresh_share`` (= refresh_seconds / train_seconds) and
+        ``warmup_seconds`` (the one-off, per-process warm-up before the first build, counted in
+        neither: see :meth:`_warm_up`)."""
         if self._clock_start is None:
-            return {"refreshes": 0, "refresh_seconds": 0.0, "train_seconds": 0.0, "refresh_share": 0.0}
+            return {"refreshes": 0, "refresh_seconds": 0.0, "train_seconds": 0.0, "refresh_share": 0.0,
+                    "warmup_seconds": 0.0}
         end = self._clock_stop if self._clock_stop is not None else time.perf_counter()
-        total = max(end - self._clock_start, 0.0)
+        total = max(end - self._clock_start - self._warmup_seconds, 0.0)
         share = min(self._refresh_seconds / total, 1.0) if total > 0 else 0.0
         return {"refreshes": self._refreshes, "refresh_seconds": self._refresh_seconds, "train_seconds": total,
-                "refresh_share": share}
+                "refresh_share": share, "warmup_seconds": self._warmup_seconds}
 
     def timing_summary(self) -> str:
-        """One line: refreshes, their seconds, and their share of training time."""
+        """One line: refreshes, their seconds, and their share of training time (the one-off
+        warm-up, when this object ran it, separately)."""
         t = self.timing()
-        return (f"ogpsa: {t['refreshes']} subspace refresh(es) took {t['refresh_seconds']:.2f}s of "
+        line = (f"ogpsa: {t['refreshes']} subspace refresh(es) took {t['refresh_seconds']:.2f}s of "
                 f"{t['train_seconds']:.2f}s training ({100 * t['refresh_share']:.1f}%)")
+        if t["warmup_seconds"] > 0:
+            line += f"; one-off warm-up before the first build {t['warmup_seconds']:.2f}s, not counted"
+        return line
 
     def record_latest(self) -> None:
         """Add the projector's latest projection to the metrics, once (a no-op when it has not
@@ -363,6 +406,8 @@ class OGPSA:
     def state_dict(self) -> dict:
         """Basis (the bytes of its safetensors file, as a uint8 tensor, so ``torch.load(weights_only=True)``
         reads it) and schedule (step count, step the basis was built at, refresh history)."""
+        if self.subspace is None:
+            self._require_setup("state_dict")
         buf = io.BytesIO()
         _save_subspace_to(self.subspace, buf)
         return {"subspace": torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8),
@@ -370,6 +415,7 @@ class OGPSA:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`: the same basis bit for bit, and the schedule."""
+        self._require_setup("load_state_dict")
         if not isinstance(state, dict) or "subspace" not in state or "schedule" not in state:
             raise ValueError("state must be a dict from OGPSA.state_dict() with keys 'subspace' and 'schedule'")
         try:

@@ -121,3 +121,39 @@ def test_bad_arguments():
         ogpsa.OGPSA(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(FileNotFoundError, match="ogpsa_subspace"):
         ogpsa.OGPSA.from_pretrained("/nonexistent-dir", model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_deferred_before_setup_raises_a_clear_error():
+    import pytest
+
+    og = ogpsa.OGPSA.deferred(REF, loss_fn=_loss)
+    for call in (lambda: og.clip_grad_norm_(1.0), lambda: og.paused().__enter__(), og.state_dict,
+                 lambda: og.load_state_dict({})):
+        with pytest.raises(RuntimeError, match=r"before setup: .*call og.setup\(model, optimizer\) first"):
+            call()
+    assert og.maybe_refresh(3) is False  # nothing attached: nothing to refresh
+
+
+def test_first_build_warm_up_is_reported_separately(monkeypatch):
+    import ogpsa.session as session
+
+    monkeypatch.setattr(session, "_WARMED_UP", False)  # as in a fresh process
+    rng = torch.get_rng_state()
+    model, opt, og = _make()
+    t = og.timing()
+    assert t["warmup_seconds"] > 0 and t["refreshes"] == 1
+    # the warm-up is excluded from both the refresh time and the training time
+    assert 0 < t["refresh_seconds"] <= t["train_seconds"]
+    assert "one-off warm-up before the first build" in og.timing_summary()
+    # it leaves the random state and the model alone: the same build as without it
+    assert torch.equal(torch.get_rng_state(), rng)
+    model2, opt2, og2 = _make()  # later objects in the process: no second warm-up
+    assert og2.timing()["warmup_seconds"] == 0.0 and "warm-up" not in og2.timing_summary()
+    assert og.subspace.equal(og2.subspace)
+    # the warm-up never touches .grad
+    monkeypatch.setattr(session, "_WARMED_UP", False)
+    g = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(model.parameters())]
+    for p, gi in zip(model.parameters(), g):
+        p.grad = gi.clone()
+    assert og._warm_up() > 0
+    assert all(torch.equal(p.grad, gi) for p, gi in zip(model.parameters(), g))
