@@ -66,11 +66,13 @@ class BasisEntry:
 
 
 def basis_entry(u: Tensor, numel: int, device: torch.device, what: str, *, scope: str = "tensor",
-                gram: Optional[Tensor] = None) -> BasisEntry:
+                gram: Optional[Tensor] = None, trusted: bool = False) -> BasisEntry:
     """Validate ``u`` as the basis of a ``numel``-element tensor on ``device`` and compute
     its Gram matrix (unless given) and inverse in float64. Raises :class:`ProjectionInputError`
     naming ``what``. The only pass over ``u`` is the Gram accumulation, whose diagonal also
-    proves every element finite (a NaN/Inf entry makes ``||u_j||^2`` non-finite)."""
+    proves every element finite (a NaN/Inf entry makes ``||u_j||^2`` non-finite). ``trusted``:
+    the caller vouches that ``gram`` is U U^T of this ``u`` and ``u`` is finite (a
+    :class:`~ogpsa.Subspace` with ``verified`` checked both when it was built): no pass over ``u``."""
     if not isinstance(u, Tensor):
         raise ProjectionInputError(f"{what}: basis is a {type(u).__name__}, not a torch.Tensor")
     if u.dtype not in BASIS_DTYPES:
@@ -92,10 +94,13 @@ def basis_entry(u: Tensor, numel: int, device: torch.device, what: str, *, scope
     if k == 0:
         empty = torch.zeros(0, 0, dtype=torch.float64)
         return BasisEntry(u, 0, empty, empty)
-    computed = gram64(u).cpu()
-    if not bool(torch.isfinite(torch.diagonal(computed)).all()):
-        raise ProjectionInputError(f"{what}: basis contains NaN or Inf")
-    m = gram.detach().to("cpu", torch.float64) if gram is not None else computed
+    if trusted and gram is not None:
+        m = gram.detach().to("cpu", torch.float64)
+    else:
+        computed = gram64(u).cpu()
+        if not bool(torch.isfinite(torch.diagonal(computed)).all()):
+            raise ProjectionInputError(f"{what}: basis contains NaN or Inf")
+        m = gram.detach().to("cpu", torch.float64) if gram is not None else computed
     if tuple(m.shape) != (k, k):
         raise ProjectionInputError(f"{what}: Gram matrix has shape {tuple(m.shape)}, expected ({k}, {k})")
     # pinv: rows that are (numerically) dependent still give the projection onto their span;

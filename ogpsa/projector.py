@@ -143,7 +143,7 @@ class Projector:
         u = subspace.basis(name).to(dev)
         try:
             return basis_entry(u, p.numel(), p.device, f"parameter {name!r}", scope=self.config.scope,
-                               gram=subspace.gram(name))
+                               gram=subspace.gram(name), trusted=hasattr(subspace, "gram_trusted") and subspace.gram_trusted(name))
         except ProjectionInputError as exc:
             raise ProjectionInputError(f"cannot attach OGPSA: {exc}") from None
 

@@ -10,13 +10,16 @@ and returns False: :func:`ogpsa.ops.select_backend` then takes the next backend.
 the user forced by name is never replaced silently: it raises instead (see ``ops``).
 
 The result is cached per key, so the hot path pays one dict lookup per plan build and nothing
-per step. ``OGPSA_SELFTEST=0`` (or ``false``/``off``/``no``) turns the check off.
+per step. ``OGPSA_SELFTEST=0`` (or ``false``/``off``/``no``) turns the check off;
+``OGPSA_SELFTEST=all`` adds the ``cpu`` backend.
 ``ogpsa info --selftest`` runs :func:`run_all` over every available backend and dtype and
 prints :func:`format_table`.
 
-Which backends are checked at first contact: ``cuda``, ``triton`` (compiled, i.e. on CUDA
-devices; the CPU interpreter is a test tool, checked only by ``--selftest``) and ``cpu`` (the
-C++ extension; its check costs about a millisecond once per key). ``torch`` is the reference.
+Which backends are checked at first contact: ``cuda`` and ``triton`` (compiled, i.e. on CUDA
+devices; the CPU interpreter is a test tool, checked only by ``--selftest``): the kernels no
+test suite here runs on hardware. The ``cpu`` extension runs in every test run of the
+package; checking it at first contact (``OGPSA_SELFTEST=all``) costs about 15 ms and 2 MB of
+temporaries once per key, which is why it is not the default. ``torch`` is the reference.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from .backends.torch_backend import TorchBackend
 #: environment switch: "0", "false", "off" or "no" turns the first-contact check off
 ENV = "OGPSA_SELFTEST"
 #: backends checked the first time they serve a key (``torch`` is the reference itself)
-CHECKED = ("cuda", "triton", "cpu")
+CHECKED = ("cuda", "triton")
+#: added by OGPSA_SELFTEST=all
+CHECKED_ALL = CHECKED + ("cpu",)
 #: tensor sizes of the problem: odd, one above the CUDA single-pass limit (8192) and one
 #: spanning several chunks of every backend, so both kernel paths run
 NUMELS = (37, 1000, 4099, 70001)
@@ -80,6 +85,13 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def checked_backends() -> tuple[str, ...]:
+    """The backends checked at first contact under the current ``$OGPSA_SELFTEST``."""
+    if not enabled():
+        return ()
+    return CHECKED_ALL if os.environ.get(ENV, "").strip().lower() == "all" else CHECKED
+
+
 def reset() -> None:
     """Forget every cached result (tests; a process that swapped a backend)."""
     with _lock:
@@ -92,7 +104,7 @@ def results() -> dict[tuple, CheckResult]:
 
 
 def _first_contact(be: Backend, device: torch.device) -> bool:
-    if be.name not in CHECKED:
+    if be.name not in checked_backends():
         return False
     return not (be.name == "triton" and device.type == "cpu")  # the interpreter: a test tool, not compiled
 
@@ -105,7 +117,7 @@ def passes(be: Backend, device: torch.device, grad_dtype: torch.dtype, basis_dty
     checked. Otherwise runs :func:`check` once for the key; a failure warns once
     (RuntimeWarning naming the backend) and is remembered, so the caller moves on to the next
     backend every time without re-testing."""
-    if not enabled() or not _first_contact(be, torch.device(device)):
+    if not _first_contact(be, torch.device(device)):
         return True
     key = (be.name, str(torch.device(device)), grad_dtype, basis_dtype, space)
     hit = _results.get(key)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 from torch import Tensor
 
-from . import atomic, ops, reference
+from . import atomic, basis_build, ops
 from .config import OGPSAConfig
 from .plan import gram64
 
@@ -69,13 +69,20 @@ class Subspace(NamedBases):
     Also holds M_i = U_i U_i^T (float32, k_i x k_i) computed from the bases as stored, so a
     bf16 basis projects exactly onto its own row space (see :mod:`ogpsa.reference`).
 
+    :meth:`gram_trusted` says, per tensor, that M_i was computed (or checked) here from the
+    stored U_i, that U_i is finite, and that U_i was neither replaced nor modified in place
+    since (tensor identity and version counter): true after :meth:`from_gradients`, without
+    ``grams``, after :meth:`load` and :meth:`to`. Projectors then reuse M_i as it is (no pass
+    over the basis in ``set_subspace``). Grams passed in by a caller are used as given but not
+    vouched for (``checked=True`` is for the callers here that checked them).
+
     Build with :meth:`from_gradients`; move with :meth:`to`; persist with :meth:`save` /
     :meth:`load` (safetensors, with the config, names, shapes and a format version).
     """
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], bases: Sequence[Tensor],
                  config: Optional[OGPSAConfig] = None, grams: Optional[Sequence[Tensor]] = None,
-                 num_references: int = 0):
+                 num_references: int = 0, *, checked: bool = False):
         if not (len(names) == len(shapes) == len(bases)):
             raise ValueError(f"names ({len(names)}), shapes ({len(shapes)}) and bases ({len(bases)}) differ in length")
         if len(set(names)) != len(names):
@@ -89,9 +96,16 @@ class Subspace(NamedBases):
             numel = int(torch.Size(shape).numel())
             if u.dim() != 2 or u.shape[1] != numel:
                 raise ValueError(f"basis for {name!r} has shape {tuple(u.shape)}, expected [k, {numel}] for shape {shape}")
-            if u.shape[0] and not bool(torch.isfinite(u).all()):
-                raise ValueError(f"basis for {name!r} contains NaN or Inf")
-        self.grams = list(grams) if grams is not None else [gram64(u).float() for u in self.bases]
+        if grams is None:  # one read of the bases; its diagonal proves them finite (ValueError naming one)
+            self.grams = basis_build.basis_grams(self.names, self.bases)
+        else:
+            if not checked:
+                for name, u in zip(self.names, self.bases):
+                    if u.shape[0] and not bool(torch.isfinite(u).all()):
+                        raise ValueError(f"basis for {name!r} contains NaN or Inf")
+            self.grams = list(grams)
+        trusted = grams is None or bool(checked)
+        self._sealed = [(u, _version(u)) if trusted else None for u in self.bases]
         self._index = {n: i for i, n in enumerate(self.names)}
 
     # -- construction ---------------------------------------------------------------------
@@ -104,18 +118,21 @@ class Subspace(NamedBases):
         A parameter absent (or None) in some reference gradient counts as a zero gradient
         there. Zero, non-finite and near-dependent reference gradients give no direction.
         The Gram matrix R R^T (one pass over R) is factorised on the host in float64, then
-        U = A R (one more pass); both passes run on the fastest available backend.
+        U = A R (one more pass); both passes run on the fastest available backend. The Gram
+        pass also finds non-finite and out-of-range rows (:mod:`ogpsa.basis_build`): no other
+        full-size pass runs besides stacking the rows and M = U U^T of the new bases.
         """
         config = config or OGPSAConfig()
         if isinstance(grads, Mapping) or not len(grads):
             raise ValueError("grads must be a non-empty list of {param_name: tensor} dicts, one per reference gradient")
-        names: list[str] = []
+        seen: dict[str, None] = {}  # insertion-ordered set: first appearance order, O(1) lookups
         for d in grads:
             if not isinstance(d, Mapping):
                 raise TypeError(f"each reference gradient must be a dict of tensors, got {type(d).__name__}")
             for n, t in d.items():
-                if t is not None and n not in names:
-                    names.append(n)
+                if t is not None:
+                    seen.setdefault(n)
+        names = list(seen)
         if not names:
             raise ValueError("the reference gradients hold no tensors")
         shapes, refs = [], []
@@ -137,11 +154,31 @@ class Subspace(NamedBases):
                             config: Optional[OGPSAConfig] = None, *, backend: Optional[str] = None) -> Subspace:
         """Build from per-tensor stacked reference gradients ``refs[i]: [m, N_i]`` (float32)."""
         config = config or OGPSAConfig()
-        coefficients = coefficients_from_grams(ops.gram(refs, backend=backend), refs, config)
-        bases = ops.combine(refs, coefficients, out_dtype=_DTYPES[config.basis_dtype], backend=backend)
-        return cls(names, shapes, bases, config, num_references=refs[0].shape[0] if refs else 0)
+        gram = basis_build.reference_grams(refs, backend=backend)
+        coefficients = coefficients_from_grams(gram, refs, config)
+        out_dtype = _DTYPES[config.basis_dtype]
+        bases = ops.combine(refs, coefficients, out_dtype=out_dtype, backend=backend)
+        if out_dtype == torch.float32:  # M = A G A^T: no pass over the new bases
+            grams = basis_build.combined_grams(list(names), gram, coefficients, bases, backend=backend)
+        else:  # bf16: M from the rounded values as stored, one read of them (checks finiteness too)
+            grams = basis_build.basis_grams(list(names), bases, backend=backend)
+        return cls(names, shapes, bases, config, grams, num_references=refs[0].shape[0] if refs else 0, checked=True)
 
     # -- access ---------------------------------------------------------------------------
+
+    def gram_trusted(self, name: str) -> bool:
+        """True when the stored M of ``name`` belongs to its basis as it is now and the basis is
+        finite (checked when this subspace was built, and the basis tensor is the same object
+        with the same version counter: no in-place write since). O(1), no pass over the data."""
+        i = self._index[name]
+        seal = self._sealed[i] if i < len(self._sealed) else None
+        u = self.bases[i]
+        return seal is not None and seal[0] is u and seal[1] is not None and _version(u) == seal[1]
+
+    @property
+    def verified(self) -> bool:
+        """:meth:`gram_trusted` for every tensor."""
+        return all(self.gram_trusted(n) for n in self.names)
 
     def memory_report(self) -> str:
         total = self.memory_bytes()
@@ -166,7 +203,8 @@ class Subspace(NamedBases):
         if dtype is not None and self.bases and dtype != self.bases[0].dtype:
             config = config.replace(basis_dtype=str(dtype).replace("torch.", ""))
             grams = None
-        return Subspace(self.names, self.shapes, bases, config, grams, self.num_references)
+        return Subspace(self.names, self.shapes, bases, config, grams, self.num_references,
+                        checked=grams is not None and self.verified)
 
     # -- model validation -----------------------------------------------------------------
 
@@ -255,7 +293,7 @@ class Subspace(NamedBases):
         if device is not None:
             bases = [u.to(device) for u in bases]
             grams = [m.to(device) for m in grams]
-        return cls(names, shapes, bases, config, grams, num_refs)
+        return cls(names, shapes, bases, config, grams, num_refs, checked=True)  # all checked above
 
     def equal(self, other: Subspace) -> bool:
         """Bit-identical bases, names and shapes."""
@@ -265,21 +303,24 @@ class Subspace(NamedBases):
 
 def coefficients_from_grams(grams: Tensor, refs: Sequence[Tensor], config: OGPSAConfig) -> list[Tensor]:
     """Per-tensor coefficients A_i ([k_i, m], float64) from the Gram matrices ``grams``
-    ([T, m, m]; summed over tensors for ``scope="global"``), factorised on the host.
+    ([T, m, m]; summed over tensors for ``scope="global"``), factorised on the host
+    (Gram-Schmidt batched over tensors: :mod:`ogpsa.basis_build`).
 
-    Reference rows that get no direction (zero or non-finite) are zeroed in ``refs`` in
-    place, so the U = A R pass never multiplies a NaN by a zero coefficient."""
-    kw = dict(method=config.method, rank=config.rank, energy=config.energy,
-              normalize=config.normalize_reference, rank_tol=config.rank_tol)
-    if config.scope == "global":
-        coefficients = [reference.basis_coefficients(grams.sum(0), **kw)] * len(refs)
-    else:
-        coefficients = [reference.basis_coefficients(g, **kw) for g in grams]
-    for r, a in zip(refs, coefficients):
-        unused = ~(a != 0).any(dim=0)
-        if unused.any():
-            r[unused.to(r.device)] = 0.0
+    Non-finite reference rows (their Gram diagonal is non-finite) are zeroed in ``refs`` in
+    place, so the U = A R pass never multiplies a NaN by a zero coefficient; finite rows
+    without a direction are left as they are (a zero coefficient adds exactly nothing)."""
+    coefficients = basis_build.coefficients(grams, config)
+    basis_build.zero_nonfinite_rows(grams, refs, config)
     return coefficients
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """The tensor's version counter (bumped by every in-place write), None where it has none
+    (inference tensors)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
 
 def iter_named_grads(model: torch.nn.Module, names: Optional[Iterable[str]] = None) -> dict[str, Tensor]:

@@ -102,9 +102,11 @@ def test_auto_falls_back_to_the_next_backend_and_warns_once(clean):
 
 
 def test_a_wrong_cpu_kernel_falls_back_to_torch(clean):
-    """The real cpu backend with its pass 2 corrupted (monkeypatched op): routed to torch."""
+    """The real cpu backend with its pass 2 corrupted (monkeypatched op), checked with
+    OGPSA_SELFTEST=all: routed to torch."""
     if not cpu_available:
         pytest.skip("ogpsa._C not built")
+    clean.setenv(selftest.ENV, "all")
     be = ops._load("cpu")
     good = be.update_
 
@@ -150,6 +152,7 @@ def test_switch_off(clean):
 def test_cpu_check_runs_once_per_key(clean):
     if not cpu_available:
         pytest.skip("ogpsa._C not built")
+    clean.setenv(selftest.ENV, "all")
     count = {"n": 0}
     real = selftest.check
 
@@ -165,6 +168,15 @@ def test_cpu_check_runs_once_per_key(clean):
     grads, bases = _problem()
     ops.project_([g.bfloat16() for g in grads], bases)  # a new key: one more check
     assert count["n"] == 2
+
+
+def test_cpu_is_not_checked_by_default(clean):
+    if not cpu_available:
+        pytest.skip("ogpsa._C not built")
+    grads, bases = _problem()
+    stats = ops.project_(grads, bases)
+    assert stats.backends == ("cpu",) and selftest.results() == {}
+    assert selftest.checked_backends() == ("cuda", "triton")
 
 
 def test_info_selftest_prints_a_table(clean, capsys):

@@ -1,0 +1,216 @@
+"""The fast basis build (ogpsa.basis_build behind Subspace.from_gradients) and the reuse of
+stored Gram matrices in set_subspace: same bases as the float64 reference, same errors for
+bad input, no full-size isfinite / inf-norm / Gram-of-U passes."""
+
+import math
+
+import pytest
+import torch
+
+import ogpsa
+from ogpsa import OGPSAConfig, Subspace, basis_build, ops, plan, reference
+
+BACKENDS = ["torch"] + (["cpu"] if ops.backends()["cpu"][0] else [])
+SHAPES = [(33, 7), (4097,), (3, 5, 11), (1000,), (129, 65)]
+
+
+def _grads(m=4, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [{f"t{i}": torch.randn(s, generator=gen) for i, s in enumerate(SHAPES)} for _ in range(m)]
+    grads[1]["t1"] = grads[0]["t1"] * 2  # dependent: one direction fewer
+    grads[2]["t2"] = torch.zeros(SHAPES[2])  # zero: no direction
+    grads[3]["t3"][5] = float("nan")  # non-finite: no direction, never leaks
+    grads[0]["t4"] = grads[0]["t4"] * 1e-30  # float32 squares underflow: rescued
+    grads[1]["t4"] = grads[1]["t4"] * 1e25  # float32 squares overflow: rescued
+    return grads
+
+
+def _reference(grads, cfg):
+    refs = [torch.stack([d[f"t{i}"].reshape(-1).double() for d in grads]) for i in range(len(SHAPES))]
+    return reference.build_bases(refs, scope=cfg.scope, method=cfg.method, rank=cfg.rank, energy=cfg.energy,
+                                 normalize=cfg.normalize_reference, rank_tol=cfg.rank_tol, dtype=torch.float64)
+
+
+CONFIGS = [OGPSAConfig(), OGPSAConfig(rank=2), OGPSAConfig(method="eigen"), OGPSAConfig(method="eigen", energy=0.9),
+           OGPSAConfig(scope="global"), OGPSAConfig(normalize_reference=False), OGPSAConfig(basis_dtype="bfloat16")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{c.scope}-r{c.rank}-e{c.energy}-"
+                                                      f"n{int(c.normalize_reference)}-{c.basis_dtype}")
+def test_same_basis_as_the_float64_reference(cfg, backend):
+    grads = _grads()
+    sub = Subspace.from_gradients(grads, cfg, backend=backend)
+    tol = 1e-5 if cfg.basis_dtype == "float32" else 1e-2
+    for name, u, want in zip(sub.names, sub.bases, _reference(grads, cfg)):
+        assert tuple(u.shape) == tuple(want.shape), name
+        if want.numel():
+            err = float((u.double() - want).norm() / want.norm())
+            assert err <= tol, (name, err)
+        assert bool(torch.isfinite(u).all())
+    assert sub.verified
+    if cfg.scope == "tensor" and cfg.rank is None and cfg.energy is None:
+        assert sub.ranks() == {"t0": 4, "t1": 3, "t2": 3, "t3": 3, "t4": 4}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stored_gram_is_that_of_the_stored_basis(backend, dtype):
+    sub = Subspace.from_gradients(_grads(), OGPSAConfig(basis_dtype=dtype), backend=backend)
+    for u, m in zip(sub.bases, sub.grams):
+        want = plan.gram64(u)
+        assert m.dtype == torch.float32 and m.shape == want.shape
+        bound = 16 * math.sqrt(u.shape[1]) * 2.0 ** -23 + 2 * 2.0 ** -23  # the file check's float32 bound
+        assert float((m.double() - want).abs().max()) <= bound
+
+
+def test_batched_gram_schmidt_equals_the_reference_per_tensor():
+    gen = torch.Generator().manual_seed(11)
+    m = 6
+    r = torch.randn(9, m, 50, generator=gen, dtype=torch.float64)
+    r[1, 2] = 0.0  # zero row
+    r[2, 3] = r[2, 0] * -3.0  # dependent row
+    r[3] = 0.0  # all zero
+    r[4, 1] = r[4, 0] + 1e-9 * r[4, 5]  # near-dependent (below rank_tol)
+    grams = r @ r.transpose(1, 2)
+    grams[5, 4, :] = float("nan")  # non-finite reference gradient
+    grams[5, :, 4] = float("nan")
+    grams[6, 2, 2] = float("inf")
+    for rank in (None, 1, 3):
+        for normalize in (True, False):
+            got = basis_build.gram_schmidt_batched(grams, rank=rank, normalize=normalize, rank_tol=1e-6)
+            for g, a in zip(grams, got):
+                want = reference.basis_coefficients(g, rank=rank, normalize=normalize, rank_tol=1e-6)
+                assert a.shape == want.shape
+                if want.numel():
+                    assert float((a - want).abs().max() / want.abs().max()) <= 1e-12
+
+
+class _Spy:
+    """Records the largest tensor a wrapped torch function saw."""
+
+    def __init__(self, fn):
+        self.fn, self.largest, self.calls = fn, 0, 0
+
+    def __call__(self, t, *args, **kwargs):
+        self.calls += 1
+        self.largest = max(self.largest, t.numel())
+        return self.fn(t, *args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_full_size_isfinite_or_inf_norm_pass(backend, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    grads = [{f"t{i}": torch.randn(s, generator=gen) for i, s in enumerate(SHAPES)} for _ in range(3)]
+    Subspace.from_gradients(grads, backend=backend)  # warm (backend loading, self-test)
+    isfinite, norm, g64 = _Spy(torch.isfinite), _Spy(torch.linalg.vector_norm), _Spy(plan.gram64)
+    monkeypatch.setattr(torch, "isfinite", isfinite)
+    monkeypatch.setattr(torch.linalg, "vector_norm", norm)
+    monkeypatch.setattr(basis_build, "gram64", g64)
+    sub = Subspace.from_gradients(grads, backend=backend)
+    assert norm.calls == 0 and g64.calls == 0
+    smallest_tensor = min(math.prod(s) for s in SHAPES)
+    assert isfinite.largest < smallest_tensor  # only [T, m] / [k, k] tables
+    model = _model()
+    proj = ogpsa.attach(model, None, sub)
+    monkeypatch.setattr(plan, "gram64", g64)
+    proj.set_subspace(sub)
+    assert g64.calls == 0  # stored Gram matrices reused
+    assert isfinite.largest < smallest_tensor
+
+
+def test_rescue_reads_only_the_suspect_rows(monkeypatch):
+    if "cpu" not in BACKENDS:
+        pytest.skip("ogpsa._C not built")
+    grads = _grads()
+    norm = _Spy(torch.linalg.vector_norm)
+    monkeypatch.setattr(torch.linalg, "vector_norm", norm)
+    Subspace.from_gradients(grads, backend="cpu")
+    # suspects: t2's zero row, t3's NaN row, t4's tiny and huge rows: at most one tensor's m rows
+    assert norm.largest <= 2 * 129 * 65
+
+
+def _model():
+    root = torch.nn.Module()
+    for i, s in enumerate(SHAPES):
+        root.register_parameter(f"t{i}", torch.nn.Parameter(torch.randn(s)))
+    return root
+
+
+def test_set_subspace_checks_a_subspace_it_cannot_trust(monkeypatch):
+    sub = Subspace.from_gradients(_grads())
+    user = Subspace(sub.names, sub.shapes, sub.bases, sub.config, grams=sub.grams)  # grams from a caller
+    assert not user.verified
+    g64 = _Spy(plan.gram64)
+    monkeypatch.setattr(plan, "gram64", g64)
+    ogpsa.attach(_model(), None, user)
+    assert g64.calls == len([u for u in sub.bases if u.shape[0]])  # the old full check
+
+
+def test_nan_basis_is_rejected_with_its_name():
+    sub = Subspace.from_gradients(_grads())
+    bases = [u.clone() for u in sub.bases]
+    bases[3][1, 7] = float("nan")
+    with pytest.raises(ValueError, match="basis for 't3' contains NaN or Inf"):
+        Subspace(sub.names, sub.shapes, bases, sub.config)
+    with pytest.raises(ValueError, match="basis for 't3' contains NaN or Inf"):
+        Subspace(sub.names, sub.shapes, bases, sub.config, grams=sub.grams)
+
+
+def test_huge_basis_rows_fall_back_to_float64():
+    u = torch.randn(2, 300, generator=torch.Generator().manual_seed(1)) * 1e15  # outside the float32-safe range (M itself fits float32)
+    (m,) = basis_build.basis_grams(["w"], [u])
+    want = plan.gram64(u)
+    assert float((m.double() - want).abs().max() / want.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_errors_unchanged(backend):
+    gen = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(7, 3, generator=gen)}
+    with pytest.raises(ValueError, match="non-empty list"):
+        Subspace.from_gradients([], backend=backend)
+    with pytest.raises(ValueError, match="non-empty list"):
+        Subspace.from_gradients(a, backend=backend)
+    with pytest.raises(TypeError, match="dict of tensors"):
+        Subspace.from_gradients([a, [1]], backend=backend)
+    with pytest.raises(ValueError, match="hold no tensors"):
+        Subspace.from_gradients([{"w": None}], backend=backend)
+    with pytest.raises(ValueError, match=r"disagree on the shape of 'w': \(7, 3\) vs \(3, 7\)"):
+        Subspace.from_gradients([a, {"w": torch.randn(3, 7, generator=gen)}], backend=backend)
+    zero = Subspace.from_gradients([{"w": torch.zeros(7, 3)}, {"w": torch.zeros(7, 3)}], backend=backend)
+    assert zero.ranks() == {"w": 0}
+    nan = torch.randn(7, 3, generator=gen)
+    nan[2, 1] = float("inf")
+    refs = [{"w": nan}, a]
+    sub = Subspace.from_gradients(refs, backend=backend)
+    assert sub.ranks() == {"w": 1} and bool(torch.isfinite(sub.bases[0]).all())
+    want = a["w"].reshape(-1) / a["w"].norm()
+    assert float((sub.bases[0][0].double() - want.double()).norm()) <= 1e-6
+    assert bool(torch.isinf(nan).any())  # the caller's tensor is untouched (the stacked copy is zeroed)
+    only_nan = Subspace.from_gradients([{"w": torch.full((7, 3), float("nan"))}], backend=backend)
+    assert only_nan.ranks() == {"w": 0}
+
+
+def test_refresh_suite_smoke(tmp_path):
+    from ogpsa.bench.refresh import run_refresh_suite
+
+    data = run_refresh_suite(torch.device("cpu"), tmp_path, workloads=["tiny"], ms=[2], rounds=2, budget_s=0.01,
+                             log=lambda *_: None)
+    (row,) = data["results"]
+    for c in ("copy", "sum", "from_gradients", "set_subspace"):
+        assert row[c]["median_ms"] > 0 and row[c]["min_ms"] <= row[c]["median_ms"]
+    assert row["build_x_copy"] == pytest.approx(
+        (row["from_gradients"]["median_ms"] + row["set_subspace"]["median_ms"]) / row["copy"]["median_ms"])
+    assert (tmp_path / "refresh.json").is_file() and "| tiny | 2 |" in (tmp_path / "refresh.md").read_text()
+
+
+def test_a_basis_modified_after_construction_is_checked_again():
+    sub = Subspace.from_gradients(_grads())
+    assert sub.verified and sub.gram_trusted("t3")
+    sub.bases[3][0, 3] = float("nan")  # in place: version counter moves
+    assert not sub.gram_trusted("t3") and sub.gram_trusted("t0") and not sub.verified
+    with pytest.raises(ops.ProjectionInputError, match=r"'t3'.*NaN or Inf"):
+        ogpsa.attach(_model(), None, sub)
+    sub.bases[3] = torch.zeros_like(sub.bases[3])  # replaced: not the checked tensor any more
+    assert not sub.gram_trusted("t3")
