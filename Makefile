@@ -1,4 +1,5 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap .venv.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,12 +12,24 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# One line per phase, with the seconds it took. pip hides the build's output; the extension build
+# runs with -v into $(VENV)/build.log and only its "ogpsa setup:" lines and one line per compiled
+# file are shown, as they happen (the log's end if it fails). CUDA kernels are compiled only when a CUDA
+# device is visible or OGPSA_BUILD_CUDA=1 (setup.py; .ci/run sets it).
 $(STAMP): pyproject.toml setup.py requirements-dev.txt $(SRCS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $(STAMP)
+	@set -e; t=$$(date +%s); echo "make: [1/3] virtual environment $(VENV) and pip"; \
+	  test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip; \
+	  echo "make: [1/3] done in $$(( $$(date +%s) - t )) s"
+	@set -e; t=$$(date +%s); echo "make: [2/3] pinned dependencies (requirements-dev.txt; torch is the largest)"; \
+	  $(PY) -m pip install -q -r requirements-dev.txt; \
+	  echo "make: [2/3] done in $$(( $$(date +%s) - t )) s"
+	@set -e; t=$$(date +%s); echo "make: [3/3] ogpsa, editable, compiling ogpsa._C (full log: $(VENV)/build.log)"; \
+	  set -o pipefail; $(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
+	    | sed -u -n -E 's/^ *(ogpsa setup: .*)/\1/p; s/^ *\[([0-9]+\/[0-9]+)\] .* -c [^ ]*\/(csrc\/[^ ]+) .*/ogpsa setup: [\1] compiled \2/p' \
+	    || { echo "make: the build failed; the end of $(VENV)/build.log:"; tail -n 60 $(VENV)/build.log; exit 1; }; \
+	  echo "make: [3/3] done in $$(( $$(date +%s) - t )) s"
+	@touch $(STAMP)
 
 build: $(STAMP)
 

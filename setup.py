@@ -6,20 +6,29 @@ changing how the package installs; see `ext_modules()` below.
 """
 
 import glob
+import json
 import os
 import shutil
 import sys
+import time
+import warnings
+from typing import Callable, Optional
 
 from setuptools import find_packages, setup
 
 # ----------------------------------------------------------------------------------------
-# ogpsa._C: CPU kernels always; CUDA kernels when torch has CUDA and nvcc is found.
+# ogpsa._C: CPU kernels always; CUDA kernels when a CUDA device is visible at build time (and
+# torch has CUDA and nvcc is found), or when asked for:
 #   OGPSA_BUILD_CUDA=0   never build CUDA kernels
-#   OGPSA_BUILD_CUDA=1   require them (an error if torch lacks CUDA, nvcc is missing or nvcc fails)
-#   unset                auto: build them when possible; if nvcc fails, build CPU-only and say so
+#   OGPSA_BUILD_CUDA=1   require them (an error if torch lacks CUDA, nvcc is missing or nvcc fails);
+#                        for a build machine without a GPU (CI sets it) or a GPU hidden at build time
+#   unset                auto: build them when a CUDA device is visible; if nvcc fails, build
+#                        CPU-only and say so. Without a device they are skipped: compiling them
+#                        takes minutes on a small CPU and nothing here could run them.
 #   OGPSA_BUILD_EXT=0    skip ogpsa._C entirely (pure-Python install; the torch backend still works)
 #   TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS is passed to ninja as usual.
 # A failing C++ compiler never fails the install: the package then installs without _C.
+# What was built and why is written next to _C as _C_build.json (read by `ogpsa info`).
 # ----------------------------------------------------------------------------------------
 
 _CPU_SOURCES = ["csrc/ops.cpp", "csrc/adamw.cpp"]
@@ -62,27 +71,55 @@ def _arch_token(archs: str) -> str:
     return "_".join(a.replace(".", "").replace("+", "") for a in archs.replace(" ", ";").split(";") if a)
 
 
-def _cuda_plan():
-    """(build CUDA?, reason)."""
-    forced = os.environ.get("OGPSA_BUILD_CUDA", "").strip()
+#: the file next to ogpsa._C that records what the build contains and why (see ogpsa/backends/cext.py)
+BUILD_RECORD = "_C_build.json"
+#: how to get the CUDA kernels when they were skipped (printed by the build and by `ogpsa info`)
+HOW_TO_GET_CUDA = "reinstall with OGPSA_BUILD_CUDA=1 (e.g. OGPSA_BUILD_CUDA=1 pip install --no-build-isolation -e .)"
+
+
+def decide_cuda(forced: str, has_sources: bool, torch_cuda: Optional[str], device_count: Callable[[], int],
+                find_nvcc: Callable[[], Optional[str]]) -> "tuple[bool, str]":
+    """Build the CUDA kernels? Returns (yes/no, why); raises SystemExit when OGPSA_BUILD_CUDA=1 cannot be met.
+
+    forced: the value of OGPSA_BUILD_CUDA ("", "0" or "1"); torch_cuda: torch.version.cuda;
+    device_count: how many CUDA devices are visible now; find_nvcc: the toolkit root with bin/nvcc,
+    or None. Cheap checks first, and the device before the toolkit, so a machine without a GPU
+    never looks for nvcc unless asked to (an explicit CUDA_HOME without nvcc is an error there).
+    """
+    forced = forced.strip()
     if forced not in ("", "0", "1"):
         raise SystemExit(f"OGPSA_BUILD_CUDA={forced!r}: use 0, 1 or leave it unset")
     if forced == "0":
         return False, "OGPSA_BUILD_CUDA=0"
-    if not _CUDA_SOURCES:
+    if not has_sources:
         why = "no CUDA sources in csrc/cuda"
+    elif not torch_cuda:
+        why = "torch is built without CUDA"
+    elif forced == "" and device_count() == 0:
+        return False, f"no CUDA device was visible at build time; to build them anyway, {HOW_TO_GET_CUDA}"
     else:
-        import torch
-
-        if not torch.version.cuda:
-            why = f"torch {torch.__version__} is built without CUDA"
-        elif _cuda_home() is None:
-            why = "nvcc not found (set CUDA_HOME)"
+        home = find_nvcc()
+        if home is None:
+            why = "nvcc not found (set CUDA_HOME to a CUDA toolkit root)"
         else:
-            return True, f"nvcc in {os.environ['CUDA_HOME']}"
+            return True, ("OGPSA_BUILD_CUDA=1" if forced == "1" else "a CUDA device is visible") + f", nvcc in {home}"
     if forced == "1":
         raise SystemExit(f"OGPSA_BUILD_CUDA=1 but CUDA kernels cannot be built: {why}")
     return False, why
+
+
+def _cuda_plan():
+    """(build CUDA?, reason) for this machine and environment."""
+    import torch
+
+    def devices() -> int:
+        try:
+            return torch.cuda.device_count()
+        except Exception:  # a broken driver counts as no device
+            return 0
+
+    return decide_cuda(os.environ.get("OGPSA_BUILD_CUDA", ""), bool(_CUDA_SOURCES), torch.version.cuda, devices,
+                       _cuda_home)
 
 
 def _torch_version_macro() -> list:
@@ -119,8 +156,14 @@ def _extension(with_cuda: bool):
                                       extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+#: compiling now (not only the metadata hooks pip calls first, which run this file as well)
+_BUILDING = any(cmd in sys.argv for cmd in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"))
+#: set by ext_modules(): why the CUDA kernels are (not) in this build, for _C_build.json
+_CUDA_REASON = {"cuda_kernels": False, "cuda_reason": "not decided"}
+
+
 def ext_modules() -> list:
-    """ogpsa._C, with CUDA kernels when they can be built (see the table above)."""
+    """ogpsa._C, with CUDA kernels when they are built (see the table above)."""
     if os.environ.get("OGPSA_BUILD_EXT", "").strip() == "0":
         _log("OGPSA_BUILD_EXT=0: not building ogpsa._C")
         return []
@@ -130,9 +173,12 @@ def ext_modules() -> list:
         _log("torch is not importable at build time (build with --no-build-isolation): not building ogpsa._C")
         return []
     with_cuda, why = _cuda_plan()
-    # pip shows this only with -v (or when the build fails); `ogpsa info` reports the same afterwards
-    _log(f"building ogpsa._C with {'CPU and CUDA' if with_cuda else 'CPU'} kernels against torch "
-         f"{torch.__version__} ({why}); check the result with `ogpsa info`")
+    _CUDA_REASON.update(cuda_kernels=with_cuda, cuda_reason=why)
+    if not _BUILDING:  # the metadata hooks run this file too: say it once, when compiling
+        return [_extension(with_cuda)]
+    # `make build` shows the "ogpsa setup:" lines (pip hides them without -v); `ogpsa info` reports the same
+    _log(f"ogpsa._C will have {'CPU and CUDA' if with_cuda else 'CPU'} kernels, against torch "
+         f"{torch.__version__} ({'CUDA kernels: ' + why if with_cuda else 'no CUDA kernels: ' + why})")
     return [_extension(with_cuda)]
 
 
@@ -145,20 +191,30 @@ def cmdclass() -> dict:
 
     class FallbackBuildExtension(BuildExtension):
         def build_extensions(self):
+            started = time.perf_counter()
+            n = sum(len(e.sources) for e in self.extensions)
+            _log(f"compiling {n} source files with ninja ({os.environ.get('MAX_JOBS') or 'default'} parallel jobs; "
+                 f"{'the CUDA ones take minutes' if _CUDA_REASON['cuda_kernels'] else 'about a minute on 2 cores'})")
             try:
-                return super().build_extensions()
+                super().build_extensions()
+                self._record(started)
+                return
             except Exception as exc:
                 failed = exc
             strict = os.environ.get("OGPSA_BUILD_CUDA", "").strip() == "1"
             if any(s.endswith(".cu") for e in self.extensions for s in e.sources) and not strict:
                 _log(f"CUDA kernels failed to build ({type(failed).__name__}: {failed}); building CPU-only ogpsa._C")
+                _CUDA_REASON.update(cuda_kernels=False, cuda_reason=f"nvcc failed at build time ({type(failed).__name__}); "
+                                    "the build log has the error")
                 cpu = _extension(False)  # fresh: BuildExtension adds its flags again
                 for attr, value in vars(self.extensions[0]).items():
                     if attr.startswith("_") and not hasattr(cpu, attr):  # set by build_ext.finalize_options
                         setattr(cpu, attr, value)
                 self.extensions = [cpu]
                 try:
-                    return super().build_extensions()
+                    super().build_extensions()
+                    self._record(started)
+                    return
                 except Exception as exc:
                     failed = exc
             elif strict:
@@ -167,15 +223,52 @@ def cmdclass() -> dict:
                  "(the pure-PyTorch backend still works)")
             self.extensions = []
 
+        def copy_extensions_to_source(self) -> None:
+            """Editable installs build in a temporary folder and copy _C into the source tree:
+            copy its _C_build.json along (the regular build leaves it next to _C in the wheel)."""
+            super().copy_extensions_to_source()
+            if not self.extensions:
+                return
+            inplace_file, regular_file = self._get_inplace_equivalent(self.get_finalized_command("build_py"),
+                                                                      self.extensions[0])
+            built = os.path.join(os.path.dirname(regular_file), BUILD_RECORD)
+            if os.path.exists(built):
+                shutil.copyfile(built, os.path.join(os.path.dirname(inplace_file), BUILD_RECORD))
+
+        def _record(self, started: float) -> None:
+            """Write _C_build.json next to the built module (the wheel or the source tree)."""
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath("ogpsa._C")), BUILD_RECORD)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            record = dict(_CUDA_REASON)
+            if not record["cuda_kernels"]:
+                record["how_to_get_cuda_kernels"] = HOW_TO_GET_CUDA
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+            _log(f"built ogpsa._C in {time.perf_counter() - started:.0f} s")
+
     # ninja compiles the .cpp and .cu in parallel; flags are stable, so ccache (if configured) hits
     return {"build_ext": FallbackBuildExtension.with_options(use_ninja=True)}
 
 
-setup(
-    # every subpackage (a hand-kept list missed ogpsa.distributed, found by tests/test_install.py),
-    # kernels/ as ogpsa.kernels (package-dir in pyproject.toml), and the demo's committed base model
-    packages=find_packages(include=["ogpsa", "ogpsa.*"]) + ["ogpsa.kernels"],
-    package_data={"ogpsa.demo": ["data/base/*"]},
-    ext_modules=ext_modules(),
-    cmdclass=cmdclass(),
-)
+def _quiet_setuptools_notes() -> None:
+    """The editable install's 'Editable installation' note (setuptools' InformationOnly: not a
+    problem, only advice about folders named like the package) would be the only setuptools text
+    in `make demo` output; silence that one note."""
+    try:
+        from setuptools.warnings import InformationOnly
+    except ImportError:  # older setuptools: no such note
+        return
+    warnings.filterwarnings("ignore", message="Editable installation", category=InformationOnly)
+
+
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import decide_cuda from it
+    _quiet_setuptools_notes()
+    setup(
+        # every subpackage (a hand-kept list missed ogpsa.distributed, found by tests/test_install.py),
+        # kernels/ as ogpsa.kernels (package-dir in pyproject.toml), and the demo's committed base model
+        # (a data-only package, listed so setuptools does not warn that it "would be ignored")
+        packages=find_packages(include=["ogpsa", "ogpsa.*"]) + ["ogpsa.kernels", "ogpsa.demo.data.base"],
+        package_data={"ogpsa.demo.data.base": ["*"]},
+        ext_modules=ext_modules(),
+        cmdclass=cmdclass(),
+    )

@@ -3,7 +3,9 @@
 Fast tests: the extension records the torch it was built against; the import-time check warns
 (once, with the fix) when `_C` is built but unloadable or built against another torch, and
 `ogpsa info` shows the same text; an explicit CUDA_HOME without nvcc stops the build with a
-message instead of being replaced.
+message instead of being replaced; CUDA kernels are built only for a visible device or with
+OGPSA_BUILD_CUDA=1, and `ogpsa info` says why they are missing and how to get them; setuptools
+has nothing to warn about.
 
 Slow test: a new virtualenv (`python -m venv`, no system site-packages) gets the CPU torch wheel
 from the local disk, then `pip install --no-build-isolation .` from a copy of the source tree,
@@ -78,12 +80,95 @@ def test_pure_python_install_is_not_a_warning(fresh_check):
 
 @pytest.mark.skipif(not torch.version.cuda, reason="the CUDA_HOME check runs only when torch has CUDA")
 def test_explicit_cuda_home_without_nvcc_is_an_error_not_replaced(tmp_path):
-    env = {**os.environ, "CUDA_HOME": str(tmp_path), "OGPSA_BUILD_CUDA": ""}
+    # looked for only when CUDA kernels are to be built: OGPSA_BUILD_CUDA=1 (or a visible device)
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "OGPSA_BUILD_CUDA": "1"}
     env.pop("CUDA_PATH", None)
     out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert f"CUDA_HOME={tmp_path} has no bin/nvcc" in out.stderr and "OGPSA_BUILD_CUDA=0" in out.stderr
+
+
+def _setup_module():
+    """setup.py as a module (its setup() call runs only as __main__, i.e. under pip/setuptools)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ogpsa_setup_under_test", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _never():
+    raise AssertionError("must not be consulted for this decision")
+
+
+def test_cuda_kernels_are_built_only_for_a_visible_device_or_when_asked():
+    decide = _setup_module().decide_cuda
+    # auto: a visible device and nvcc -> built; no device -> skipped without looking for nvcc
+    assert decide("", True, "13.0", lambda: 1, lambda: "/usr/local/cuda") == (
+        True, "a CUDA device is visible, nvcc in /usr/local/cuda")
+    built, why = decide("", True, "13.0", lambda: 0, _never)
+    assert built is False and "no CUDA device was visible at build time" in why and "OGPSA_BUILD_CUDA=1" in why
+    assert decide("", True, "13.0", lambda: 2, lambda: None) == (
+        False, "nvcc not found (set CUDA_HOME to a CUDA toolkit root)")
+    assert decide("", True, None, _never, _never) == (False, "torch is built without CUDA")
+    assert decide("", False, "13.0", _never, _never) == (False, "no CUDA sources in csrc/cuda")
+    # forced: 1 builds without a device (CI), 0 never builds, 1 that cannot be met stops the build
+    assert decide("1", True, "13.0", _never, lambda: "/opt/cuda") == (True, "OGPSA_BUILD_CUDA=1, nvcc in /opt/cuda")
+    assert decide(" 0 ", True, "13.0", _never, _never) == (False, "OGPSA_BUILD_CUDA=0")
+    with pytest.raises(SystemExit, match="OGPSA_BUILD_CUDA=1 but CUDA kernels cannot be built: torch is built without"):
+        decide("1", True, None, _never, _never)
+    with pytest.raises(SystemExit, match="cannot be built: nvcc not found"):
+        decide("1", True, "13.0", _never, lambda: None)
+    with pytest.raises(SystemExit, match="use 0, 1 or leave it unset"):
+        decide("yes", True, "13.0", _never, _never)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the decision on a machine without a CUDA device")
+def test_this_machine_without_a_device_skips_cuda_kernels_unless_asked(monkeypatch):
+    module = _setup_module()
+    monkeypatch.delenv("OGPSA_BUILD_CUDA", raising=False)
+    built, why = module._cuda_plan()
+    assert built is False
+    assert ("no CUDA device was visible" in why) if torch.version.cuda else why == "torch is built without CUDA"
+
+
+def test_ogpsa_info_says_why_cuda_kernels_are_missing_and_how_to_get_them(monkeypatch):
+    record = {"cuda_kernels": False, "how_to_get_cuda_kernels": "reinstall with OGPSA_BUILD_CUDA=1 (e.g. ...)",
+              "cuda_reason": "no CUDA device was visible at build time; to build them anyway, reinstall with "
+                             "OGPSA_BUILD_CUDA=1 (e.g. ...)"}
+    monkeypatch.setattr(cext, "build_record", lambda: dict(record))
+    assert cext.no_cuda_kernels_reason() == record["cuda_reason"]  # the how-to is not repeated
+    monkeypatch.setattr(cext, "build_record", lambda: {**record, "cuda_reason": "OGPSA_BUILD_CUDA=0"})
+    assert cext.no_cuda_kernels_reason() == "OGPSA_BUILD_CUDA=0; reinstall with OGPSA_BUILD_CUDA=1 (e.g. ...)"
+    if cext._C is not None and not cext.build_info()["cuda"]:
+        assert cext.info()["cuda_kernels_not_built"].startswith("OGPSA_BUILD_CUDA=0; reinstall")
+        ok, detail = cext.CudaBackend().availability()
+        assert not ok and detail == "ogpsa._C was built without CUDA kernels: " + cext.no_cuda_kernels_reason()
+
+
+@pytest.mark.skipif(cext._C is None, reason="ogpsa._C is not built")
+def test_the_build_records_what_it_built_next_to_the_extension():
+    path = pathlib.Path(cext._C.__file__).with_name("_C_build.json")
+    if not path.exists():
+        pytest.skip(f"{path.name} is missing: ogpsa._C was built by an older setup.py (rebuild: make build)")
+    record = json.loads(path.read_text())
+    assert record["cuda_kernels"] is bool(cext.build_info()["cuda"])
+    assert record["cuda_reason"]
+    assert ("how_to_get_cuda_kernels" in record) is (not record["cuda_kernels"])
+
+
+def test_setuptools_prints_no_warnings_for_this_project(tmp_path):
+    """pyproject.toml and setup.py give setuptools nothing to warn about (make demo showed ~70 lines:
+    project.license as a table, the demo's data directory not listed as a package)."""
+    src = _source_copy(tmp_path / "src")
+    env = {**os.environ, "OGPSA_BUILD_EXT": "0", "PYTHONWARNINGS": "always"}
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
+                         cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Warning" not in out.stderr and "!!" not in out.stderr, out.stderr[-3000:]
+    assert (tmp_path / "lib" / "ogpsa" / "demo" / "data" / "base" / "model.safetensors").is_file()
 
 
 def _source_copy(dest: pathlib.Path) -> pathlib.Path:

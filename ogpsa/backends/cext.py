@@ -11,6 +11,8 @@ report themselves unavailable with the import error as the reason.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -51,6 +53,26 @@ def build_info() -> dict:
     return raw
 
 
+def build_record() -> dict:
+    """``_C_build.json``, written next to ``_C`` by setup.py: whether the CUDA kernels were built,
+    why (``cuda_reason``) and, when not, how to get them. Empty for a build without the record."""
+    path = getattr(_C, "__file__", None)
+    if not path:
+        return {}
+    try:
+        return dict(json.loads(Path(path).with_name("_C_build.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def no_cuda_kernels_reason() -> str:
+    """Why this ``_C`` has no CUDA kernels and how to get them (from the build record)."""
+    rec = build_record()
+    why = rec.get("cuda_reason") or "no CUDA device, nvcc or CUDA torch at build time"
+    how = rec.get("how_to_get_cuda_kernels", "")
+    return why if not how or how in why else f"{why}; {how}"
+
+
 def info() -> dict:
     """The ``extension`` section of ``ogpsa info``."""
     if _C is None:
@@ -60,6 +82,7 @@ def info() -> dict:
         "built": True,
         "path": getattr(_C, "__file__", None),
         "cuda_kernels": bool(b["cuda"]),
+        **({} if b["cuda"] else {"cuda_kernels_not_built": no_cuda_kernels_reason()}),
         "cuda_archs": b["cuda_archs"],
         "openmp": bool(b["openmp"]),
         "cpu_threads": torch.get_num_threads(),
@@ -187,7 +210,7 @@ class CudaBackend(_ExtBackend):
             return False, _IMPORT_ERROR
         b = build_info()
         if not b.get("cuda"):
-            return False, "ogpsa._C was built without CUDA kernels (no nvcc or torch without CUDA at build time)"
+            return False, f"ogpsa._C was built without CUDA kernels: {no_cuda_kernels_reason()}"
         if not torch.cuda.is_available():
             return False, f"CUDA kernels built for sm {', '.join(b['cuda_archs'])} but no CUDA device is visible"
         return True, f"ogpsa._C CUDA kernels ({', '.join(b['cuda_archs'])}) on {torch.cuda.get_device_name()}"
