@@ -11,6 +11,14 @@ from .model import Codec, answer_logprobs, make_batch, pairs
 from .tasks import DemoData, Example
 
 
+def _new_cache(model: torch.nn.Module) -> Any:
+    """An empty ``transformers.DynamicCache`` for ``model``."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
 @torch.no_grad()
 def greedy_decode(model: torch.nn.Module, codec: Codec, prompts: Sequence[str], max_new_tokens: int,
                   device: torch.device, batch_size: int = 256) -> list[str]:
@@ -27,8 +35,11 @@ def greedy_decode(model: torch.nn.Module, codec: Codec, prompts: Sequence[str], 
         ids, mask = ids.to(device), mask.to(device)
         # Positions count real tokens only, so a left-padded prompt sees the positions it had in training.
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, last_pos = res.past_key_values, pos[:, -1:]
+        # An explicit Cache object, updated in place by every call: the current transformers API
+        # (relying on a cache the model creates and returns is the deprecated path).
+        past = _new_cache(model)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        last_pos = pos[:, -1:]
         generated = []
         done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -41,7 +52,6 @@ def greedy_decode(model: torch.nn.Module, codec: Codec, prompts: Sequence[str], 
             last_pos = last_pos + 1
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos,
                         past_key_values=past, use_cache=True)
-            past = res.past_key_values
         gen = torch.stack(generated, 1).tolist()
         for row in gen:
             if codec.eos_id in row:

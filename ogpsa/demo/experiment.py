@@ -20,7 +20,6 @@ the base model and the evaluation prompts are shared by all seeds and arms.
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
@@ -32,7 +31,7 @@ import ogpsa
 from . import tasks
 from .arms import ALL_ARMS, STAGES, Hyper, available_arms, run_arm
 from .evaluate import evaluate
-from .model import lm_loss, load_checkpoint, make_batch, pairs
+from .model import load_checkpoint, teach_formats, warn_if_base_incapable
 
 # The default (make demo, < 5 min on 2 cores): conflict (~ orthogonal) and LoRA (the slowest arm) only
 # in the full study, with the refresh-cost and reference-design arms.
@@ -115,18 +114,8 @@ class DemoConfig:
 
 
 def _teach_formats(model: torch.nn.Module, codec, steps: int, device: torch.device) -> None:
-    """``--model``: a short pass over the general mix (and requests answered helpfully)."""
-    data = tasks.make_data(0)
-    rng = random.Random(1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        loss = lm_loss(model, make_batch(codec, pairs(data.pretrain_batch(rng, 32, 0.3)), device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    """``--model``: a short pass over the general mix (:func:`ogpsa.demo.model.teach_formats`)."""
+    teach_formats(model, codec, steps, device)
 
 
 def load_model(cfg: DemoConfig, log: Callable[[str], None]) -> tuple[torch.nn.Module, Any, dict]:
@@ -165,6 +154,8 @@ def run_experiment(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[
         return evaluate(m, codec, eval_data, device, losses=False)
 
     before = evaluate(model, codec, eval_data, device)
+    if cfg.model:
+        warn_if_base_incapable(before, cfg.model, cfg.model_pretrain_steps)
     log(f"before: general {before['general_score']:.3f} {before['exact_match']}, "
         f"refusal {before['refusal_rate']:.2f}, over-refusal {before['over_refusal_rate']:.2f}")
     hps = cfg.hypers()

@@ -4,8 +4,10 @@ or any local Hugging Face causal LM (``--model PATH``)."""
 from __future__ import annotations
 
 import os
+import random
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +109,59 @@ def load_checkpoint(path: str) -> tuple[torch.nn.Module, Codec]:
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return model, Codec(tok)
+
+
+MIN_BASE_SCORE = 0.5
+"""``--model``: the general score (mean exact match over the tasks) below which the base model,
+after its format steps, is reported as unable to do the tasks (forgetting is then unmeasurable)."""
+
+
+def teach_formats(model: torch.nn.Module, codec: Codec, steps: int, device: torch.device,
+                  progress: bool = True) -> Optional[float]:
+    """``--model``: a short pass over the general mix (and requests answered helpfully) so an
+    outside checkpoint learns the task formats the protocol scores by exact match; a progress
+    bar (tqdm) shows the steps and the loss. Returns the last loss (None for 0 steps)."""
+    data = tasks.make_data(0)
+    rng = random.Random(1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    model.train()
+    bar = _progress(steps, progress)
+    last = None
+    for _ in range(steps):
+        loss = lm_loss(model, make_batch(codec, pairs(data.pretrain_batch(rng, 32, 0.3)), device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        last = float(loss.detach())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last:.3f}")
+    if bar is not None:
+        bar.close()
+    model.zero_grad(set_to_none=True)
+    return last
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total <= 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # never fail the demo for a progress bar
+        return None
+    return tqdm(total=total, desc="learning the task formats", unit="step")
+
+
+def warn_if_base_incapable(before: dict, path: str, format_steps: int, threshold: float = MIN_BASE_SCORE) -> bool:
+    """Warn (``UserWarning``) when the ``--model`` base scores below
+    ``threshold`` on the general tasks after its format steps. Returns whether it warned."""
+    score = float(before["general_score"])
+    if score >= threshold:
+        return False
+    per_task = ", ".join(f"{k} {v:.0%}" for k, v in before.get("exact_match", {}).items())
+    message = (f"ogpsa demo: the base model {path!r} scores {score:.1%} on the general tasks ({per_task}) after "
+               f"{format_steps} format steps, below {threshold:.0%}: it cannot do the tasks, so the forgetting the "
+               "demo measures is noise. Raise --model-steps, or use a stronger base")
+    warnings.warn(message, UserWarning, stacklevel=2)  # on stderr even with --quiet
+    return True
