@@ -14,7 +14,7 @@ helper: the interpreter re-patches the language on every nested JIT call, which 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import triton
@@ -27,12 +27,6 @@ except ImportError:  # pragma: no cover - very old triton
 
 #: dtype -> integer code passed to the kernels as a constexpr (selects the pointer type)
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-#: Called as ``LAUNCH_OBSERVER(kernel_name, grid)`` before every launch when set. None in
-#: production (one attribute test per launch); tests install a counter to check that an op's
-#: launch count does not grow with the number of tensors.
-LAUNCH_OBSERVER: Optional[Callable[[str, tuple], None]] = None
-
 
 @triton.jit
 def typed_ptr(addr, KIND: tl.constexpr):
@@ -84,14 +78,9 @@ INTERPRET_ENV: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
-    """Launch ``kernel[grid](*args, **kwargs)``; tell :data:`LAUNCH_OBSERVER` first if one is set.
-
-    Every kernel of this package goes through here. The kernel object is looked up by the
-    caller at call time (module globals), which lets tests substitute counting proxies.
-    """
-    if LAUNCH_OBSERVER is not None:
-        LAUNCH_OBSERVER(getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?"),
-                        grid)
+    """Launch ``kernel[grid](*args, **kwargs)``. Every kernel of this package goes through here.
+    Nothing test-only runs on this path: the kernel object is looked up by the caller at call
+    time (module globals), which lets tests substitute counting proxies."""
     kernel[grid](*args, **kwargs)
 
 

@@ -92,6 +92,12 @@ class OGPSAConfig:
             :class:`ogpsa.optim.ProjectedAdamW`): moments from the raw gradient, the Adam
             direction projected, so every applied update (up to decoupled weight decay,
             unless ``project_weight_decay``) is orthogonal to the subspace.
+        allow_partial: False (default): every trainable parameter the projection sees (the
+            model's, and with an optimizer every parameter it steps) must have a basis in the
+            subspace, else :class:`~ogpsa.SubspaceMismatchError` names the ones without (a
+            subspace saved from a PEFT- or DDP-wrapped model, whose names match nothing, is
+            caught here). True: parameters without a basis are stepped unprojected (still
+            counted and clipped), for a subspace built on purpose for some tensors only.
     """
 
     mode: str = "orthogonal"
@@ -111,6 +117,7 @@ class OGPSAConfig:
     reference_averaging: str = "example"
     reference_batch_size: Optional[int] = None
     space: str = "gradient"
+    allow_partial: bool = False
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)

@@ -15,3 +15,8 @@ class BackendUnavailableError(RuntimeError):
 class UnsupportedSetupError(RuntimeError):
     """A training setup OGPSA does not handle (e.g. DeepSpeed ZeRO-3); the message names
     the supported alternatives."""
+
+
+class SubspaceMismatchError(ValueError):
+    """A subspace does not fit a model: missing parameters, shape mismatches, or trainable
+    parameters without a basis (see ``OGPSAConfig.allow_partial``)."""

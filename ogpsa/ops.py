@@ -29,6 +29,7 @@ from . import selftest
 from .backends.base import Backend
 from .config import MODES, SCOPES
 from .errors import BackendUnavailableError, ProjectionInputError, UnsupportedSetupError
+from .modes import mode_weights
 from .plan import (
     BASIS_DTYPES,
     GRAD_DTYPES,
@@ -104,12 +105,16 @@ def get_backend(name: str) -> Backend:
 
 
 def requested_backend(backend: Optional[str] = None) -> str:
-    """The backend name in force: the argument, else $OGPSA_BACKEND, else "auto"."""
+    """THE backend precedence rule, for both spaces (the gradient projection here, the
+    projected optimizer step in :mod:`ogpsa.optim.backends`): ``$OGPSA_BACKEND`` when set (the
+    operator's switch, e.g. to run a whole job or test suite on one backend), else ``backend``
+    (the argument, i.e. ``OGPSAConfig.backend``), else ``"auto"`` (chosen per device and dtype).
+    Returns the name, checked against the known names (ValueError naming its source)."""
     env = os.environ.get("OGPSA_BACKEND", "").strip()
-    name = backend if backend not in (None, "auto") else (env or "auto")
+    name = env or (backend if backend is not None else "auto") or "auto"
     if name != "auto" and name not in _PREFERENCE:
-        raise ValueError(f"backend {name!r} (from {'OGPSA_BACKEND' if env else 'argument'}) is not one of "
-                         f"{('auto',) + _PREFERENCE}")
+        raise ValueError(f"backend {name!r} (from {'OGPSA_BACKEND' if env else 'the backend argument / config'}) is "
+                         f"not one of {('auto',) + _PREFERENCE}")
     return name
 
 
@@ -191,25 +196,6 @@ def plan_projection(
 # ----------------------------------------------------------------------------------------
 
 
-def _mode_weights(w: Tensor, mode: str, aligned_scale: float, gram: Optional[Tensor] = None):
-    """The mode rule on float64 coefficients ``w = M^-1 c`` ([T, K]): returns the weights
-    to subtract (``g' = kappa g - U^T w``) and kappa (a float, or a per-tensor tensor).
-    ``gram``: the zero-padded M (or M^-1) matching ``w``, whose positive diagonal entries
-    count each subspace's rank k (``threshold`` needs k = 1)."""
-    if mode == "orthogonal":
-        return w, 1.0
-    if mode == "conflict":
-        return torch.where(w < 0, w, (1.0 - aligned_scale) * w), 1.0
-    if mode == "threshold":
-        # the original's rule (reference.mode_weights): k = 1 and c > 0 (w has c's sign for
-        # k = 1): scale the whole gradient (w = 0, kappa = aligned_scale); else project
-        k1 = (torch.diagonal(gram, dim1=-2, dim2=-1) > 0).sum(-1) == 1
-        aligned = k1 & (w[..., 0] > 0)
-        kappa = torch.where(aligned, float(aligned_scale), 1.0).to(w.dtype)
-        return torch.where(aligned.unsqueeze(-1), torch.zeros_like(w), w), kappa
-    return -w, 0.0  # plane
-
-
 def _check_call(mode: str, max_norm: Optional[float], aligned_scale: float) -> None:
     if mode not in MODES:
         raise ProjectionInputError(f"mode={mode!r} is not one of {MODES}")
@@ -273,23 +259,26 @@ def execute(
 
     if scope == "global":
         c_total = sum(t[:, :-1].sum(0).to(home) for t in tables)
-        w_global, kappa = _mode_weights(plan.gram_total_inv @ c_total, mode, aligned_scale, plan.gram_total_inv)
+        k_total = int(max(plan.ks)) if plan.ks else 0
+        w_global, kappa_global = mode_weights(plan.gram_total_inv @ c_total, c_total, mode, aligned_scale,
+                                              torch.tensor(k_total))
 
     per_group = []
     for grp, gs, t, f in zip(plan.groups, grouped, tables, fused):
         c, sq = t[:, :-1], t[:, -1]
-        if scope == "global":
+        if scope == "global":  # one factor for the whole gradient, tensors without rows included
             w = w_global.to(c.device).expand_as(c)
+            kappa = kappa_global.to(c.device).expand(c.shape[0])
         else:
-            w, kappa = _mode_weights(torch.bmm(grp.gram_inv, c.unsqueeze(-1)).squeeze(-1), mode, aligned_scale,
-                                     grp.gram)
+            w, kappa = mode_weights(torch.bmm(grp.gram_inv, c.unsqueeze(-1)).squeeze(-1), c, mode, aligned_scale,
+                                    grp.ks)
         wc = (w * c).sum(-1)
         wmw = (w * torch.bmm(grp.gram, w.unsqueeze(-1)).squeeze(-1)).sum(-1)
-        if cpu and f and isinstance(kappa, float) and kappa != 0.0:
-            sq = recover_fused_sq(sq, gs, kappa, wc, wmw)
+        if cpu and f and mode in ("orthogonal", "conflict"):  # single-pass kernels: kappa = 1
+            sq = recover_fused_sq(sq, gs, 1.0, wc, wmw)
         sq_after = (kappa * kappa * sq - 2 * kappa * wc + wmw).clamp_min(0)
         removed = ((1 - kappa) ** 2 * sq + 2 * (1 - kappa) * wc + wmw).clamp_min(0)
-        per_group.append([w.float().contiguous(), sq, sq_after, removed])
+        per_group.append([w.float().contiguous(), sq, sq_after, removed, kappa])
 
     total_sq = sum(v[2].sum().to(home) for v in per_group)
     if extra_sq is not None:
@@ -305,13 +294,26 @@ def execute(
         clip_coef = (max_norm / (total_norm + CLIP_EPS)).clamp(max=1.0)
     else:
         clip_coef = torch.ones((), dtype=torch.float64, device=home)
-    for grp, gs, (w, _, _, _), f in zip(plan.groups, grouped, per_group, fused):
-        if f:
-            continue  # already projected by fused_project_
-        scale = clip_coef.to(device=w.device, dtype=torch.float32).expand(len(gs)).contiguous()
-        if isinstance(kappa, Tensor):  # per-tensor factor (threshold): folded into the scale (w is 0 there)
-            scale = scale * kappa.to(device=scale.device, dtype=torch.float32)
-        grp.backend.update_(gs, grp.bases, w, 1.0 if isinstance(kappa, Tensor) else kappa, scale)
+    for grp, gs, vals, f in zip(plan.groups, grouped, per_group, fused):
+        if not f:
+            _apply_group(grp, gs, vals[0], vals[4], clip_coef, mode, scope)
+    if cpu and not exact:
+        # statistics without clipping: a tensor that lost almost all of its norm has a float64
+        # ||g'||^2 = kappa^2 ||g||^2 - 2 kappa w.c + w^T M w that cancelled down to the float32
+        # rounding of the pass-1 sums; measure those few tensors directly (CPU: no device sync)
+        for gs, vals in zip(grouped, per_group):
+            low = vals[2] < EXACT_NORM_FRACTION * vals[1]
+            if bool(low.any()):
+                idx = low.nonzero().flatten().tolist()
+                vals[2] = vals[2].clone()
+                vals[2][idx] = sq_norms64([gs[i] for i in idx]).to(vals[2].device)
+                if max_norm is not None:
+                    vals[2][idx] = vals[2][idx] / clip_coef.to(vals[2].device) ** 2
+        if max_norm is None:
+            total_sq = sum(v[2].sum().to(home) for v in per_group)
+            if extra_sq is not None:
+                total_sq = total_sq + extra_sq.to(home, torch.float64)
+            total_norm = total_sq.sqrt()
     if exact:
         # almost all of g was in the subspace: measure the projected norm, then scale
         for gs, vals in zip(grouped, per_group):
@@ -334,6 +336,33 @@ def execute(
     single = sum(grp.single_pass for grp, f in zip(plan.groups, fused) if f)
     return ProjectionStats(gather(1), gather(2), gather(3), total_norm, clip_coef, plan.names,
                            tuple(sorted({grp.backend.name for grp in plan.groups})), single)
+
+
+def _apply_group(grp, gs: list, w: Tensor, kappa: Tensor, clip_coef: Tensor, mode: str, scope: str) -> None:
+    """Pass 2 of one group: ``g <- scale (kappa g - U^T w)``. The backends take one scalar kappa
+    per call; per-tensor factors are folded into the scale where w is 0 (threshold), and under
+    ``plane`` (kappa 0 for tensors with rows) a tensor without rows (kappa 1, w 0) is only scaled."""
+    scale = clip_coef.to(device=w.device, dtype=torch.float32).expand(len(gs)).contiguous()
+    if mode in ("orthogonal", "conflict"):
+        grp.backend.update_(gs, grp.bases, w, 1.0, scale)
+    elif mode == "threshold" or scope == "global":
+        # threshold: w = 0 wherever kappa != 1; global plane: kappa is 0 for every tensor
+        if mode == "plane":
+            grp.backend.update_(gs, grp.bases, w, 0.0, scale)
+        else:
+            grp.backend.update_(gs, grp.bases, w, 1.0, scale * kappa.to(device=scale.device, dtype=torch.float32))
+    else:  # plane, per-tensor scope
+        rows = [i for i, u in enumerate(grp.bases) if u.shape[0]]
+        bare = [i for i, u in enumerate(grp.bases) if not u.shape[0]]
+        if len(rows) == len(gs):
+            grp.backend.update_(gs, grp.bases, w, 0.0, scale)
+            return
+        if rows:
+            sel = torch.tensor(rows, device=w.device)
+            grp.backend.update_([gs[i] for i in rows], [grp.bases[i] for i in rows], w.index_select(0, sel), 0.0,
+                                scale.index_select(0, sel))
+        if bare:
+            torch._foreach_mul_([gs[i] for i in bare], clip_coef.to(gs[bare[0]].device, torch.float32))
 
 
 def project_(

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .backends.base import Backend
 from .config import SCOPES
-from .errors import ProjectionInputError
+from .errors import ProjectionInputError, SubspaceMismatchError
 
 #: Largest basis rank the kernels handle; the torch backend takes any, but every backend
 #: is held to the same limit so that results do not depend on which one ran.
@@ -53,6 +53,37 @@ def gram64(u: Tensor) -> Tensor:
         blk = u[:, start:start + GRAM_BLOCK].double()
         out.addmm_(blk, blk.T)
     return out
+
+
+#: eigenvalues of a Gram matrix below this fraction of its largest are treated as zero: the
+#: dots c = U x come from float32 sums (relative error ~1e-7), so a direction whose eigenvalue
+#: is smaller than that cannot be resolved, and inverting it would amplify rounding into a
+#: LONGER step than the unprojected one. Dropping it projects onto the resolvable span.
+GRAM_RTOL = 1e-6
+
+
+def gram_pinv(m: Tensor, what: str = "basis") -> Tensor:
+    """The pseudo-inverse of a symmetric positive semi-definite Gram matrix ``M = U U^T``
+    (float64, rank-revealing: ``eigh``, eigenvalues below ``GRAM_RTOL * max`` dropped).
+
+    ``U^T M^+ U`` is then the orthogonal projector onto the span of the rows that can be told
+    apart in float32 arithmetic, so projecting never lengthens a vector: rank-deficient or
+    nearly dependent rows project onto their span, never a bare ``LinAlgError``. A matrix that
+    is not finite raises :class:`ProjectionInputError` naming ``what``."""
+    m = m.detach().to(torch.float64)
+    if m.numel() == 0:
+        return m.clone()
+    if not bool(torch.isfinite(m).all()):
+        raise ProjectionInputError(f"{what}: the Gram matrix U U^T is not finite (NaN/Inf in the basis?)")
+    m = 0.5 * (m + m.transpose(-1, -2))  # exactly symmetric for eigh
+    try:
+        evals, evecs = torch.linalg.eigh(m)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
+        raise ProjectionInputError(f"{what}: cannot factorise the Gram matrix U U^T ({exc})") from None
+    top = evals.abs().amax(-1, keepdim=True)
+    keep = evals > GRAM_RTOL * top
+    inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
+    return (evecs * inv.unsqueeze(-2)) @ evecs.transpose(-1, -2)
 
 
 @dataclass
@@ -103,9 +134,9 @@ def basis_entry(u: Tensor, numel: int, device: torch.device, what: str, *, scope
         m = gram.detach().to("cpu", torch.float64) if gram is not None else computed
     if tuple(m.shape) != (k, k):
         raise ProjectionInputError(f"{what}: Gram matrix has shape {tuple(m.shape)}, expected ({k}, {k})")
-    # pinv: rows that are (numerically) dependent still give the projection onto their span;
+    # rows that are (numerically) dependent still give the projection onto their span;
     # global-scope slices are singular per tensor and their inverse is never used
-    inv = torch.linalg.pinv(m, hermitian=True)
+    inv = gram_pinv(m, what)
     return BasisEntry(u, k, m, inv)
 
 
@@ -122,6 +153,7 @@ class Group:
     gram_inv32: Tensor  # float32 copy for single-pass kernels
     positions: Tensor  # int64 [T] on the plan's home device
     single_pass: int = 0  # tensors a fused_project_ call would run in one pass
+    ks: Optional[Tensor] = None  # int64 [T] on the device: each tensor's rank (the mode rule needs it)
 
 
 @dataclass
@@ -215,14 +247,43 @@ def build_plan(entries: Sequence[BasisEntry], numels: Sequence[int], dtypes: Seq
         if hasattr(be, "fused_project_"):
             single = sum(1 for i in idx if numels[i] <= limit) if isinstance(limit, int) else len(idx)
         groups.append(Group(be, idx, [entries[i].basis for i in idx], k_max, m.to(device), m_inv.to(device),
-                            m_inv.float().to(device), torch.tensor(idx, dtype=torch.int64).to(home), single))
+                            m_inv.float().to(device), torch.tensor(idx, dtype=torch.int64).to(home), single,
+                            torch.tensor([ks[i] for i in idx], dtype=torch.int64).to(device)))
     total_inv = None
     if scope == "global":
         k = max(ks)
         total = sum(e.gram for e in entries if e.k) if k else None
         total_inv = torch.zeros(k_all, k_all, dtype=torch.float64)
         if total is not None:
-            total_inv[:k, :k] = torch.linalg.pinv(total, hermitian=True)
+            total_inv[:k, :k] = gram_pinv(total, "scope='global' subspace")
         total_inv = total_inv.to(home)
     return ProjectionPlan(groups, t, ks, list(numels), list(dtypes), list(devices), scope,
                           list(names) if names is not None else None, home, total_inv)
+
+
+def uncovered(named: Sequence[tuple[str, Tensor]], basis_names, extra: Sequence[Tensor] = ()) -> list[str]:
+    """The trainable parameters the projection would step WITHOUT a basis: ``named`` (name,
+    parameter) pairs that require grad and are not in ``basis_names``, and ``extra``
+    parameters (stepped by the optimizer but not part of the model, so no basis can name
+    them). Both spaces call this through :func:`check_coverage`."""
+    names = set(basis_names)
+    out = [f"{n!r}: trainable parameter without a basis" for n, p in named if p.requires_grad and n not in names]
+    out += [f"a parameter of shape {tuple(p.shape)} in the optimizer is not a parameter of the model (no basis can "
+            f"name it)" for p in extra if p.requires_grad]
+    return out
+
+
+def check_coverage(named: Sequence[tuple[str, Tensor]], basis_names, extra: Sequence[Tensor] = (), *,
+                   allow_partial: bool, what: str = "OGPSA") -> None:
+    """:class:`~ogpsa.SubspaceMismatchError` listing :func:`uncovered` parameters, unless
+    ``allow_partial`` (the documented option for a subspace built for some tensors only)."""
+    if allow_partial:
+        return
+    problems = uncovered(named, basis_names, extra)
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise SubspaceMismatchError(f"{what}: the subspace does not cover every trainable parameter (they would be "
+                                    f"stepped unprojected):\n  " + "\n  ".join(shown)
+                                    + "\nBuild the subspace from all trainable parameters (names as the model "
+                                      "being trained spells them), or pass OGPSAConfig(allow_partial=True) if "
+                                      "leaving them unprojected is intended")

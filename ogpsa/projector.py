@@ -43,10 +43,9 @@ updates are only approximately orthogonal (exactly what the original work does t
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -54,8 +53,9 @@ from torch import Tensor
 from . import ops
 from .config import OGPSAConfig
 from .errors import ProjectionInputError
+from .interface import PauseMixin, claim_optimizer, release_optimizer
 from .ops import ProjectionStats
-from .plan import BasisEntry, basis_entry
+from .plan import BasisEntry, basis_entry, check_coverage
 from .subspace import Subspace, SubspaceMismatchError
 
 _UDT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -67,16 +67,6 @@ def check_not_meta(model: torch.nn.Module) -> None:
     if meta:
         raise ValueError(f"parameter {meta[0]!r} (and {len(meta) - 1} more) is on the meta device: materialise the "
                          f"model (e.g. model.to_empty(device=...) and load its weights) before attaching OGPSA")
-
-
-def claim_optimizer(optimizer, projector) -> None:
-    """One projector per optimizer: a second one would project each step twice."""
-    ref = optimizer.__dict__.get("_ogpsa_projector")
-    other = ref() if ref is not None else None
-    if other is not None and other is not projector and other._handles:
-        raise RuntimeError(f"this {type(optimizer).__name__} already has an OGPSA projector attached; call "
-                           f".remove() on it before attaching another (two would project every step twice)")
-    optimizer.__dict__["_ogpsa_projector"] = weakref.ref(projector)
 
 
 class StepRecord:
@@ -106,8 +96,10 @@ class StepRecord:
         self._seen = {}
 
 
-class Projector:
-    """Projects a model's gradients before every optimizer step. Create with :func:`ogpsa.attach`."""
+class Projector(PauseMixin):
+    """Projects a model's gradients before every optimizer step. Create with :func:`ogpsa.attach`.
+
+    Implements :class:`ogpsa.interface.ProjectorLike`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], subspace: Subspace,
                  config: Optional[OGPSAConfig] = None):
@@ -137,6 +129,18 @@ class Projector:
             raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
                              f"uses scope={self.config.scope!r}")
         self._resolve(subspace)  # validates everything first: a bad subspace leaves the old one in use
+
+    @property
+    def attached(self) -> bool:
+        """Whether this projector still hooks its optimizer."""
+        return bool(self._handles)
+
+    def _optimizer_extras(self, params: dict) -> list:
+        """Parameters the optimizer steps that are not parameters of the model."""
+        if self.optimizer is None:
+            return []
+        mine = {p for p in params.values()}
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p not in mine]
 
     def _entry(self, subspace: Subspace, name: str, p: Tensor) -> BasisEntry:
         dev = torch.device(self.config.basis_device) if self.config.basis_device else p.device
@@ -172,8 +176,12 @@ class Projector:
                 entry = old if old is not None and old.basis.device == p.device else self._entry(sub, name, p)
                 entries[name] = entry
             tracked.append((name, module, attr, p, entry))
+        extras = self._optimizer_extras(params)
+        check_coverage(list(params.items()), sub.names, extras, allow_partial=bool(self.config.allow_partial),
+                       what="ogpsa.attach (space='gradient')")
         self.subspace = sub
         self._tracked = tracked
+        self._extras = extras  # counted and clipped (no basis can name them)
         self._entries = entries
         # (container, key, object) slots that must still hold what they held: the parameter slot
         # of every trainable or projected parameter, and every module link above it (a module
@@ -232,6 +240,10 @@ class Projector:
                 p.grad = g = g.contiguous()
             grads.append(g)
             index.append(j)
+        if include_unprojected:
+            for p in self._extras:  # in the optimizer, not in the model: counted and clipped
+                if p.grad is not None and p.grad.numel():
+                    sparse.append(p.grad)
         return grads, index, sparse
 
     def _plan(self, grads, index, clipping: bool) -> ops.ProjectionPlan:
@@ -275,7 +287,8 @@ class Projector:
                 self._record.mark(sparse)
             return None, False, None
         plan = self._plan(grads, index, clipping)
-        extra = sum(torch.linalg.vector_norm(g.coalesce().values(), dtype=torch.float64).square()
+        extra = sum(torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g,
+                                             dtype=torch.float64).square().to(plan.home)
                     for g in sparse) if sparse else None
         stats = ops.execute(plan, grads, mode=self.config.mode, max_norm=max_norm,
                             aligned_scale=self.config.aligned_scale, error_if_nonfinite=error_if_nonfinite,
@@ -323,7 +336,7 @@ class Projector:
         return norm
 
     def _clip_params(self) -> list:
-        return [p for _n, _m, _a, p, _e in self._tracked]
+        return [p for _n, _m, _a, p, _e in self._tracked] + list(self._extras)
 
     def _current_grads(self) -> list:
         """The gradient tensors a clipping projection would touch now."""
@@ -335,19 +348,6 @@ class Projector:
 
     # -- control ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """No projection inside this block (e.g. while collecting reference gradients)."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
-
-    @property
-    def is_paused(self) -> bool:
-        return self._paused > 0
-
     def remove(self) -> None:
         """Detach from the optimizer; later steps are not projected."""
         for h in self._handles:
@@ -355,10 +355,7 @@ class Projector:
         self._handles.clear()
         self._plans.clear()
         self._record.clear()
-        if self.optimizer is not None:
-            ref = self.optimizer.__dict__.get("_ogpsa_projector")
-            if ref is not None and ref() is self:
-                del self.optimizer.__dict__["_ogpsa_projector"]
+        release_optimizer(self.optimizer, self)
 
 
 class GradientHooks:

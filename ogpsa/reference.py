@@ -19,7 +19,8 @@ Projection of a gradient onto the orthogonal complement of the row space of U is
 * conflict:   ``w = M^{-1} c``; for each direction, w_j < 0 (descending g would raise the
   reference loss) is removed entirely, w_j > 0 is scaled by ``aligned_scale``: the
   removed part is w_j for w_j < 0 and (1 - aligned_scale) * w_j otherwise.
-* plane:      ``w = -M^{-1} c``, kappa = 0  -> g' = U^T M^{-1} c (the subspace part)
+* plane:      ``w = -M^{-1} c``, kappa = 0  -> g' = U^T M^{-1} c (the subspace part); a tensor
+  without basis rows is not projected in any mode (per-tensor scope: kappa = 1, as with no basis)
 * threshold:  the original implementation's ``threshold`` rule, per subspace. With one
   direction (k = 1): if c > 0 (g aligned with the reference gradient, whose sign the
   original tests through its cosine) the WHOLE gradient is scaled: w = 0,
@@ -42,6 +43,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .modes import check_mode
+from .modes import mode_weights as _rule
 
 CLIP_EPS = 1e-6  # the epsilon torch.nn.utils.clip_grad_norm_ adds to the norm
 
@@ -187,19 +191,13 @@ def build_bases(
 
 
 def mode_weights(c: Tensor, m_inv: Tensor, mode: str, aligned_scale: float) -> tuple[Tensor, float]:
-    """Weights w and factor kappa such that the projected gradient is kappa g - U^T w."""
+    """Weights w and factor kappa such that the projected gradient is kappa g - U^T w, for ONE
+    tensor (or one global subspace): ``w = M^{-1} c`` and the rule of :mod:`ogpsa.modes` (the one
+    definition every backend and both spaces use). A tensor without rows (k = 0) keeps kappa 1."""
+    check_mode(mode)
     w = m_inv @ c
-    if mode == "orthogonal":
-        return w, 1.0
-    if mode == "conflict":
-        return torch.where(w < 0, w, (1.0 - aligned_scale) * w), 1.0
-    if mode == "plane":
-        return -w, 0.0
-    if mode == "threshold":
-        if c.numel() == 1 and float(c[0]) > 0:
-            return torch.zeros_like(w), float(aligned_scale)  # aligned: scale the whole gradient
-        return w, 1.0  # conflict (k = 1) or k >= 2: orthogonal projection
-    raise ValueError(f"mode={mode!r} is not one of ('orthogonal', 'conflict', 'plane', 'threshold')")
+    v, kappa = _rule(w[None], c[None], mode, aligned_scale, torch.tensor([c.numel()]))
+    return v[0], float(kappa[0])
 
 
 def project_(

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import atomic, basis_build, ops
 from .config import OGPSAConfig
+from .errors import SubspaceMismatchError  # noqa: F401  (defined in the leaf module, re-exported here)
 from .plan import gram64
 
 FORMAT_VERSION = "1"
@@ -23,10 +24,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: trainer integrations (``ogpsa.integrations.common.SUBSPACE_FILE``) write the same name
 SUBSPACE_FILE = "ogpsa_subspace.safetensors"
 _EPS32 = float(torch.finfo(torch.float32).eps)
-
-
-class SubspaceMismatchError(ValueError):
-    """A subspace does not fit a model: missing parameters or shape mismatches."""
 
 
 class SubspaceFileError(ValueError):

@@ -267,7 +267,7 @@ def scenario_fsdp_tensor(rank, out):
     import ogpsa
     from ogpsa.optim import ProjectedAdamW
 
-    config = ogpsa.OGPSAConfig(space="update")
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     sub = single_subspace(config)
     single, single_f = single_adamw(sub, config, wd=WD, project_wd=True)
     exact, exact_f = float64_adamw(sub, "tensor", wd=WD, project_wd=True)
@@ -292,7 +292,7 @@ def scenario_fsdp_tensor(rank, out):
 def scenario_fsdp_global(rank, out):
     import ogpsa
 
-    config = ogpsa.OGPSAConfig(space="update", scope="global", rank=2)
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True, scope="global", rank=2)
     sub = single_subspace(config)
     max_norm = 0.3
     single, single_f = single_adamw(sub, config, wd=0.0, project_wd=False, max_norm=max_norm)
@@ -342,7 +342,7 @@ def scenario_fsdp_empty_shard(rank, out):
     import ogpsa
     from ogpsa.optim import ProjectedAdamW
 
-    config = ogpsa.OGPSAConfig(space="update")
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     gen = torch.Generator().manual_seed(9)
     refs = [{"a": torch.randn(1, 7, generator=gen), "b": torch.randn(5, 7, generator=gen)} for _ in range(2)]
     sub = ogpsa.Subspace.from_gradients(refs, config)
@@ -362,7 +362,7 @@ def scenario_ddp(rank, out):
     import ogpsa
     from ogpsa.optim import ProjectedAdamW
 
-    config = ogpsa.OGPSAConfig(space="update")
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     sub = single_subspace(config)
     single, single_f = single_adamw(sub, config, wd=WD, project_wd=True)
     exact, exact_f = float64_adamw(sub, "tensor", wd=WD, project_wd=True)
@@ -399,7 +399,7 @@ def scenario_errors(rank, out):
     from ogpsa.distributed import ShardedSubspace, fsdp_layout
     from ogpsa.optim import ProjectedAdamW
 
-    config = ogpsa.OGPSAConfig(space="update")
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     found = {}
 
     def expect(key, fn):
@@ -442,7 +442,7 @@ def scenario_deepspeed(rank, out):
     from ogpsa.distributed import attach_deepspeed
     from ogpsa.optim import ProjectedAdamW
 
-    config = ogpsa.OGPSAConfig(space="update")
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     sub = single_subspace(config)
     ds_config = {"train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}

@@ -159,7 +159,7 @@ def state_layout(opt):
 def scenario_zero_tensor(rank, out):
     import ogpsa
 
-    config = ogpsa.OGPSAConfig(space="update")
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     sub = subspace_of(config)
     single, single_f = single_adamw(sub, config, wd=0.0, project_wd=False)
     exact, exact_f = float64_adamw(sub, "tensor", wd=0.0, project_wd=False)
@@ -191,7 +191,7 @@ def scenario_zero_global(rank, out):
     from ogpsa.distributed import attach_deepspeed
     from ogpsa.optim import ProjectedAdamW
 
-    config = ogpsa.OGPSAConfig(space="update", scope="global", rank=2)
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True, scope="global", rank=2)
     skip = "layers.0.norm.weight"
     sub = subspace_of(config, skip=(skip,))
     single, single_f = single_adamw(sub, config, wd=WD, project_wd=True)
@@ -210,7 +210,7 @@ def scenario_deepspeed(rank, out, tmp):
 
     import ogpsa
 
-    config = ogpsa.OGPSAConfig(space="update")
+    config = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     sub = subspace_of(config)
     single, single_f = single_adamw(sub, config, wd=0.0, project_wd=False)
     exact, exact_f = float64_adamw(sub, "tensor", wd=0.0, project_wd=False)

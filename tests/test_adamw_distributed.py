@@ -147,7 +147,7 @@ def _model_and_subspace():
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
     gen = torch.Generator().manual_seed(1)
     refs = [{n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()} for _ in range(2)]
-    return model, ogpsa.Subspace.from_gradients(refs, ogpsa.OGPSAConfig(space="update"))
+    return model, ogpsa.Subspace.from_gradients(refs, ogpsa.OGPSAConfig(space="update", allow_partial=True))
 
 
 def _deepspeed_like(name: str, module: str, **attrs):
@@ -157,7 +157,7 @@ def _deepspeed_like(name: str, module: str, **attrs):
 
 def test_attach_update_space_refuses_deepspeed_objects():
     model, sub = _model_and_subspace()
-    cfg = ogpsa.OGPSAConfig(space="update")
+    cfg = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     zero = _deepspeed_like("DeepSpeedZeroOptimizer", "deepspeed.runtime.zero.stage_1_and_2",
                            param_groups=[{"params": list(model.parameters())}])
     with pytest.raises(UnsupportedSetupError, match="DeepSpeed ZeRO.*space='gradient'"):

@@ -150,7 +150,7 @@ def _model_and_subspace(scope="tensor"):
     gen = torch.Generator().manual_seed(1)
     refs = [{n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters() if n != "2.bias"}
             for _ in range(2)]
-    return model, ogpsa.Subspace.from_gradients(refs, ogpsa.OGPSAConfig(space="update", scope=scope))
+    return model, ogpsa.Subspace.from_gradients(refs, ogpsa.OGPSAConfig(space="update", allow_partial=True, scope=scope))
 
 
 class OneRankZero:
@@ -201,7 +201,7 @@ def test_one_rank_two_groups_with_padding_equals_projected_adamw():
     twin.load_state_dict(model.state_dict())
     ps, qs = list(model.parameters()), list(twin.parameters())
     zero = OneRankZero([ps[:2], ps[2:]], lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0))
-    proj = attach_deepspeed(_engine(model, zero), sub, ogpsa.OGPSAConfig(space="update"))
+    proj = attach_deepspeed(_engine(model, zero), sub, ogpsa.OGPSAConfig(space="update", allow_partial=True))
     ref = ProjectedAdamW([{"params": qs[:2]}, {"params": qs[2:]}], sub, lr=1e-2, weight_decay=0.0, model=twin)
     gen = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -244,13 +244,13 @@ def test_unsupported_inner_optimizers_name_what_to_use(kind, match):
         make = lambda g: _inner(torch.optim.Adam(g), kind)  # noqa: E731
     zero = OneRankZero([ps], make)
     with pytest.raises(UnsupportedSetupError, match=match):
-        attach_deepspeed(_engine(model, zero), sub, ogpsa.OGPSAConfig(space="update"))
+        attach_deepspeed(_engine(model, zero), sub, ogpsa.OGPSAConfig(space="update", allow_partial=True))
 
 
 def test_zero3_global_scope_over_groups_and_non_zero_optimizers_raise():
     model, sub = _model_and_subspace()
     ps = list(model.parameters())
-    cfg = ogpsa.OGPSAConfig(space="update")
+    cfg = ogpsa.OGPSAConfig(space="update", allow_partial=True)
     zero = OneRankZero([ps], lambda g: torch.optim.AdamW(g))
     with pytest.raises(UnsupportedSetupError, match="stage 3.*ZeRO-2"):
         attach_deepspeed(_engine(model, zero, stage=3), sub, cfg)
@@ -260,7 +260,7 @@ def test_zero3_global_scope_over_groups_and_non_zero_optimizers_raise():
     _, gsub = _model_and_subspace(scope="global")
     two = OneRankZero([ps[:2], ps[2:]], lambda g: torch.optim.AdamW(g))
     with pytest.raises(UnsupportedSetupError, match="scope='global'.*ONE"):
-        attach_deepspeed(_engine(model, two), gsub, ogpsa.OGPSAConfig(space="update", scope="global"))
+        attach_deepspeed(_engine(model, two), gsub, ogpsa.OGPSAConfig(space="update", allow_partial=True, scope="global"))
     one = OneRankZero([ps], lambda g: torch.optim.AdamW(g))  # (re)maps the parameters into one partition
     assert isinstance(attach_deepspeed(_engine(model, one), sub, cfg), ZeroUpdateProjector)
 
@@ -269,8 +269,9 @@ def test_zero_update_projector_surface():
     """What OGPSA sessions and trainers call: clipping is DeepSpeed's; remove() unhooks."""
     model, sub = _model_and_subspace()
     zero = OneRankZero([list(model.parameters())], lambda g: torch.optim.AdamW(g))
-    with pytest.warns(UserWarning, match="gradient_clipping"):
-        proj = attach_deepspeed(_engine(model, zero), sub, ogpsa.OGPSAConfig(space="update", max_norm=1.0))
+    with pytest.raises(UnsupportedSetupError, match="gradient_clipping"):  # rejected at attach, never ignored
+        attach_deepspeed(_engine(model, zero), sub, ogpsa.OGPSAConfig(space="update", allow_partial=True, max_norm=1.0))
+    proj = attach_deepspeed(_engine(model, zero), sub, ogpsa.OGPSAConfig(space="update", allow_partial=True))
     assert proj.config.max_norm is None and proj.subspace is sub
     with pytest.raises(RuntimeError, match="gradient_clipping"):
         proj.clip_grad_norm_(1.0)
@@ -278,13 +279,13 @@ def test_zero_update_projector_surface():
         proj.project(max_norm=1.0)
     assert proj.project() is None
     with proj.paused():
-        assert proj.is_paused()
-    assert not proj.is_paused()
+        assert proj.is_paused  # a property, as on every projector
+    assert not proj.is_paused
     with pytest.raises(ValueError, match="engine's own optimizer"):
         engine_cls = type("DeepSpeedEngine", (), {"__module__": "deepspeed.runtime.engine",
                                                   "zero_optimization_stage": lambda self: 2})
         engine = engine_cls()
         engine.module, engine.optimizer = model, zero
-        ogpsa.attach(engine, torch.optim.AdamW(model.parameters()), sub, ogpsa.OGPSAConfig(space="update"))
+        ogpsa.attach(engine, torch.optim.AdamW(model.parameters()), sub, ogpsa.OGPSAConfig(space="update", allow_partial=True))
     proj.remove()
     assert not zero.optimizer._optimizer_step_pre_hooks and not zero.optimizer._optimizer_step_post_hooks

@@ -420,9 +420,9 @@ def test_adamw_contenders_each_take_a_real_step():
 
 def test_adamw_suite_cli_smoke_and_readme_block(tmp_path):
     from ogpsa.bench import adamw
-    from ogpsa.optim.bench import main
+    from ogpsa.cli import main
 
-    assert main(["--workloads", "tiny", "--out", str(tmp_path), "--budget-s", "0.02"]) == 0
+    assert main(["bench", "--suite", "adamw", "--workloads", "tiny", "--out", str(tmp_path), "--budget-s", "0.02"]) == 0
     data = json.loads((tmp_path / "adamw.json").read_text())
     assert data["suite"] == "adamw" and data["env"]["hardware"]
     rows = {r["contender"]: r for r in data["results"]}

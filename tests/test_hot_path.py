@@ -205,7 +205,7 @@ def test_parameters_added_after_attach_count_in_clipping():
     model = _model(5)
     sub = _subspace(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    proj = ogpsa.attach(model, opt, sub)
+    proj = ogpsa.attach(model, opt, sub, OGPSAConfig(allow_partial=True))  # the added layer has no basis
     extra = torch.nn.Linear(5, 3)
     model.append(extra)
     opt.add_param_group({"params": extra.parameters()})
@@ -261,7 +261,7 @@ def test_zero_element_and_sparse_gradients():
     twin_emb = torch.nn.Embedding(11, 3, sparse=True)
     twin_emb.load_state_dict(emb.state_dict())
     sub = Subspace.from_gradients([{n: torch.randn_like(p) for n, p in lin.named_parameters(prefix="lin")}])
-    proj = ogpsa.attach(model, None, sub)
+    proj = ogpsa.attach(model, None, sub, OGPSAConfig(allow_partial=True))  # "emb" has no basis
 
     def run(e):
         out = lin(e(torch.tensor([1, 4, 4])))
@@ -281,7 +281,7 @@ def test_zero_element_and_sparse_gradients():
     # with a basis, a sparse gradient is a named error
     sub2 = Subspace.from_gradients([{"emb.weight": torch.randn(11, 3)}])
     proj.remove()
-    proj2 = ogpsa.attach(model, None, sub2)
+    proj2 = ogpsa.attach(model, None, sub2, OGPSAConfig(allow_partial=True))
     before = emb.weight.grad.coalesce().values().clone()
     with pytest.raises(ProjectionInputError, match=r"'emb.weight' has a sparse gradient"):
         proj2.project()
@@ -433,7 +433,7 @@ def test_project_then_clip_with_unprojected_parameters_projects_once():
     full = _subspace(model, config)
     keep = [n for n in full.names if n != "2.bias"]
     sub = Subspace(keep, [full.shapes[full.names.index(n)] for n in keep], [full.basis(n) for n in keep], config)
-    proj = ogpsa.attach(model, None, sub)
+    proj = ogpsa.attach(model, None, sub, config.replace(allow_partial=True))
     _backward(model, 16)
     _backward(twin, 16)
     proj.project()

@@ -155,7 +155,7 @@ def test_clip_includes_params_without_basis():
     sub = _subspace(model)
     partial = Subspace([n for n in sub.names if n != "2.bias"], [s for n, s in zip(sub.names, sub.shapes) if n != "2.bias"],
                        [sub.basis(n) for n in sub.names if n != "2.bias"])
-    proj = ogpsa.attach(model, None, partial)
+    proj = ogpsa.attach(model, None, partial, OGPSAConfig(allow_partial=True))
     _loss(model, _batch(model, 8)).backward()
     bias_before = model[2].bias.grad.clone()
     total = proj.clip_grad_norm_(1e-3)

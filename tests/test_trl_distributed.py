@@ -285,13 +285,13 @@ def _fake_trainer(deepspeed_stage=None, fsdp=False):
     from types import SimpleNamespace
 
     from ogpsa.config import OGPSAConfig
-    from ogpsa.integrations.common import OGPSAEngine
+    from ogpsa.session import OGPSA
 
     plugin = SimpleNamespace(zero_stage=deepspeed_stage)
     return SimpleNamespace(
         is_deepspeed_enabled=deepspeed_stage is not None, is_fsdp_enabled=fsdp,
         accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
-        _ogpsa_engine=OGPSAEngine(OGPSAConfig(), REFERENCE, refresh_every=2), _ogpsa_deepspeed=False,
+        _ogpsa_engine=OGPSA.deferred(REFERENCE, OGPSAConfig(), refresh_every=2), _ogpsa_deepspeed=False,
         _ogpsa_batch_size=2, args=SimpleNamespace(per_device_train_batch_size=2), processing_class=None,
         add_callback=lambda cb: None)
 

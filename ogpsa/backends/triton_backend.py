@@ -40,11 +40,6 @@ from .base import Backend
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BASIS_DTYPES = (torch.float32, torch.bfloat16)
 
-#: Fill every buffer this backend allocates with NaN first (tests use it to prove each
-#: output element is written by a kernel, not inherited from the allocator).
-POISON_NEW_BUFFERS = False
-
-
 def _on_device(device: torch.device):
     # Triton launches on the *current* CUDA device, not the one the tables point into
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -65,10 +60,9 @@ def _rows_aligned(bases: Sequence[Tensor]) -> bool:
 
 
 def _new(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_NEW_BUFFERS and out.is_floating_point():
-        out.fill_(float("nan"))
-    return out
+    """Every buffer this backend allocates (looked up at call time, so a test can substitute an
+    allocator that fills with NaN to prove each output element is written by a kernel)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class TritonBackend(Backend):

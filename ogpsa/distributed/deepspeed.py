@@ -5,7 +5,6 @@ ZeRO optimizer's step (DeepSpeed's own clipping then sees the projected gradient
 
 from __future__ import annotations
 
-import warnings
 from typing import Mapping, Optional, Union
 
 import torch
@@ -14,47 +13,19 @@ from torch import Tensor
 
 from ..config import OGPSAConfig
 from ..errors import UnsupportedSetupError
+from ..interface import claim_optimizer, release_optimizer
 from ..ops import ProjectionStats
+from ..plan import check_coverage
 from ..projector import Projector
 from ..subspace import Subspace
 from .layout import LocalSlice, _first_device
 from .pieces import PieceProjection
 from .sharded import ShardedSubspace
+from .zero_layout import _zero_partition_slices, check_zero_subspace
 
 # ----------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-1/2
 # ----------------------------------------------------------------------------------------
-
-
-def _zero_partition_slices(zero_opt, params_by_id: Mapping[int, str]) -> dict[str, tuple[int, int, LocalSlice]]:
-    """``{name: (group index, index in params_in_partition, LocalSlice)}`` for the parameters
-    that have elements in this rank's ZeRO partition."""
-    out = {}
-    for gi, group in enumerate(zero_opt.params_in_partition):
-        for j, p in enumerate(group):
-            name = params_by_id.get(id(p))
-            if name is None:
-                continue
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None:
-                start, length = int(mapping.lp_fragment_address.start), int(mapping.lp_fragment_address.numel)
-            else:  # older DeepSpeed: only the first parameter of a partition starts inside itself
-                start = int(zero_opt.first_offset[gi]) if j == 0 else 0
-                length = min(p.numel() - start, int(zero_opt.partition_size[gi]))
-            out[name] = (gi, j, LocalSlice(tuple(int(s) for s in p.shape), "flat", 0, start, length))
-    return out
-
-
-def check_zero_subspace(subspace, config: OGPSAConfig, model: torch.nn.Module) -> None:
-    """A subspace a ZeRO projector can take: a full one (each rank slices its own partition),
-    built with the projector's scope, matching the model's parameter names and shapes."""
-    if isinstance(subspace, ShardedSubspace):
-        raise TypeError("attach_deepspeed takes a full Subspace (ZeRO partitions cut parameters at element "
-                        "offsets; each rank slices its own part)")
-    if subspace.config.scope != config.scope:
-        raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
-                         f"uses scope={config.scope!r}")
-    subspace.check_model(model)
 
 
 def _zero_pieces(zero_opt, layout: Mapping[str, tuple[int, int, LocalSlice]], params: Mapping[str, Tensor]):
@@ -101,11 +72,13 @@ class ZeroProjector(Projector):
         self.zero_optimizer = engine.optimizer
         config = config or subspace.config
         if config.max_norm is not None:
-            warnings.warn("OGPSAConfig.max_norm is ignored under DeepSpeed; set gradient_clipping in the DeepSpeed "
-                          "config (DeepSpeed clips the projected gradient)", stacklevel=3)
-            config = config.replace(max_norm=None)
+            raise UnsupportedSetupError(f"OGPSAConfig.max_norm={config.max_norm!r} under DeepSpeed: clipping is "
+                                        f"DeepSpeed's (set gradient_clipping in the DeepSpeed config; it clips the "
+                                        f"projected gradient); leave max_norm=None")
+        self._wrapped = False
         super().__init__(engine.module, None, subspace, config)
         opt = self.zero_optimizer
+        claim_optimizer(opt, self)
         self._orig_step = opt.step
         self._step_was_own = "step" in getattr(opt, "__dict__", {})
         projector = self
@@ -120,6 +93,8 @@ class ZeroProjector(Projector):
     def set_subspace(self, subspace: Union[Subspace, ShardedSubspace]) -> None:
         """Use a new full subspace (sliced here to this rank's partition) from the next step on."""
         check_zero_subspace(subspace, self.config, self.model)
+        check_coverage(list(self.model.named_parameters()), subspace.names,
+                       allow_partial=bool(self.config.allow_partial), what="gradient space under DeepSpeed")
         opt = self.zero_optimizer
         params = dict(self.model.named_parameters())
         by_id = {id(p): n for n, p in params.items()}
@@ -173,7 +148,12 @@ class ZeroProjector(Projector):
             else:
                 del self.zero_optimizer.step  # the instance attribute; the class's step shows again
             self._wrapped = False
+        release_optimizer(self.zero_optimizer, self)
         super().remove()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._wrapped)
 
 
 def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] = None):

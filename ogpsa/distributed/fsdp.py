@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import OGPSAConfig
+from ..plan import check_coverage
 from ..projector import Projector
 from ..subspace import Subspace, SubspaceMismatchError
 from .layout import _first_device, _local, fsdp_layout, is_dtensor
@@ -34,6 +35,8 @@ class ShardedProjector(Projector):
             raise ValueError(f"subspace was built with scope={subspace.config.scope!r} but the projector "
                              f"uses scope={self.config.scope!r}")
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        check_coverage(list(self.model.named_parameters()), subspace.names,
+                       allow_partial=bool(self.config.allow_partial), what="gradient space under FSDP2")
         slices, group = fsdp_layout(self.model, trainable)
         if isinstance(subspace, Subspace):
             subspace = ShardedSubspace.from_subspace(subspace, slices, group)

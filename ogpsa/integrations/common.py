@@ -124,11 +124,3 @@ class ProjectionMetrics:
             out["ogpsa/cosine"] = float(self._cosine) / self.count
         self.reset()
         return out
-
-
-def OGPSAEngine(config: OGPSAConfig, reference_datasets: Any, *, refresh_every: int, **kwargs: Any):
-    """Former name of the trainers' engine, kept for old callers: returns
-    ``ogpsa.OGPSA.deferred(reference_datasets, config, refresh_every=..., ...)``."""
-    from ..session import OGPSA
-
-    return OGPSA.deferred(reference_datasets, config, refresh_every=refresh_every, **kwargs)

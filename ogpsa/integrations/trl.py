@@ -206,7 +206,7 @@ class OGPSATrainerMixin:
         og = self._ogpsa_engine
         og.start_clock()
         if self._ogpsa_deepspeed:
-            from ..distributed import attach_deepspeed
+            from ..attaching import attach  # the attach table (DeepSpeed rows)
 
             ds_engine = self.model_wrapped
             if not hasattr(ds_engine, "zero_optimization_stage"):
@@ -214,7 +214,7 @@ class OGPSATrainerMixin:
                                    "not a DeepSpeed engine")
             config = og.config
             og.setup(ds_engine.module, None, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir,
-                     attach_fn=lambda sub: attach_deepspeed(ds_engine, sub, config))
+                     attach_fn=lambda sub: attach(ds_engine, None, sub, config))
             return
         og.setup(self.model, self.optimizer, step=self.state.global_step, resume_dir=self._ogpsa_resume_dir)
 

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from ..config import OGPSAConfig
 from ..distributed.layout import is_dtensor
-from ..errors import UnsupportedSetupError
+from ..errors import ProjectionInputError, UnsupportedSetupError
+from ..plan import basis_entry, check_coverage
 from ..stats import ProjectionStats
 from ..subspace import Subspace
 from .distributed import DEEPSPEED_MESSAGE, check_supported, has_dtensor, shard_bases, sharded_step
@@ -105,6 +106,7 @@ class ProjectedAdamW(torch.optim.AdamW):
         self._bases: dict[Tensor, tuple] = {}
         self._known: set = set()  # the parameters the bases were matched against
         self._process_group = None  # FSDP2: the group the pass-1 dots are summed over
+        self._signature: tuple = ()  # the optimizer's parameters the bases were matched against, in order
         self.paused = False
         self.last_updates: dict[Tensor, Tensor] = {}
         self.last_stats: Optional[ProjectionStats] = None
@@ -120,37 +122,43 @@ class ProjectedAdamW(torch.optim.AdamW):
         model = model if model is not None else self.model
         if subspace is None:
             self.subspace, self._bases, self._known, self._process_group = None, {}, set(), None
+            self._signature = ()
             return
         if model is None:
             raise ValueError("ProjectedAdamW: a subspace is matched to parameters by name; pass model= "
                              "(or the module itself as params)")
         check_supported(model)
-        mine = {p for g in self.param_groups for p in g["params"]}
+        params = [p for g in self.param_groups for p in g["params"]]
+        mine = set(params)
         if mine and not any(p in mine for p in model.parameters()):
             raise UnsupportedSetupError("ProjectedAdamW: none of the optimizer's parameters is a parameter of the "
                                         "model the subspace is matched to (are they wrapped or flattened?). "
                                         + DEEPSPEED_MESSAGE)
+        cfg = self._config(subspace)
         if has_dtensor(mine):
-            bases, group = shard_bases(model, subspace, mine)
-            self.model = model
-            self.subspace, self._bases, self._known, self._process_group = subspace, bases, mine, group
-            return
-        bases: dict[Tensor, tuple] = {}
-        for name, p in model.named_parameters():
-            if p not in mine or name not in subspace:
-                continue
-            u = subspace.basis(name)
-            if u.dim() != 2 or u.shape[1] != p.numel():
-                raise ValueError(f"ProjectedAdamW: basis of {name!r} has shape {tuple(u.shape)}, expected "
-                                 f"[k, {p.numel()}] for parameter shape {tuple(p.shape)}")
-            if u.shape[0] == 0:
-                continue
-            u = u.to(p.device)
-            m = subspace.gram(name).to(device=p.device, dtype=torch.float64)
-            # float64 inverse of M = U U^T once per subspace (identity for an exact fp32 basis)
-            bases[p] = (name, u, torch.linalg.inv(m).float())
+            bases, group = shard_bases(model, subspace, mine, allow_partial=bool(cfg.allow_partial))
+        else:
+            bases, group = match_bases(model, subspace, params, allow_partial=bool(cfg.allow_partial)), None
         self.model = model
-        self.subspace, self._bases, self._known, self._process_group = subspace, bases, mine, None
+        self.subspace, self._bases, self._known, self._process_group = subspace, bases, mine, group
+        self._signature = tuple(map(id, params))
+
+    def _follow_param_groups(self) -> None:
+        """The optimizer's parameters are read live; when they changed since the bases were matched
+        (``add_param_group``, a ``load_state_dict`` onto other parameters) match them again: new
+        parameters get their bases, or SubspaceMismatchError when they have none."""
+        if self.subspace is None or self.paused:  # paused: plain AdamW, matched again on resume
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        if tuple(map(id, params)) == self._signature:
+            return
+        mine = set(params)
+        if self._bases and not (mine & set(self._bases)) and not any(p in mine for p in self.model.parameters()):
+            # every basis was matched to parameters this optimizer no longer steps: DeepSpeed ZeRO
+            # swaps the param groups for flat fp32 partitions (never a silent plain-AdamW step)
+            raise UnsupportedSetupError("ProjectedAdamW: the optimizer's parameters were replaced after the "
+                                        "subspace was set (none of them has a basis). " + DEEPSPEED_MESSAGE)
+        self.set_subspace(self.subspace, self.model)
 
     @property
     def last_removed_fraction(self) -> float:
@@ -158,11 +166,12 @@ class ProjectedAdamW(torch.optim.AdamW):
         projection removed; 0.0 before any projected step. Syncs with the device."""
         return self.last_stats.removed_fraction if self.last_stats is not None else 0.0
 
-    def _config(self) -> OGPSAConfig:
+    def _config(self, subspace: Optional[Subspace] = None) -> OGPSAConfig:
         if self.ogpsa_config is not None:
             return self.ogpsa_config
-        if self.subspace is not None and getattr(self.subspace, "config", None) is not None:
-            return self.subspace.config
+        subspace = subspace if subspace is not None else self.subspace
+        if subspace is not None and getattr(subspace, "config", None) is not None:
+            return subspace.config
         return OGPSAConfig()
 
     # -- state ------------------------------------------------------------------------------
@@ -213,7 +222,11 @@ class ProjectedAdamW(torch.optim.AdamW):
         """The step's body, without hooks or closure (also run by the update-space projector on
         a plain torch AdamW, sharing its param_groups and state)."""
         cfg = self._config()
-        items, sharded, matched, unknown = [], False, False, False
+        self._follow_param_groups()
+        clip_coef = None
+        if cfg.max_norm is not None and not self.paused:
+            clip_coef = self._clip_raw(float(cfg.max_norm))
+        items, sharded = [], False
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = StepHyper(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
@@ -228,13 +241,6 @@ class ProjectedAdamW(torch.optim.AdamW):
                 basis = None if self.paused else self._bases.get(p)
                 items.append((p, state, hyper, basis))
                 sharded = sharded or is_dtensor(p)
-                matched = matched or basis is not None
-                unknown = unknown or p not in self._known
-        if self._bases and not self.paused and not matched and unknown:
-            # every basis was matched to parameters this optimizer no longer steps: DeepSpeed ZeRO
-            # swaps the param groups for flat fp32 partitions (never a silent plain-AdamW step)
-            raise UnsupportedSetupError("ProjectedAdamW: the optimizer's parameters were replaced after the "
-                                        "subspace was set (none of them has a basis). " + DEEPSPEED_MESSAGE)
         kwargs = dict(mode=cfg.mode, scope=cfg.scope, aligned_scale=float(cfg.aligned_scale),
                       project_weight_decay=self.project_weight_decay, keep_updates=self.keep_updates,
                       backend=cfg.backend)
@@ -245,5 +251,51 @@ class ProjectedAdamW(torch.optim.AdamW):
         if self.keep_updates:
             self.last_updates = result.updates
         if result.stats is not None:
+            if clip_coef is not None:
+                result.stats.clip_coef = clip_coef.to(result.stats.clip_coef.device, torch.float64)
             self.last_stats = result.stats
             self.num_projections += 1
+
+    def _clip_raw(self, max_norm: float) -> Tensor:
+        """Clip the RAW gradients of every parameter this optimizer steps (model or not) to the
+        global L2 norm ``max_norm`` before they feed the moments: exactly
+        ``torch.nn.utils.clip_grad_norm_`` followed by AdamW. Returns the factor applied."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
+        if not params:
+            return torch.ones((), dtype=torch.float64)
+        if any(is_dtensor(p) for p in params):
+            raise UnsupportedSetupError("OGPSAConfig.max_norm with FSDP2 in update space: clip with "
+                                        "torch.nn.utils.clip_grad_norm_ (it handles DTensor gradients) before "
+                                        "optimizer.step() and leave max_norm=None")
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return (max_norm / (total.double() + 1e-6)).clamp(max=1.0)
+
+
+def match_bases(model: torch.nn.Module, subspace: Subspace, params: list, *, allow_partial: bool) -> dict:
+    """``{param: (name, U, M^+ float32, M float64)}`` for the optimizer's ``params`` that the
+    subspace names. The subspace must match the model (SubspaceMismatchError for a basis
+    without a parameter or of another shape) and cover every trainable parameter the optimizer
+    steps unless ``allow_partial``; every basis is validated as in gradient space
+    (:func:`ogpsa.plan.basis_entry`: dtype, shape, rank <= 16, finiteness; a rank-revealing
+    float64 pseudo-inverse of the Gram, so nearly dependent rows project onto their span)."""
+    subspace.check_model(model)
+    mine = set(params)
+    named = [(n, p) for n, p in model.named_parameters() if p in mine]
+    in_model = {p for _, p in named}
+    check_coverage(named, subspace.names, [p for p in params if p not in in_model], allow_partial=allow_partial,
+                   what="update space (ProjectedAdamW / space='update')")
+    bases: dict[Tensor, tuple] = {}
+    for name, p in named:
+        if name not in subspace:
+            continue
+        u = subspace.basis(name)
+        if u.dim() != 2 or u.shape[1] != p.numel():
+            raise ProjectionInputError(f"update space: basis of {name!r} has shape {tuple(u.shape)}, expected "
+                                       f"[k, {p.numel()}] for parameter shape {tuple(p.shape)}")
+        if u.shape[0] == 0:
+            continue
+        # float64 parameters: M from the stored rows in float64 (the subspace's M may carry float32 rounding)
+        e = basis_entry(u.to(p.device).contiguous(), p.numel(), p.device, f"parameter {name!r}",
+                        gram=None if p.dtype == torch.float64 else subspace.gram(name))
+        bases[p] = (name, e.basis, e.gram_inv.to(p.device, torch.float32), e.gram.to(p.device))
+    return bases

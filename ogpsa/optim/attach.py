@@ -3,9 +3,12 @@
 * a :class:`ProjectedAdamW`: it already projects its update; the projector only routes
   ``set_subspace`` / ``paused`` / statistics to it.
 * a plain :class:`torch.optim.AdamW` (the HF/TRL Trainer's default): its own state and param
-  groups are kept (``state_dict`` stays torch AdamW's). A step pre-hook runs the projected AdamW
-  step on them (:meth:`ProjectedAdamW._projected_step` through a view sharing ``param_groups``
-  and ``state``), then hides the gradients from AdamW's own step so that it changes nothing;
+  groups are used, READ LIVE at every step (``state_dict`` stays torch AdamW's; its
+  ``load_state_dict`` before or after attach, LR schedulers and ``add_param_group`` act exactly
+  as on torch AdamW). A step pre-hook runs the projected AdamW step on them
+  (:meth:`ProjectedAdamW._projected_step` through a :class:`LiveAdamW` whose ``param_groups``,
+  ``state`` and ``defaults`` are the optimizer's attributes, looked up at every access; no copy
+  is held), then hides the gradients from AdamW's own step so that it changes nothing;
   the post-hook gives the gradients back. Hooks fire inside ``optimizer.step`` whatever wraps
   it (LR schedulers, accelerate, GradScaler's ``scaler.step``, which skips the step on inf).
 * anything else: a clear error (project the gradient, or use ProjectedAdamW).
@@ -18,53 +21,107 @@ per step (:mod:`ogpsa.optim.distributed`); ``subspace`` may be full or a
 :class:`~ogpsa.optim.distributed.ZeroUpdateProjector`); a ZeRO optimizer next to a plain model,
 and FSDP1, raise :class:`~ogpsa.errors.UnsupportedSetupError`.
 
-Clipping (``clip_grad_norm_``) clips the raw gradient, which then feeds the moments.
+Clipping (``clip_grad_norm_``, or ``OGPSAConfig.max_norm``) clips the raw gradient by its global
+norm, which then feeds the moments: exactly ``clip_grad_norm_`` followed by AdamW.
+One projector per optimizer across both spaces: a second attach raises, naming the first.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from ..config import OGPSAConfig
+from ..interface import PauseMixin, claim_optimizer, release_optimizer
 from ..stats import ProjectionStats
 from ..subspace import Subspace
 from .adamw import ProjectedAdamW
-from .distributed import check_supported, is_deepspeed_object
+from .distributed import check_supported
 
 
-def _shadow(optimizer: torch.optim.AdamW, model: torch.nn.Module, config: OGPSAConfig) -> ProjectedAdamW:
-    """A ProjectedAdamW view of ``optimizer``: the same param_groups list and state dict."""
-    view = ProjectedAdamW.__new__(ProjectedAdamW)
-    view.param_groups = optimizer.param_groups
-    view.state = optimizer.state
-    view.defaults = optimizer.defaults
-    # states exactly as torch AdamW creates them (param dtype), so its state_dict is unchanged
-    view._init_projection(model, config, project_weight_decay=False, fp32_states=False, keep_updates=False)
-    return view
+class LiveAdamW(ProjectedAdamW):
+    """The projected AdamW step on a user's :class:`torch.optim.AdamW`: ``param_groups``,
+    ``state`` and ``defaults`` are properties that read the optimizer's attributes at every
+    access (``load_state_dict`` replaces those objects; nothing stale is ever held). States are
+    created exactly as torch AdamW creates them (parameter dtype), so its ``state_dict`` is
+    unchanged."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, config: OGPSAConfig) -> None:
+        # no Optimizer.__init__: this object has no param_groups or state of its own
+        self.__dict__["_target"] = optimizer
+        self._init_projection(model, config, project_weight_decay=False, fp32_states=False, keep_updates=False)
+
+    @property
+    def param_groups(self) -> list:  # type: ignore[override]
+        return self._target.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list) -> None:
+        self._target.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self._target.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self._target.state = value
+
+    @property
+    def defaults(self) -> dict:  # type: ignore[override]
+        return self._target.defaults
 
 
-class UpdateSpaceProjector:
-    """Projector for ``space="update"``: same surface as :class:`ogpsa.Projector`
-    (``set_subspace``, ``subspace``, ``paused``, ``remove``, ``project``, ``clip_grad_norm_``,
-    ``last_stats``, ``num_projections``); the projection itself happens in the optimizer step."""
+class UpdateSpaceProjector(PauseMixin):
+    """Projector for ``space="update"`` (:class:`ogpsa.interface.ProjectorLike`, as
+    :class:`ogpsa.Projector`); the projection itself happens in the optimizer step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, subspace: Subspace,
                  config: OGPSAConfig) -> None:
         self.model, self.optimizer, self.config = model, optimizer, config
         self._handles: list = []
         self._hidden: dict = {}
+        self._attached = False
+        self._paused = 0
         if isinstance(optimizer, ProjectedAdamW):
-            self.engine = optimizer
-            if optimizer.ogpsa_config is None:
-                optimizer.ogpsa_config = config
+            if (optimizer.subspace is not None and optimizer.subspace is not subspace
+                    and optimizer.__dict__.get("_ogpsa_projector") is None):
+                raise RuntimeError("this ProjectedAdamW already projects with its own subspace; call "
+                                   "set_subspace(None) on it before attaching a projector")
+            engine = optimizer
         else:
-            self.engine = _shadow(optimizer, model, config)
+            engine = LiveAdamW(optimizer, model, config)
+        claim_optimizer(optimizer, self)  # before any change: a second projector raises here
+        try:
+            if engine is optimizer and optimizer.ogpsa_config is None:
+                optimizer.ogpsa_config = config
+            engine.set_subspace(subspace, model)
+        except BaseException:
+            release_optimizer(optimizer, self)
+            raise
+        self.engine = engine
+        self._attached = True
+        if engine is not optimizer:
             self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                              optimizer.register_step_post_hook(self._post_step)]
-        self.engine.set_subspace(subspace, model)
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def pause(self) -> None:
+        super().pause()
+        self.engine.paused = True
+
+    def resume(self) -> None:
+        super().resume()
+        self.engine.paused = self._paused > 0
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.engine.num_projections = self.num_projections
+        self.engine.paused = self._paused > 0
 
     # -- hooks on a plain AdamW -------------------------------------------------------------
 
@@ -100,6 +157,11 @@ class UpdateSpaceProjector:
     def num_projections(self) -> int:
         return self.engine.num_projections
 
+    @num_projections.setter
+    def num_projections(self, value: int) -> None:
+        if "engine" in self.__dict__:
+            self.engine.num_projections = int(value)
+
     def set_subspace(self, subspace: Subspace) -> None:
         self.engine.set_subspace(subspace, self.model)
 
@@ -113,24 +175,13 @@ class UpdateSpaceProjector:
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         **_: Any) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the optimizer's gradients (the RAW gradient:
-        update-space projection acts later, on the Adam direction)."""
+        update-space projection acts later, on the Adam direction), parameters outside the model
+        included."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return torch.zeros(())
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
                                               error_if_nonfinite=error_if_nonfinite)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        previous = self.engine.paused
-        self.engine.paused = True
-        try:
-            yield
-        finally:
-            self.engine.paused = previous
-
-    def is_paused(self) -> bool:
-        return bool(self.engine.paused)
 
     def remove(self) -> None:
         """Stop projecting (a ProjectedAdamW keeps running as plain AdamW)."""
@@ -138,23 +189,17 @@ class UpdateSpaceProjector:
             h.remove()
         self._handles = []
         self.engine.set_subspace(None)
+        self._attached = False
+        release_optimizer(self.optimizer, self)
 
 
 def attach_update_space(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], subspace: Subspace,
                         config: Optional[OGPSAConfig] = None) -> Any:
     """Update-space OGPSA on ``optimizer`` (a :class:`ProjectedAdamW` or a plain
-    :class:`torch.optim.AdamW`): an :class:`UpdateSpaceProjector`, or for a DeepSpeed engine as
-    ``model`` a :class:`~ogpsa.optim.distributed.ZeroUpdateProjector`; see the module docs.
-    Other optimizers raise ValueError."""
+    :class:`torch.optim.AdamW`): an :class:`UpdateSpaceProjector` (single process, DDP, FSDP2);
+    see the module docs. A DeepSpeed engine goes through :func:`ogpsa.attach` (the attach
+    table, :mod:`ogpsa.attaching`) and raises here. Other optimizers raise ValueError."""
     config = config if config is not None else getattr(subspace, "config", None) or OGPSAConfig(space="update")
-    if is_deepspeed_object(model) and hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine
-        from ..distributed.deepspeed import attach_deepspeed
-
-        zero = getattr(model, "optimizer", None)
-        if optimizer is not None and optimizer is not zero and optimizer is not getattr(zero, "optimizer", None):
-            raise ValueError("ogpsa.attach(engine, optimizer, ...) under DeepSpeed: pass the engine's own optimizer "
-                             "(or None); the projection hooks the AdamW inside the engine's ZeRO optimizer")
-        return attach_deepspeed(model, subspace, config if config.space == "update" else config.replace(space="update"))
     if optimizer is None:
         raise ValueError("ogpsa.attach(space='update') projects the optimizer's update and needs the optimizer: "
                          "pass the torch.optim.AdamW (or an ogpsa.optim.ProjectedAdamW)")

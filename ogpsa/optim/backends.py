@@ -7,15 +7,18 @@
   scopes, the ``reduce_dots`` hook; all tensors of a (device, dtype, basis dtype, amsgrad)
   group in one launch per pass, tensors of up to ``SINGLE_PASS_MAX_NUMEL`` elements in a single
   pass (per-tensor scope).
-* ``cpu``: ``torch.ops.ogpsa.projected_adamw_`` from the compiled extension (csrc/adamw.cpp):
-  CPU tensors, per-tensor scope, ``orthogonal`` rule.
+* ``cpu``: the compiled extension (csrc/adamw.cpp) on CPU tensors: ``projected_adamw_`` (both
+  passes in one op) for the per-tensor ``orthogonal`` step, ``projected_adamw_pass1_`` /
+  ``projected_adamw_pass2_`` around the shared tiny step (:mod:`ogpsa.modes`) for every other
+  mode, the global scope and ``reduce_dots``.
 * ``torch``: :mod:`ogpsa.optim.functional` (the reference math; every mode and scope).
 
 Common to the fused ones: parameters and gradients of one float dtype (float32, bfloat16,
 float16), contiguous, float32 moments, float32/bfloat16 basis with k <= 16. They are
 deterministic (fixed chunks and launch configurations, ordered reductions, no float atomics).
 
-Choice: the config's ``backend``, overridden by ``OGPSA_BACKEND``. ``"auto"``: CPU tensors
+Choice: :func:`requested` (``$OGPSA_BACKEND``, else the config's ``backend``: the one rule of
+:func:`ogpsa.ops.requested_backend`, shared with gradient space). ``"auto"``: CPU tensors
 take ``cpu``, CUDA tensors ``cuda`` (when that kernel is registered), else ``triton``; a
 tensor the chosen kernel cannot take (a dtype above, ``keep_updates``, or for the compiled op
 global scope, another mode or ``reduce_dots``) takes the next one that can, finally ``torch``.
@@ -26,7 +29,6 @@ tensors it supports and ``torch`` the rest (``cuda`` hands what it cannot do to 
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -34,7 +36,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..config import BACKENDS
+from ..ops import requested_backend
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _BASES = (torch.float32, torch.bfloat16)
@@ -44,10 +46,10 @@ GPU_PREFERENCE = ("cuda", "triton", "torch")
 
 
 def requested(config_backend: str) -> str:
-    """The backend name in force: ``$OGPSA_BACKEND``, else the config's; checked."""
-    name = (os.environ.get("OGPSA_BACKEND", "").strip() or config_backend or "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"backend {name!r} is not one of {BACKENDS}")
+    """The backend name in force for the projected optimizer step, by THE precedence rule of
+    both spaces (:func:`ogpsa.ops.requested_backend`: ``$OGPSA_BACKEND``, else the config's,
+    else auto); a named kernel that cannot run here is an error."""
+    name = requested_backend(config_backend)
     if name == "cpu" and not cpu_kernel_available():
         raise RuntimeError("OGPSA backend 'cpu' requested but the compiled extension with projected_adamw_ "
                            "is not available (rebuild: pip install -e .)")
@@ -59,11 +61,6 @@ def requested(config_backend: str) -> str:
         if not ok:
             raise RuntimeError(f"OGPSA backend 'triton' requested but unavailable: {why}")
     return name
-
-
-def choose(config_backend: str) -> str:
-    """The requested name (kept for callers of the first version of this module)."""
-    return requested(config_backend)
 
 
 # -- availability ---------------------------------------------------------------------------
@@ -144,8 +141,6 @@ def op_supports(p: Tensor, state: dict, basis: Optional[tuple], amsgrad: bool) -
     return _common_ok(p, state, basis, amsgrad)
 
 
-cpu_supports = op_supports  # the first version's name
-
 
 def route(item: tuple, name: str, *, scope: str, mode: str, reduce_dots: Optional[Callable],
           keep_updates: bool) -> str:
@@ -156,7 +151,8 @@ def route(item: tuple, name: str, *, scope: str, mode: str, reduce_dots: Optiona
         return "torch"
     op_ok = scope == "tensor" and mode == "orthogonal" and reduce_dots is None
     if p.device.type == "cpu":
-        if name in ("auto", "cpu") and op_ok and cpu_kernel_available():
+        # the fused op (per-tensor orthogonal) or its pass1_/pass2_ ops (every mode and scope)
+        if name in ("auto", "cpu") and cpu_kernel_available():
             return "cpu"
         if name == "triton" and _interpreted():  # CPU tensors: the interpreter only, and only by name
             return "triton"
@@ -202,20 +198,62 @@ def op_step(group: list, h, project_weight_decay: bool) -> Tensor:
                                             h.eps, h.weight_decay, h.maximize, project_weight_decay)
 
 
-cpu_step = op_step  # the first version's name
+
+def _op_lists(group: list, amsgrad: bool) -> tuple:
+    params, ms, vs, vmax, us = [], [], [], [], []
+    for p, state, basis in group:
+        params.append(p.data)
+        ms.append(state["exp_avg"])
+        vs.append(state["exp_avg_sq"])
+        if amsgrad:
+            vmax.append(state["max_exp_avg_sq"])
+        us.append(p.new_empty((0, p.numel()), dtype=torch.float32) if basis is None else basis[1])
+    return params, ms, vs, vmax, us
+
+
+def op_pass1(group: list, h, project_weight_decay: bool) -> tuple[Tensor, list]:
+    """Pass 1 of the compiled op on ``group`` ([(p, state, basis)], one hyperparameter set
+    ``h``): moments written once, the step counters incremented here. Returns
+    ``([T, k_max + 1] float64 rows [c, ||d||^2], steps)``."""
+    steps = []
+    for _, state, _ in group:
+        state["step"] += 1
+        steps.append(int(state["step"].item()))
+    params, ms, vs, vmax, us = _op_lists(group, h.amsgrad)
+    k_max = max([u.shape[0] for u in us] + [0])
+    rows = torch.ops.ogpsa.projected_adamw_pass1_(params, [p.grad for p, _, _ in group], ms, vs, vmax, us, steps,
+                                                  k_max, h.beta1, h.beta2, h.eps, h.weight_decay, h.maximize,
+                                                  project_weight_decay)
+    return rows, steps
+
+
+def op_pass2(group: list, h, steps: list, weights: Tensor, kappa: float, project_weight_decay: bool) -> Tensor:
+    """Pass 2 of the compiled op: ``p <- p (1 - lr wd) [decoupled] - lr (kappa d - U^T w)``;
+    ``weights`` float32 ``[T, >= k]``. Returns ``[T]`` float64 ``||d - new||^2``."""
+    params, ms, vs, vmax, us = _op_lists(group, h.amsgrad)
+    k_max = max([u.shape[0] for u in us] + [1])
+    w = torch.zeros(len(group), k_max, dtype=torch.float32)
+    w[:, :weights.shape[1]] = weights[:, :k_max].to("cpu", torch.float32)
+    return torch.ops.ogpsa.projected_adamw_pass2_(params, ms, vs, vmax, us, w.contiguous(), steps, h.lr, h.beta1,
+                                                  h.beta2, h.eps, h.weight_decay, float(kappa), project_weight_decay)
 
 
 # -- small caches keyed by stable tensors (bases, M^-1, parameters, moments) ----------------
 
 
 class _LRU:
-    """LRU of values derived from stable tensors. A hit must find the very tensor objects the
-    value was built from (weak references, checked): a freed tensor whose address and shape
-    a new one took (a rebuilt subspace) is a miss, never a stale value. Callers put the
-    ``_version`` of tensors whose VALUES the entry depends on into ``extra`` (in-place edits)."""
+    """LRU of values derived from stable tensors (bases, M^+, parameters, moments). A hit must
+    find the very tensor objects the value was built from (weak references, checked), and an
+    entry is dropped as soon as any of its tensors is freed (weak-reference callback), so
+    values built for a freed basis (a refreshed subspace) are never kept, whatever the
+    capacity. Callers put the ``_version`` of tensors whose VALUES the entry depends on into
+    ``extra`` (in-place edits)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.builds, self._d = capacity, 0, OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
 
     def get(self, tensors: list, extra: tuple, build: Callable):
         key = extra + key_of(tensors)
@@ -225,7 +263,14 @@ class _LRU:
             self._d.move_to_end(key)
             return hit[1]
         value = build()
-        self._d[key] = ([None if t is None else weakref.ref(t) for t in tensors], value)
+        cache = weakref.ref(self._d)
+
+        def drop(_ref, key=key) -> None:  # a tensor of this entry was freed: the entry goes too
+            d = cache()
+            if d is not None:
+                d.pop(key, None)
+
+        self._d[key] = ([None if t is None else weakref.ref(t, drop) for t in tensors], value)
         self.builds += 1
         while len(self._d) > self.capacity:
             self._d.popitem(last=False)
@@ -233,7 +278,7 @@ class _LRU:
 
 
 _CACHE = _LRU(64)  # tables and padded stacks: a few per param group
-_GRAMS = _LRU(1 << 14)  # k x k per basis tensor: one per parameter
+_GRAMS = _LRU(1 << 14)  # k x k per basis given without its Gram (functional API): one per live basis
 
 
 def key_of(tensors) -> tuple:
@@ -242,15 +287,10 @@ def key_of(tensors) -> tuple:
 
 
 def gram64(u: Tensor) -> Tensor:
-    """``U U^T`` in float64 (column blocks, so no float64 copy of a large basis), cached per basis."""
-    def build() -> Tensor:
-        out = torch.zeros(u.shape[0], u.shape[0], dtype=torch.float64, device=u.device)
-        step = max(1, (1 << 22) // max(1, u.shape[0]))
-        for a in range(0, u.shape[1], step):
-            blk = u[:, a:a + step].double()
-            out += blk @ blk.T
-        return out
-    return _GRAMS.get([u], ("gram64", u._version), build)
+    """``U U^T`` in float64 (:func:`ogpsa.plan.gram64`), cached while the basis lives."""
+    from ..plan import gram64 as _gram64
+
+    return _GRAMS.get([u], ("gram64", u._version), lambda: _gram64(u))
 
 
 def gram_of(basis: tuple) -> Tensor:
@@ -274,18 +314,13 @@ def padded_stack(mats: list, k: int, device: torch.device, dtype: torch.dtype = 
 
 
 def tensor_weights(c: Tensor, minv: Tensor, ks: Tensor, mode: str, aligned_scale: float) -> tuple[Tensor, Tensor]:
-    """The per-tensor tiny step on ``[T, K]`` float64 dots: ``w = M_i^-1 c_i`` and the mode rule
-    (:func:`ogpsa.reference.mode_weights`, batched; no device sync). Returns float64 ``w``
-    ``[T, K]`` and ``kappa`` ``[T]``; a tensor without basis rows (k = 0) keeps kappa = 1."""
-    from ..reference import mode_weights
+    """The per-tensor tiny step on ``[T, K]`` float64 dots: ``w = M_i^+ c_i`` and the shared mode
+    rule (:func:`ogpsa.modes.mode_weights`; no device sync). Returns float64 ``w`` ``[T, K]``
+    and ``kappa`` ``[T]``; a tensor without basis rows (k = 0) keeps kappa = 1."""
+    from ..modes import mode_weights
 
-    one = torch.ones(c.shape[0], dtype=torch.float64, device=c.device)
-    if mode == "threshold":  # k = 1 and c > 0: scale the whole direction by aligned_scale, else project
-        w = torch.bmm(minv, c.unsqueeze(-1)).squeeze(-1)
-        sel = (ks == 1) & (c[:, 0] > 0) if c.shape[1] else torch.zeros_like(one, dtype=torch.bool)
-        return torch.where(sel[:, None], 0.0, w), torch.where(sel, aligned_scale, one)
-    w, kappa = mode_weights(c.unsqueeze(-1), minv, mode, aligned_scale)
-    return w.squeeze(-1), torch.where(ks == 0, one, kappa * one)
+    w = torch.bmm(minv, c.unsqueeze(-1)).squeeze(-1)
+    return mode_weights(w, c, mode, aligned_scale, ks)
 
 
 def removed_sq(sq: Tensor, c: Tensor, w: Tensor, kappa: Tensor, gram: Tensor) -> Tensor:

@@ -31,19 +31,19 @@ to rounding.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..config import OGPSAConfig
-from ..distributed.deepspeed import _zero_partition_slices, check_zero_subspace
 from ..distributed.layout import LocalSlice, _all_reduce, _local, fsdp_layout, is_dtensor
 from ..distributed.sharded import ShardedSubspace
+from ..distributed.zero_layout import _zero_partition_slices, check_zero_subspace
 from ..errors import UnsupportedSetupError
+from ..interface import PauseMixin, claim_optimizer, release_optimizer
+from ..plan import check_coverage, gram_pinv
 from ..stats import ProjectionStats
 from ..subspace import Subspace, SubspaceMismatchError
 from .functional import StepHyper, StepResult, projected_step
@@ -86,7 +86,7 @@ def has_dtensor(params) -> bool:
     return any(is_dtensor(p) for p in params)
 
 
-def shard_bases(model: torch.nn.Module, subspace, mine: set) -> tuple[dict, Any]:
+def shard_bases(model: torch.nn.Module, subspace, mine: set, *, allow_partial: bool = False) -> tuple[dict, Any]:
     """``({param: (name, U_local, M^{-1}, M)}, process_group)`` for the parameters of ``mine``
     that the subspace holds, each basis sliced like its DTensor parameter on this rank.
 
@@ -94,7 +94,13 @@ def shard_bases(model: torch.nn.Module, subspace, mine: set) -> tuple[dict, Any]
     :class:`~ogpsa.distributed.ShardedSubspace` already sliced for this layout. Errors name the
     parameter: a plain-tensor parameter next to DTensor ones, an unsupported placement, a
     basis of the wrong shape, a sharded subspace cut for another layout."""
-    named = [(n, p) for n, p in model.named_parameters() if p in mine and n in subspace]
+    if not isinstance(subspace, ShardedSubspace):
+        subspace.check_model(model)
+    ours = [(n, p) for n, p in model.named_parameters() if p in mine]
+    in_model = {p for _, p in ours}
+    check_coverage(ours, subspace.names, [p for p in mine if p not in in_model], allow_partial=allow_partial,
+                   what="update space under FSDP2")
+    named = [(n, p) for n, p in ours if n in subspace]
     slices, group = fsdp_layout(model, [n for n, _ in named]) if named else ({}, None)
     sharded = isinstance(subspace, ShardedSubspace)
     bases = {}
@@ -115,7 +121,7 @@ def shard_bases(model: torch.nn.Module, subspace, mine: set) -> tuple[dict, Any]
             continue
         device = _local(p).device
         m = subspace.gram(name).to(device=device, dtype=torch.float64)
-        bases[p] = (name, u.to(device), torch.linalg.inv(m).float(), m)
+        bases[p] = (name, u.to(device), gram_pinv(m, f"parameter {name!r}").float(), m)
     return bases, group
 
 
@@ -228,7 +234,7 @@ def _scalar_dtype() -> torch.dtype:
     return _get_scalar_dtype()
 
 
-class ZeroUpdateProjector:
+class ZeroUpdateProjector(PauseMixin):
     """Update-space OGPSA on a DeepSpeed ZeRO-1/2 engine; create with
     :func:`ogpsa.distributed.attach_deepspeed` and ``OGPSAConfig(space="update")``.
 
@@ -256,9 +262,9 @@ class ZeroUpdateProjector:
         self.optimizer = zero_inner_adamw(self.zero_optimizer, stage)
         self.model: torch.nn.Module = engine.module
         if config.max_norm is not None:
-            warnings.warn("OGPSAConfig.max_norm is ignored under DeepSpeed; set gradient_clipping in the DeepSpeed "
-                          "config (DeepSpeed clips the raw gradient before the projected AdamW step)", stacklevel=3)
-            config = config.replace(max_norm=None)
+            raise UnsupportedSetupError(f"OGPSAConfig.max_norm={config.max_norm!r} under DeepSpeed: clipping is "
+                                        f"DeepSpeed's (set gradient_clipping in the DeepSpeed config; it clips the raw "
+                                        f"gradient before the projected AdamW step); leave max_norm=None")
         self.config = config
         self.project_weight_decay = bool(getattr(self.optimizer, "project_weight_decay", False))
         if hasattr(self.optimizer, "set_subspace"):  # a ProjectedAdamW: its own step must stay plain AdamW
@@ -266,21 +272,29 @@ class ZeroUpdateProjector:
         self.subspace: Optional[Subspace] = None
         self.last_stats: Optional[ProjectionStats] = None
         self.num_projections = 0
-        self._paused = False
+        self._paused = 0
         self._plans: dict[int, tuple] = {}
         self._group_of: dict[int, int] = {}
         self._hidden: dict = {}
         self._step_stats: list = []
         self._last_group = -1
+        self._handles: list = []
         self.set_subspace(subspace)
+        claim_optimizer(self.optimizer, self)
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step)]
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
 
     # -- basis side: once per subspace -------------------------------------------------------
 
     def set_subspace(self, subspace: Subspace) -> None:
         """Use a new full subspace (each rank cuts its pieces' columns here) from the next step on."""
         check_zero_subspace(subspace, self.config, self.model)
+        check_coverage(list(self.model.named_parameters()), subspace.names,
+                       allow_partial=bool(self.config.allow_partial), what="update space under DeepSpeed")
         zero = self.zero_optimizer
         named = list(self.model.named_parameters())
         layout = _zero_partition_slices(zero, {id(p): n for n, p in named})
@@ -304,7 +318,7 @@ class ZeroUpdateProjector:
                                        f"its flat fp32 partition of {size} elements")
                 m = subspace.gram(name).to(device=device, dtype=torch.float64)
                 pieces.append((name, start, sl.length,
-                               (name, sl.take_rows(u).to(device), torch.linalg.inv(m).float(), m)))
+                               (name, sl.take_rows(u).to(device), gram_pinv(m, f"parameter {name!r}").float(), m)))
             plans[gi] = (pieces, self._gaps(pieces, size), self._process_group(gi))
         if self.config.scope == "global" and sum(1 for pl in plans.values() if pl[0]) > 1:
             raise UnsupportedSetupError("scope='global' under DeepSpeed needs every projected parameter in ONE "
@@ -425,23 +439,12 @@ class ZeroUpdateProjector:
         raise RuntimeError("under DeepSpeed the engine clips (gradient_clipping in its config) before the projected "
                            "AdamW step")
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Plain AdamW steps (no projection, no collective) inside the block."""
-        previous, self._paused = self._paused, True
-        try:
-            yield
-        finally:
-            self._paused = previous
-
-    def is_paused(self) -> bool:
-        return self._paused
-
     def remove(self) -> None:
         """Remove the hooks: DeepSpeed's AdamW steps unprojected from now on."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        release_optimizer(self.optimizer, self)
 
 
 def _merge_stats(parts: list) -> ProjectionStats:

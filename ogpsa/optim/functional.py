@@ -24,9 +24,11 @@ import torch
 from torch import Tensor
 
 from ..config import MODES, SCOPES
-from ..reference import mode_weights
+from ..modes import mode_weights
+from ..plan import gram_pinv
 from ..stats import ProjectionStats
 from . import backends as _be
+from .backends import gram_of
 
 
 @dataclass(frozen=True)
@@ -61,26 +63,45 @@ def _update_moments(p: Tensor, state: dict, h: StepHyper) -> int:
     return int(state["step"].item())
 
 
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype a parameter's step is computed in: float64 parameters in float64 (never rounded
+    to float32), every other float dtype in float32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _direction(p: Tensor, state: dict, h: StepHyper, step: int, with_decay: bool) -> Tensor:
-    """float32 flattened d = m_hat / (sqrt(v_hat) + eps) (+ wd p when the decay is projected)."""
+    """Flattened d = m_hat / (sqrt(v_hat) + eps) (+ wd p when the decay is projected), in
+    :func:`compute_dtype`."""
+    dt = compute_dtype(p)
     v = state["max_exp_avg_sq"] if h.amsgrad else state["exp_avg_sq"]
     bc1 = 1 - h.beta1 ** step
     bc2_sqrt = math.sqrt(1 - h.beta2 ** step)
-    d = state["exp_avg"].float() / bc1
-    d.div_((v.float().sqrt() / bc2_sqrt).add_(h.eps))
+    d = state["exp_avg"].to(dt) / bc1
+    d.div_((v.to(dt).sqrt() / bc2_sqrt).add_(h.eps))
     d = d.reshape(-1)
     if with_decay and h.weight_decay != 0:
-        d.add_(p.detach().float().reshape(-1), alpha=h.weight_decay)
+        d.add_(p.detach().to(dt).reshape(-1), alpha=h.weight_decay)
     return d
 
 
 def _apply(p: Tensor, d: Tensor, h: StepHyper, project_weight_decay: bool) -> None:
     if not project_weight_decay and h.weight_decay != 0:
         p.mul_(1 - h.lr * h.weight_decay)  # decoupled decay along p itself (torch AdamW)
-    if p.dtype == torch.float32:
+    if p.dtype == d.dtype:
         p.add_(d.view(p.shape), alpha=-h.lr)
     else:
-        p.copy_((p.float().reshape(-1) - h.lr * d).reshape(p.shape).to(p.dtype))
+        p.copy_((p.to(d.dtype).reshape(-1) - h.lr * d).reshape(p.shape).to(p.dtype))
+
+
+def _project_one(d: Tensor, basis: tuple, mode: str, aligned_scale: float) -> Tensor:
+    """``kappa d - U^T v`` for one tensor (the shared mode rule, w = M^+ c in float64)."""
+    u = basis[1].to(d.dtype)
+    c = (u @ d).double()
+    minv = gram_pinv(gram_of(basis)) if d.dtype == torch.float64 else basis[2].to(c.device, torch.float64)
+    w = minv.to(c.device) @ c
+    v, kappa = mode_weights(w[None], c[None], mode, aligned_scale, torch.tensor([u.shape[0]]))
+    out = d * kappa[0].to(d.dtype) if mode in ("plane", "threshold") else d.clone()
+    return out.sub_(u.T @ v[0].to(d.dtype))
 
 
 def _validate(items: list, mode: str, scope: str) -> None:
@@ -156,7 +177,9 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
     stats: dict = {}  # item position -> (||d||^2, removed), float64 0-d tensors
     used = sorted(set(routes))
     single = 0  # projected tensors the Triton kernels stepped in one pass
-    if scope == "tensor" and reduce_dots is None:
+    # the fused op takes the per-tensor orthogonal step; other modes on CPU tensors take its two pass ops
+    one_op = mode == "orthogonal" or "cpu" not in routes
+    if scope == "tensor" and reduce_dots is None and one_op:
         ops: dict = {}
         for i, (it, r) in enumerate(zip(items, routes)):
             if r in ("cpu", "cuda"):
@@ -177,11 +200,9 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
             step = _update_moments(p, state, h)
             d = _direction(p, state, h, step, project_weight_decay)
             if basis is not None:
-                u, m_inv = basis[1], basis[2]
-                uf = u.float()
-                w, kappa = mode_weights(uf @ d, m_inv.to(d.device), mode, aligned_scale)
-                new = (d * kappa).sub_(uf.T @ w)  # kappa d - U^T w
-                stats[i] = (d.dot(d).double(), (d - new).square().sum().double())
+                new = _project_one(d, basis, mode, aligned_scale)  # kappa d - U^T v
+                stats[i] = (d.double().dot(d.double()), (d - new).double().square().sum(),
+                            new.double().square().sum())
                 d = new
             _apply(p, d, h, project_weight_decay)
             if keep_updates:
@@ -196,7 +217,11 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
         home = items[pos[0]][0].device
         sq_before = torch.stack([stats[i][0].to(home, torch.float64) for i in pos])
         removed_sq = torch.stack([stats[i][1].to(home, torch.float64) for i in pos]).clamp_min(0)
-        sq_after = (sq_before - removed_sq).clamp_min(0)
+        # the torch path measures ||d'||^2 directly (exact when almost all of d is removed);
+        # the fused paths report ||d||^2 and the removed part, from which it follows
+        sq_after = torch.stack([stats[i][2].to(home, torch.float64) if len(stats[i]) > 2
+                                else (stats[i][0].to(home, torch.float64) - stats[i][1].to(home, torch.float64))
+                                for i in pos]).clamp_min(0)
         result = ProjectionStats(sq_before=sq_before, sq_after=sq_after, removed_sq=removed_sq,
                                  total_norm=sq_after.sum().sqrt(),
                                  clip_coef=torch.ones((), dtype=torch.float64, device=home), names=names,
@@ -222,10 +247,22 @@ def _two_passes(items: list, routes: list, groups: list, stats: dict, updates: d
         if basis is None:
             continue
         d = _direction(p, state, h, steps[i], project_weight_decay)
-        c = basis[1].float() @ d
+        c = basis[1].to(d.dtype) @ d
         r = row_of[i]
         table[r, :c.numel()] = c.to(home, torch.float64)
-        table[r, k] = d.dot(d).to(home, torch.float64)
+        table[r, k] = d.double().dot(d.double()).to(home)
+    op_groups: dict = {}  # hyper -> positions of the items the compiled pass ops step
+    for i, it in enumerate(items):
+        if routes[i] == "cpu":
+            op_groups.setdefault(it[2], []).append(i)
+    for h, pos in op_groups.items():
+        rows, got = _be.op_pass1([(items[i][0], items[i][1], items[i][3]) for i in pos], h, project_weight_decay)
+        for i, row, st in zip(pos, rows, got):
+            steps[i] = st
+            if i in row_of:
+                ki = items[i][3][1].shape[0]
+                table[row_of[i], :ki] = row[:ki].to(home)
+                table[row_of[i], k] = row[-1].to(home)
     for grp in groups:
         grp.begin()
         rows, _ = grp.dots()
@@ -245,9 +282,12 @@ def _two_passes(items: list, routes: list, groups: list, stats: dict, updates: d
     if proj:
         grams = _be.padded_stack([_be.gram_of(items[i][3]) for i in proj], k, home)
         if scope == "global":
-            w1, kappa_all = mode_weights(c.sum(0), torch.linalg.inv(grams.sum(0)), mode, aligned_scale)
+            c_all = c.sum(0)
+            w1, kappa1 = mode_weights(gram_pinv(grams.sum(0), "scope='global' subspace") @ c_all, c_all, mode,
+                                      aligned_scale, torch.tensor(k))
+            kappa_all = float(kappa1)
             w = w1.expand(len(proj), k)
-            kappa = torch.full((len(proj),), float(kappa_all), dtype=torch.float64, device=home)
+            kappa = torch.full((len(proj),), kappa_all, dtype=torch.float64, device=home)
         else:
             minv = _be.padded_stack([items[i][3][2] for i in proj], k, home)
             ks = torch.tensor([items[i][3][1].shape[0] for i in proj], dtype=torch.int64, device=home)
@@ -262,13 +302,24 @@ def _two_passes(items: list, routes: list, groups: list, stats: dict, updates: d
         d = _direction(p, state, h, steps[i], project_weight_decay)
         if basis is not None:
             r = row_of[i]
-            wi = w[r, :basis[1].shape[0]].to(d.device, torch.float32)
-            d = (d * kappa[r].to(d.device, torch.float32)).sub_(basis[1].float().T @ wi)
+            wi = w[r, :basis[1].shape[0]].to(d.device, d.dtype)
+            d = (d * kappa[r].to(d.device, d.dtype)).sub_(basis[1].to(d.dtype).T @ wi)
         elif kappa_all != 1.0:
             d = d * kappa_all
         _apply(p, d, h, project_weight_decay)
         if keep_updates:
             updates[p] = d
+    for h, pos in op_groups.items():
+        # one call per distinct kappa (threshold / plane give per-tensor factors; CPU: no device sync)
+        kap = [float(kappa[row_of[i]]) if i in row_of else float(kappa_all) for i in pos]
+        for value in sorted(set(kap)):
+            sel = [i for i, kv in zip(pos, kap) if kv == value]
+            wk = torch.zeros(len(sel), max(k, 1), dtype=torch.float32)
+            for j, i in enumerate(sel):
+                if i in row_of:
+                    wk[j, :k] = w[row_of[i], :k].float().cpu()
+            _be.op_pass2([(items[i][0], items[i][1], items[i][3]) for i in sel], h, [steps[i] for i in sel], wk,
+                         value, project_weight_decay)
     for grp in groups:
         n = len(grp.positions)
         gw = torch.zeros(n, grp.k_max, dtype=torch.float64, device=home)
