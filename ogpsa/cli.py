@@ -26,6 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selftest", action="store_true",
                         help="check every available backend against the torch backend on a small random problem, "
                              "for every device and grad/basis dtype, and print a table (exit 1 on a mismatch)")
+    mem = parser.add_argument_group("basis memory dry run (no weights are loaded)")
+    mem.add_argument("--model", default=None, metavar="PATH_OR_CONFIG",
+                     help="a transformers model directory (its config.json) or a config.json: report the basis bytes "
+                          "per parameter per rank, the model built on the meta device")
+    mem.add_argument("--world-size", type=int, default=1, help="ranks the bases are laid out over (default 1)")
+    mem.add_argument("--rank", type=int, default=None, help="report this rank (default: the one holding the most)")
+    mem.add_argument("--sharding", choices=("fsdp2", "zero", "replicated"), default=None,
+                     help="fsdp2: sharded with the parameters on dim 0 (default when --world-size > 1); zero: ZeRO-1/2 "
+                          "flat partitions; replicated: DDP / single process")
+    mem.add_argument("--basis-dtype", choices=("float32", "bfloat16"), default="float32", help="basis storage")
+    mem.add_argument("--k", type=int, default=None, help="basis rows per tensor (default 16, the largest supported)")
+    mem.add_argument("--lora-r", type=int, default=None, help="LoRA adapters of this rank are the trainable tensors")
+    mem.add_argument("--lora-targets", nargs="*", default=None, metavar="MODULE",
+                     help="with --lora-r: target modules (default: PEFT's default for the model type; all-linear)")
+    mem.add_argument("--peft-config", default=None, metavar="PATH",
+                     help="a PEFT LoRA adapter_config.json (or its directory) instead of --lora-r")
 
 
 def info() -> dict:
@@ -85,9 +101,38 @@ def run_selftest(as_json: bool) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def run_memory(args: argparse.Namespace) -> int:
+    """``ogpsa info --model``: the basis memory dry run of :mod:`ogpsa.memory`."""
+    from ogpsa import memory
+
+    try:
+        report = memory.dry_run(args.model, k=args.k if args.k is not None else memory.DEFAULT_K,
+                                basis_dtype=args.basis_dtype, world_size=args.world_size, rank=args.rank,
+                                sharding=args.sharding, lora_r=args.lora_r, lora_targets=args.lora_targets,
+                                peft_config=args.peft_config)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"ogpsa info --model: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.text())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "selftest", False):
         return run_selftest(args.json)
+    if getattr(args, "model", None) is not None:
+        return run_memory(args)
+    memory_only = ("rank", "sharding", "k", "lora_r", "lora_targets", "peft_config")
+    given = [f"--{a.replace('_', '-')}" for a in memory_only if getattr(args, a, None) is not None]
+    given += ["--world-size"] if getattr(args, "world_size", 1) != 1 else []
+    if given:
+        print(f"ogpsa info: {', '.join(given)} need --model PATH_OR_CONFIG", file=sys.stderr)
+        return 2
     data = info()
     if args.json:
         import json

@@ -56,6 +56,7 @@ from .integrations.common import (
     load_subspace,
     unwrap_optimizer,
 )
+from .memory import log_basis_memory
 from .state_file import STATE_VERSION as _STATE_VERSION
 from .state_file import StateFileError, check_schedule, read_state, warn_not_restored
 from .subspace import Subspace
@@ -212,6 +213,7 @@ class OGPSA:
     def _attach(self, sub: Subspace, attach_fn: Optional[Callable[[Subspace], Any]]) -> Any:
         sub.check_model(self.model)
         self._subspace = sub
+        log_basis_memory(self.model, sub, sharding="zero" if attach_fn is not None else None)  # attach_fn: DeepSpeed
         if attach_fn is not None:
             return attach_fn(sub)
         return attach(self.model, self.optimizer, sub, self.config)
