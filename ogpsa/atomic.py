@@ -146,9 +146,9 @@ def _copy_fd(src: int, dst: int) -> None:
 
 
 @contextlib.contextmanager
-def open_atomic(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+def open_atomic(path: PathLike, mode: str = "wb", encoding: str = "utf-8") -> Iterator[IO[Any]]:
     """A file object whose contents replace ``path`` atomically when the block ends without
-    an exception (``mode`` ``"wb"`` or ``"w"``). On an exception the target is untouched and
+    an exception (``mode`` ``"wb"``, or ``"w"``: text in ``encoding``). On an exception the target is untouched and
     no temporary file remains. The directory must exist."""
     if mode not in ("wb", "w"):
         raise ValueError(f"open_atomic mode={mode!r}: use 'wb' or 'w'")
@@ -209,4 +209,12 @@ def write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-__all__ = ["open_atomic", "write_bytes", "write_text", "write_json", "remove_stale_temporaries", "TMP_SUFFIX"]
+def save_figure(fig: Any, path: PathLike, **savefig_kwargs: Any) -> None:
+    """``fig.savefig(path, ...)`` atomically (the format from the file extension, png by default)."""
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    with open_atomic(path, "wb") as f:
+        fig.savefig(f, format=fmt, **savefig_kwargs)
+
+
+__all__ = ["open_atomic", "write_bytes", "write_text", "write_json", "save_figure", "remove_stale_temporaries",
+           "TMP_SUFFIX"]

@@ -504,7 +504,7 @@ def _load_subspace_from(data: bytes) -> Subspace:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, SUBSPACE_FILE)
-        with open(path, "wb") as f:
+        with open(path, "wb") as f:  # atomic-exempt: a private temporary directory, not an output
             f.write(data)
         return Subspace.load(path)
 

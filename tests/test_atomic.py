@@ -197,3 +197,46 @@ def test_from_pretrained_reports_a_malformed_state_file(tmp_path):
     with pytest.raises(StateFileError, match=rf"{STATE_FILE}: field 'built_at' is 'zero'"):
         ogpsa.OGPSA.from_pretrained(tmp_path, model, opt, progress=False)
     assert (tmp_path / SUBSPACE_FILE).is_file()
+
+
+def test_every_writer_in_ogpsa_goes_through_ogpsa_atomic():
+    """No module writes an output file directly (open(..., 'w'), write_text, savefig, json.dump...):
+    everything goes through ogpsa.atomic. A deliberate exception carries 'atomic-exempt'."""
+    import re
+    from pathlib import Path
+
+    root = Path(ogpsa.__file__).parent
+    direct = re.compile(r"""open\([^)]*["'](w|wb|a|ab|x|w\+)["']|(?<!atomic)\.write_(text|bytes)\(|\.savefig\("""
+                        r"""|json\.dump\(|save_file\(|torch\.save\(""")
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "atomic.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if direct.search(line) and "atomic-exempt" not in line and not line.lstrip().startswith("#"):
+                offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not offenders, "write these with ogpsa.atomic:\n" + "\n".join(offenders)
+
+
+def test_save_figure_is_atomic(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    target = tmp_path / "plot.png"
+    target.write_bytes(b"old png")
+    atomic.save_figure(fig, target, dpi=50)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["plot.png"]
+
+    class Broken:
+        def savefig(self, f, **kw):
+            f.write(b"\x89PNG half")
+            raise RuntimeError("renderer failed")
+
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError, match="renderer failed"):
+        atomic.save_figure(Broken(), target)
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["plot.png"]
+    plt.close(fig)

@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import atomic
 from .timing import _free, environment, peak_copy_bandwidth, time_fn
 from .workloads import Workload, gpt2_125m_workload, lora_workload, make_tensors, tiny_workload
 
@@ -315,8 +316,8 @@ def run_adamw_suite(device: torch.device, out_dir, *, workloads: Optional[Sequen
         env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     env["wall_s"] = time.perf_counter() - start
     data["files"] = ["adamw.json", "adamw.md"]
-    (out_dir / "adamw.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out_dir / "adamw.md").write_text(adamw_markdown(data))
+    atomic.write_text(out_dir / "adamw.json", json.dumps(data, indent=1, default=str) + "\n")
+    atomic.write_text(out_dir / "adamw.md", adamw_markdown(data))
     return data
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import atomic
 from .timing import _free, _sync, environment
 
 LOOP_WORKLOADS = ("lora", "full")
@@ -315,7 +316,7 @@ def plot_loop(data: dict, path) -> Optional[object]:
     ax.set_title(f"ogpsa loop suite on {env['hardware']} ({env['torch_threads']} threads), git "
                  f"{env['git_commit'][:12]}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -343,6 +344,6 @@ def run_loop_suite(device: torch.device, out_dir, *, workloads: Optional[Sequenc
     if plot and plot_loop(data, out_dir / "loop.png") is not None:
         files.append(out_dir / "loop.png")
     data["files"] = [f.name for f in files]
-    (out_dir / "loop.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out_dir / "loop.md").write_text(loop_markdown(data))
+    atomic.write_text(out_dir / "loop.json", json.dumps(data, indent=1, default=str) + "\n")
+    atomic.write_text(out_dir / "loop.md", loop_markdown(data))
     return data

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import atomic
 from .timing import _free, environment, time_fn
 from .workloads import Workload, gpt2_125m_workload, lora_workload, tiny_workload
 
@@ -156,8 +157,8 @@ def run_refresh_suite(device: torch.device, out_dir: Path, *, workloads: Optiona
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data["files"] = ["refresh.json", "refresh.md"]
-    (out_dir / "refresh.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out_dir / "refresh.md").write_text(refresh_markdown(data))
+    atomic.write_text(out_dir / "refresh.json", json.dumps(data, indent=1, default=str) + "\n")
+    atomic.write_text(out_dir / "refresh.md", refresh_markdown(data))
     return data
 
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .. import atomic
 from .workloads import KS, REPO_ROOT
 
 README_START = "<!-- ogpsa-bench:start -->"
@@ -192,7 +193,7 @@ def plot_results(data: dict, path: Path) -> Optional[Path]:
     fig.suptitle(f"ogpsa bench on {env['hardware']} ({env['torch_threads']} threads), torch {env['torch']}, "
                  f"git {env['git_commit'][:12]}, {env['date'][:10]}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -200,8 +201,8 @@ def plot_results(data: dict, path: Path) -> Optional[Path]:
 def write_results(data: dict, out_dir: Path, plot: bool = True) -> list[str]:
     """Write results.json, results.md and (with ``plot``) bench.png; returns the names of
     the files this call wrote (a plot that could not be drawn is not among them)."""
-    (out_dir / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out_dir / "results.md").write_text(markdown(data) + "\n")
+    atomic.write_text(out_dir / "results.json", json.dumps(data, indent=1, default=str) + "\n")
+    atomic.write_text(out_dir / "results.md", markdown(data) + "\n")
     written = ["results.json", "results.md"]
     if plot and plot_results(data, out_dir / "bench.png") is not None:
         written.append("bench.png")
@@ -261,5 +262,5 @@ def update_readme(readme: Path, block: str, name: Optional[str] = None) -> None:
         raise ValueError(f"{readme} has no {start} ... {end} markers to replace")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(head + block + tail)
+    atomic.write_text(readme, head + block + tail)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .. import atomic
+
 COLORS = {"plain": "#d62728", "orthogonal": "#1f77b4", "conflict": "#2ca02c", "update": "#9467bd",
           "replay": "#ff7f0e", "merge": "#8c564b", "lora": "#e377c2", "orthogonal+replay": "#17becf",
           "orthogonal-r5": "#7f7f7f", "orthogonal-task": "#bcbd22", "orthogonal-k16": "#393b79",
@@ -46,6 +48,6 @@ def pareto(summary: dict[str, Any], before: dict[str, Any], path: str) -> str:
     fig.suptitle("ogpsa demo: general score vs safety score along safety-tuning (up-right is better)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path

@@ -10,10 +10,11 @@ seeds reached it).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Optional, Sequence
+
+from .. import atomic
 
 
 def mean_std(values: Sequence[Optional[float]]) -> dict[str, Any]:
@@ -211,9 +212,8 @@ def write(results: dict[str, Any], out_dir: str, command: Optional[str] = None) 
         payload["command"] = command
     paths = {"json": os.path.join(out_dir, "results.json"), "table": os.path.join(out_dir, "table.md"),
              "png": os.path.join(out_dir, "pareto.png")}
-    with open(paths["json"], "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(paths["table"], "w") as f:
+    atomic.write_json(paths["json"], payload, indent=1)
+    with atomic.open_atomic(paths["table"], "w") as f:
         if command:
             load = results.get("load_average")
             load_text = (f", 1-min load average {load['mean']:.1f} (min {load['min']:.1f}, max {load['max']:.1f}) "
