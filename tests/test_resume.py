@@ -3,7 +3,7 @@
 An interrupted run resumed from its checkpoint, *into another output directory*, must end with
 bit-identical trainable weights to the uninterrupted run, the same refresh history, and the
 restored basis in use for the first resumed step: for ``OGPSACallback`` on a plain
-``transformers.Trainer`` and for ``OGPSASFTTrainer``, in both projection spaces (gradient with
+``transformers.Trainer`` and for ``OGPSASFTTrainer`` (and ``OGPSADPOTrainer``), in both projection spaces (gradient with
 SGD, update with the Trainer's torch AdamW). A resume that finds no ogpsa state warns loudly.
 
 Tiny Llama (hidden 32, 2 layers), character tokenizer, CPU, offline.
@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 import ogpsa  # noqa: E402
 from ogpsa.integrations.common import STATE_FILE, SUBSPACE_FILE  # noqa: E402
 from ogpsa.integrations.transformers import OGPSACallback  # noqa: E402
-from ogpsa.integrations.trl import OGPSASFTTrainer  # noqa: E402
+from ogpsa.integrations.trl import OGPSADPOTrainer, OGPSASFTTrainer  # noqa: E402
 from ogpsa.tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 REFERENCE = [["the cat sat on the mat.", "2+3=5", "hello world", "abc def"],
@@ -68,6 +68,17 @@ def _run(kind, space, tok, out, resume=None):
         trainer = Trainer(model=model, args=_args(out, space, TrainingArguments), train_dataset=data,
                           processing_class=tok, callbacks=[cb, log])
         og = cb.ogpsa
+    elif kind == "dpo":
+        data = datasets.Dataset.from_dict({"prompt": [f"how to make thing {i:02d}? " for i in range(16)],
+                                           "chosen": ["sorry, i cannot help."] * 16,
+                                           "rejected": [f"sure: thing {i:02d}" for i in range(16)]})
+        ref_model = tiny_llama(tok, hidden=32, layers=2, seed=7).eval()
+        trainer = OGPSADPOTrainer(model=model, ref_model=ref_model, args=_args(out, space, trl.DPOConfig),
+                                  train_dataset=data, processing_class=tok, ogpsa_config=config,
+                                  reference_datasets=REFERENCE, refresh_every=REFRESH, reference_batch_size=2)
+        log = SubspaceLog(lambda: trainer.ogpsa.subspace)
+        trainer.add_callback(log)
+        og = trainer.ogpsa
     else:
         texts = [f"user: how to make thing {i:02d}? assistant: sorry, i cannot help." for i in range(16)]
         trainer = OGPSASFTTrainer(model=model, args=_args(out, space, trl.SFTConfig),
@@ -85,8 +96,8 @@ def _weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("space", ["gradient", "update"])
-@pytest.mark.parametrize("kind", ["callback", "sft"])
+@pytest.mark.parametrize("kind, space", [("callback", "gradient"), ("callback", "update"), ("sft", "gradient"),
+                                         ("sft", "update"), ("dpo", "gradient")])
 def test_resume_from_another_output_dir_is_bit_identical(kind, space, tok, tmp_path):
     full, full_og, full_log = _run(kind, space, tok, tmp_path / "run1")
     assert full_og.refresh_steps == [0, 3]
