@@ -4,6 +4,8 @@ See :mod:`ogpsa.optim.adamw` and README "Update-space projection (projected Adam
 """
 
 from .adamw import ProjectedAdamW
-from .attach import UpdateSpaceProjector, attach_update_space
+from .attach import RuleUpdateProjector, UpdateSpaceProjector, attach_update_space
+from .rule import UpdateRule, registered_rules, rule_for
 
-__all__ = ["ProjectedAdamW", "UpdateSpaceProjector", "attach_update_space"]
+__all__ = ["ProjectedAdamW", "UpdateSpaceProjector", "RuleUpdateProjector", "attach_update_space", "UpdateRule",
+           "rule_for", "registered_rules"]

@@ -33,12 +33,12 @@ from torch import Tensor
 
 from ..config import OGPSAConfig
 from ..distributed.layout import is_dtensor
-from ..errors import ProjectionInputError, UnsupportedSetupError
-from ..plan import basis_entry, check_coverage
+from ..errors import UnsupportedSetupError
 from ..stats import ProjectionStats
 from ..subspace import Subspace
 from .distributed import DEEPSPEED_MESSAGE, check_supported, has_dtensor, shard_bases, sharded_step
 from .functional import StepHyper, projected_step
+from .rule import match_bases
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -269,33 +269,3 @@ class ProjectedAdamW(torch.optim.AdamW):
                                         "optimizer.step() and leave max_norm=None")
         total = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return (max_norm / (total.double() + 1e-6)).clamp(max=1.0)
-
-
-def match_bases(model: torch.nn.Module, subspace: Subspace, params: list, *, allow_partial: bool) -> dict:
-    """``{param: (name, U, M^+ float32, M float64)}`` for the optimizer's ``params`` that the
-    subspace names. The subspace must match the model (SubspaceMismatchError for a basis
-    without a parameter or of another shape) and cover every trainable parameter the optimizer
-    steps unless ``allow_partial``; every basis is validated as in gradient space
-    (:func:`ogpsa.plan.basis_entry`: dtype, shape, rank <= 16, finiteness; a rank-revealing
-    float64 pseudo-inverse of the Gram, so nearly dependent rows project onto their span)."""
-    subspace.check_model(model)
-    mine = set(params)
-    named = [(n, p) for n, p in model.named_parameters() if p in mine]
-    in_model = {p for _, p in named}
-    check_coverage(named, subspace.names, [p for p in params if p not in in_model], allow_partial=allow_partial,
-                   what="update space (ProjectedAdamW / space='update')")
-    bases: dict[Tensor, tuple] = {}
-    for name, p in named:
-        if name not in subspace:
-            continue
-        u = subspace.basis(name)
-        if u.dim() != 2 or u.shape[1] != p.numel():
-            raise ProjectionInputError(f"update space: basis of {name!r} has shape {tuple(u.shape)}, expected "
-                                       f"[k, {p.numel()}] for parameter shape {tuple(p.shape)}")
-        if u.shape[0] == 0:
-            continue
-        # float64 parameters: M from the stored rows in float64 (the subspace's M may carry float32 rounding)
-        e = basis_entry(u.to(p.device).contiguous(), p.numel(), p.device, f"parameter {name!r}",
-                        gram=None if p.dtype == torch.float64 else subspace.gram(name))
-        bases[p] = (name, e.basis, e.gram_inv.to(p.device, torch.float32), e.gram.to(p.device))
-    return bases

@@ -33,11 +33,14 @@ from typing import Any, Optional
 import torch
 
 from ..config import OGPSAConfig
+from ..errors import BackendUnavailableError
 from ..interface import PauseMixin, claim_optimizer, release_optimizer
+from ..ops import requested_backend
 from ..stats import ProjectionStats
 from ..subspace import Subspace
 from .adamw import ProjectedAdamW
 from .distributed import check_supported
+from .rule import UpdateRule, match_bases, registered_rules, rule_for, rule_step
 
 
 class LiveAdamW(ProjectedAdamW):
@@ -193,10 +196,114 @@ class UpdateSpaceProjector(PauseMixin):
         release_optimizer(self.optimizer, self)
 
 
+class RuleUpdateProjector(PauseMixin):
+    """Update space for an optimizer with a rule in :mod:`ogpsa.optim.rules` (e.g.
+    ``torch.optim.SGD``), on the torch backend: a step pre-hook runs :func:`rule_step` on the
+    optimizer's LIVE ``param_groups`` and ``state`` (keys as the torch optimizer's) and hides the
+    gradients from its own step; the post-hook gives them back. Same surface as every projector
+    (:class:`ogpsa.interface.ProjectorLike`)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, subspace: Subspace,
+                 config: OGPSAConfig, rule: UpdateRule) -> None:
+        name = requested_backend(config.backend)
+        if name not in ("auto", "torch"):
+            raise BackendUnavailableError(f"space='update' with {type(optimizer).__name__} (rule {rule.name!r}) runs "
+                                          f"on the torch backend only; backend {name!r} was requested (config.backend "
+                                          f"or OGPSA_BACKEND)")
+        for group in optimizer.param_groups:
+            rule.check_group(group)
+        self.model, self.optimizer, self.config, self.rule = model, optimizer, config, rule
+        self.last_stats: Optional[ProjectionStats] = None
+        self._paused = 0
+        self._hidden: dict = {}
+        self._handles: list = []
+        self._count = 0
+        self.subspace: Optional[Subspace] = None
+        claim_optimizer(optimizer, self)
+        try:
+            self.set_subspace(subspace)
+        except BaseException:
+            release_optimizer(optimizer, self)
+            raise
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
+                         optimizer.register_step_post_hook(self._post_step)]
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def num_projections(self) -> int:
+        return self._count
+
+    @num_projections.setter
+    def num_projections(self, value: int) -> None:
+        self._count = int(value)
+
+    def _params(self) -> list:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def set_subspace(self, subspace: Subspace) -> None:
+        """Match ``subspace`` to the optimizer's parameters (validated; on error nothing changes)."""
+        params = self._params()
+        bases = match_bases(self.model, subspace, params, allow_partial=bool(self.config.allow_partial))
+        self.subspace, self._bases, self._signature = subspace, bases, tuple(map(id, params))
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
+            raise RuntimeError(f"ogpsa space='update' on {type(optimizer).__name__} does not support step(closure); "
+                               f"call the closure yourself before step()")
+        if not self.is_paused:
+            if tuple(map(id, self._params())) != self._signature:  # add_param_group, load onto other params
+                self.set_subspace(self.subspace)
+            if self.config.max_norm is not None:
+                self.clip_grad_norm_(float(self.config.max_norm))
+        cfg = self.config
+        stats = rule_step(self.rule, optimizer.param_groups, optimizer.state, self._bases, mode=cfg.mode,
+                          scope=cfg.scope, aligned_scale=float(cfg.aligned_scale), paused=self.is_paused)
+        if stats is not None:
+            self.last_stats = stats
+            self._count += 1
+        self._hidden = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._hidden[p] = p.grad
+                    p.grad = None
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for p, g in self._hidden.items():
+            p.grad = g
+        self._hidden = {}
+
+    def project(self, max_norm: Optional[float] = None) -> None:
+        """Nothing to do on the gradient (the step projects); clips the raw gradient with ``max_norm``."""
+        if max_norm is not None:
+            self.clip_grad_norm_(max_norm)
+        return None
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        **_: Any) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over every gradient the optimizer steps (the raw gradient)."""
+        params = [p for p in self._params() if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
+                                              error_if_nonfinite=error_if_nonfinite)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        release_optimizer(self.optimizer, self)
+
+
 def attach_update_space(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], subspace: Subspace,
                         config: Optional[OGPSAConfig] = None) -> Any:
     """Update-space OGPSA on ``optimizer`` (a :class:`ProjectedAdamW` or a plain
-    :class:`torch.optim.AdamW`): an :class:`UpdateSpaceProjector` (single process, DDP, FSDP2);
+    :class:`torch.optim.AdamW`: an :class:`UpdateSpaceProjector`, single process, DDP, FSDP2; an
+    optimizer with a rule in :mod:`ogpsa.optim.rules`, e.g. ``torch.optim.SGD``: a
+    :class:`RuleUpdateProjector`, torch backend);
     see the module docs. A DeepSpeed engine goes through :func:`ogpsa.attach` (the attach
     table, :mod:`ogpsa.attaching`) and raises here. Other optimizers raise ValueError."""
     config = config if config is not None else getattr(subspace, "config", None) or OGPSAConfig(space="update")
@@ -205,9 +312,13 @@ def attach_update_space(model: torch.nn.Module, optimizer: Optional[torch.optim.
                          "pass the torch.optim.AdamW (or an ogpsa.optim.ProjectedAdamW)")
     check_supported(model, optimizer)
     if not isinstance(optimizer, (ProjectedAdamW, torch.optim.AdamW)):
-        raise ValueError(f"ogpsa space='update' supports torch.optim.AdamW and ogpsa.optim.ProjectedAdamW, not "
-                         f"{type(optimizer).__name__}: use space='gradient' for it, or train with "
-                         f"ogpsa.optim.ProjectedAdamW")
+        rule = rule_for(optimizer)
+        if rule is not None:
+            return RuleUpdateProjector(model, optimizer, subspace, config, rule)
+        known = ["torch.optim.AdamW", "ogpsa.optim.ProjectedAdamW"] + [
+            f"{c.__module__}.{c.__name__}" for r in registered_rules() for c in r.optimizer_types]
+        raise ValueError(f"ogpsa space='update' has no rule for {type(optimizer).__name__} (rules: {', '.join(known)}): "
+                         f"use space='gradient' for it, or add a rule in ogpsa/optim/rules/")
     for group in optimizer.param_groups:
         for key in ("fused", "capturable", "differentiable"):
             if group.get(key):

@@ -29,6 +29,7 @@ from ..plan import gram_pinv
 from ..stats import ProjectionStats
 from . import backends as _be
 from .backends import gram_of
+from .rule import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,6 @@ def _update_moments(p: Tensor, state: dict, h: StepHyper) -> int:
     if h.amsgrad:
         torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
     return int(state["step"].item())
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """The dtype a parameter's step is computed in: float64 parameters in float64 (never rounded
-    to float32), every other float dtype in float32."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _direction(p: Tensor, state: dict, h: StepHyper, step: int, with_decay: bool) -> Tensor:
