@@ -77,6 +77,17 @@ BUILD_RECORD = "_C_build.json"
 HOW_TO_GET_CUDA = "reinstall with OGPSA_BUILD_CUDA=1 (e.g. OGPSA_BUILD_CUDA=1 pip install --no-build-isolation -e .)"
 
 
+def how_to_get_cuda(reason: str) -> str:
+    """What to do to get the CUDA kernels, for the reason they were not built."""
+    if "torch is built without CUDA" in reason:
+        return "install a CUDA build of torch, then " + HOW_TO_GET_CUDA
+    if "nvcc not found" in reason:
+        return "install the CUDA toolkit (nvcc) or point CUDA_HOME at it, then " + HOW_TO_GET_CUDA
+    if "nvcc failed" in reason:
+        return "fix the nvcc error in the build log, then " + HOW_TO_GET_CUDA
+    return HOW_TO_GET_CUDA
+
+
 def decide_cuda(forced: str, has_sources: bool, torch_cuda: Optional[str], device_count: Callable[[], int],
                 find_nvcc: Callable[[], Optional[str]]) -> "tuple[bool, str]":
     """Build the CUDA kernels? Returns (yes/no, why); raises SystemExit when OGPSA_BUILD_CUDA=1 cannot be met.
@@ -241,7 +252,7 @@ def cmdclass() -> dict:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             record = dict(_CUDA_REASON)
             if not record["cuda_kernels"]:
-                record["how_to_get_cuda_kernels"] = HOW_TO_GET_CUDA
+                record["how_to_get_cuda_kernels"] = how_to_get_cuda(record["cuda_reason"])
             with open(path, "w") as f:
                 json.dump(record, f, indent=1)
             _log(f"built ogpsa._C in {time.perf_counter() - started:.0f} s")

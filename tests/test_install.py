@@ -125,6 +125,15 @@ def test_cuda_kernels_are_built_only_for_a_visible_device_or_when_asked():
         decide("yes", True, "13.0", _never, _never)
 
 
+def test_how_to_get_cuda_kernels_fits_the_reason():
+    how = _setup_module().how_to_get_cuda
+    assert how("no CUDA device was visible at build time; ...").startswith("reinstall with OGPSA_BUILD_CUDA=1")
+    assert how("OGPSA_BUILD_CUDA=0").startswith("reinstall with OGPSA_BUILD_CUDA=1")
+    assert how("torch is built without CUDA").startswith("install a CUDA build of torch, then reinstall")
+    assert how("nvcc not found (set CUDA_HOME to a CUDA toolkit root)").startswith("install the CUDA toolkit")
+    assert how("nvcc failed at build time (CalledProcessError)").startswith("fix the nvcc error")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the decision on a machine without a CUDA device")
 def test_this_machine_without_a_device_skips_cuda_kernels_unless_asked(monkeypatch):
     module = _setup_module()
@@ -214,6 +223,9 @@ def test_fresh_venv_install_runs_quickstart(tmp_path):
     venv_torch = subprocess.run([py, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                 text=True, check=True).stdout.strip()
     assert info["build_check"] == "ok" and info["extension"]["built"] is True
+    if not info["extension"]["cuda_kernels"]:  # the build's record (_C_build.json) is installed with _C
+        assert info["extension"]["cuda_kernels_not_built"].startswith(
+            "torch is built without CUDA; install a CUDA build of torch" if not info["torch_cuda"] else "no CUDA device")
     assert info["backends"]["cpu"]["available"] is True
     built = subprocess.run([py, "-c", "from ogpsa import _C; print(_C.build_info()['torch_version'])"],
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
