@@ -98,19 +98,13 @@ def _unnamed_temp(directory: str) -> int | None:
     if flag is None or _O_TMPFILE_OK.get(directory) is False or not os.path.isdir("/proc/self/fd"):
         return None
     try:
-        fd = os.open(directory, flag | os.O_RDWR, 0o644)
+        # mode 0o666 filtered by the umask, as for a named file (open(2))
+        return os.open(directory, flag | os.O_RDWR, 0o666)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
             _O_TMPFILE_OK[directory] = False
             return None
         raise
-    try:  # O_TMPFILE creates files with the mode bits given, not umask-filtered ones on every kernel
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-    except OSError:
-        pass
-    return fd
 
 
 def _publish(fd: int, named_tmp: str | None, directory: str, base: str, target: str) -> None:
