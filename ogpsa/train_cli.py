@@ -240,6 +240,13 @@ def _prepare(args: argparse.Namespace) -> Any:
         extra = {} if args.no_ogpsa else ogpsa_kwargs
         trainer = cls(model=model, ref_model=ref_model, args=targs, train_dataset=dataset, processing_class=tok,
                       peft_config=peft_config, **extra)
+    if not args.no_ogpsa and trainer.ogpsa.initial_subspace is not None:
+        from .errors import SubspaceMismatchError
+
+        try:  # the trainer's final (PEFT-wrapped) parameters: a basis of another model is a mistake found now
+            trainer.ogpsa.initial_subspace.check_model(trainer.model)
+        except SubspaceMismatchError as exc:
+            raise UsageError(f"--subspace {args.subspace!r} does not fit --model {args.model!r}: {exc}") from exc
     trainer._ogpsa_cli_tokenizer = tok
     return trainer
 

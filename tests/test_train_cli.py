@@ -281,3 +281,17 @@ def test_sft_output_records_absolute_paths_basis_mode_and_space_for_dpo(files, t
                  "--reference", files["general"], "--output", "dpo2", "--max-steps", "1", "--mode", "orthogonal",
                  "--space", "gradient", "--optim", "sgd"] + common) == 0
     assert json.loads((elsewhere / "dpo2" / "ogpsa_train_summary.json").read_text())["ogpsa"]["mode"] == "orthogonal"
+
+
+def test_a_basis_of_another_model_is_a_usage_error_before_training(files, tmp_path, capsys):
+    import ogpsa
+
+    other = tiny_llama(char_tokenizer(), hidden=32, layers=1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in other.named_parameters()}]
+    ogpsa.Subspace.from_gradients(grads, ogpsa.OGPSAConfig()).save(str(tmp_path / "other.safetensors"))
+    rc = main(["train", "--stage", "sft", "--model", "tiny", "--data", files["safety"], "--subspace",
+               str(tmp_path / "other.safetensors"), "--refresh-every", "0", "--output", str(tmp_path / "o"), "--cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "usage: ogpsa train" in err and "Traceback" not in err  # after TRL's dataset progress bars
+    assert "ogpsa train: error: --subspace" in err and "does not fit --model 'tiny'" in err and not (tmp_path / "o" / "model.safetensors").exists()
