@@ -40,10 +40,14 @@ def test_7b_full_fine_tune_sharded_over_8(llama7b):
     assert r.per_param_per_rank == 4.0 and r.per_param_unsharded == 32.0
     assert r.sharding == "fsdp2"
     assert r.gram_bytes == LLAMA7B_TENSORS * 16 * 16 * 4  # 297,984 B, replicated
-    fp32 = memory.dry_run(llama7b, k=16, world_size=8, rank=5)
+    shapes = memory.trainable_shapes(memory.meta_model(llama7b))  # the same model, for the variants
+    fp32 = memory.basis_memory(shapes, k=16, world_size=8, rank=5)
     assert fp32.rank == 5 and fp32.bytes_on_rank == 53_907_324_928 and fp32.per_param_per_rank == 8.0
-    single = memory.dry_run(llama7b, k=2, world_size=8, sharding="replicated")
+    single = memory.basis_memory(shapes, k=2, world_size=8, sharding="replicated")
     assert single.rank_bytes == [2 * 4 * LLAMA7B_PARAMS] * 8 and single.per_param_per_rank == 8.0
+    zero = memory.basis_memory(shapes, k=16, basis_dtype="bfloat16", world_size=8, sharding="zero")
+    # P = 6,738,415,616 is a multiple of 8: eight flat parts of P/8 elements, 16 x 2 B each
+    assert zero.rank_bytes == [26_953_662_464] * 8
 
 
 def test_7b_lora_default_targets(llama7b):
