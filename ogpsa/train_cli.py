@@ -251,11 +251,29 @@ def _prepare(args: argparse.Namespace) -> Any:
     return trainer
 
 
+def _save_tiny_base(args: argparse.Namespace) -> None:
+    """``--model tiny --lora-r``: the adapter's base exists only in memory (PEFT records no path
+    for it). Save the same seeded tiny model (LoRA leaves the base untouched) into
+    ``<output>/tiny_base`` and point the adapter at it (absolute path), so a later stage
+    (``--stage dpo --model <output>``) can load base + adapter."""
+    base_dir = os.path.abspath(os.path.join(args.output, "tiny_base"))
+    model, tok = load_model_and_tokenizer("tiny", seed=args.seed)
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    path = os.path.join(args.output, "adapter_config.json")
+    with open(path, encoding="utf-8") as f:
+        adapter = json.load(f)
+    adapter["base_model_name_or_path"] = base_dir
+    atomic.write_json(path, adapter)
+
+
 def _train(args: argparse.Namespace, trainer: Any) -> int:
     tok = trainer._ogpsa_cli_tokenizer
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     tok.save_pretrained(args.output)
+    if args.model == "tiny" and args.lora_r:
+        _save_tiny_base(args)
     summary = {"stage": args.stage, "output": os.path.abspath(args.output), "steps": trainer.state.global_step,
                "train_loss": result.training_loss,
                "model": args.model if args.model == "tiny" else os.path.abspath(args.model),

@@ -295,3 +295,23 @@ def test_a_basis_of_another_model_is_a_usage_error_before_training(files, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "usage: ogpsa train" in err and "Traceback" not in err  # after TRL's dataset progress bars
     assert "ogpsa train: error: --subspace" in err and "does not fit --model 'tiny'" in err and not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_tiny_lora_sft_output_is_a_loadable_dpo_model(files, tmp_path):
+    common = ["--batch-size", "2", "--cpu", "--num-reference-samples", "3", "--max-steps", "1", "--lora-r", "4"]
+    sft = tmp_path / "sft"
+    assert main(["train", "--stage", "sft", "--model", "tiny", "--data", files["safety"], "--reference",
+                 files["general"], "--output", str(sft)] + common) == 0
+    adapter = json.loads((sft / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(sft / "tiny_base")
+    from ogpsa.train_cli import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(sft))  # base + adapter
+    fresh, _ = load_model_and_tokenizer("tiny", seed=42)  # the seeded base the SFT run started from
+    base = dict(model.get_base_model().named_parameters())
+    for name, p in fresh.named_parameters():  # LoRA left the base untouched: the saved base is the trained one's
+        key = name if name in base else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(base[key], p), name
+    assert main(["train", "--stage", "dpo", "--model", str(sft), "--data", files["prefs"], "--reference",
+                 files["general"], "--output", str(tmp_path / "dpo"), "--batch-size", "2", "--cpu",
+                 "--num-reference-samples", "3", "--max-steps", "1"]) == 0
