@@ -9,6 +9,14 @@ mismatch (or an exception) :func:`passes` warns once, naming the backend and the
 and returns False: :func:`ogpsa.ops.select_backend` then takes the next backend. A backend
 the user forced by name is never replaced silently: it raises instead (see ``ops``).
 
+Spaces: ``gradient`` (the projection ops: dots, update_, fused_project_, gram, combine,
+against the torch backend) and ``update`` (the fused projected AdamW op of the ``cpu`` and
+``cuda`` backends, against :func:`ogpsa.reference.projected_adamw_step_`; the Triton AdamW
+kernels have no single op to call and are covered by their own tests). The first-contact
+hook sits in :func:`ogpsa.ops.select_backend`, which routes the gradient space; the update
+space's routing (:func:`ogpsa.optim.backends.route`) can call :func:`passes` with
+``space="update"`` the same way (not wired yet); ``ogpsa info --selftest`` checks both.
+
 The result is cached per key, so the hot path pays one dict lookup per plan build and nothing
 per step. ``OGPSA_SELFTEST=0`` (or ``false``/``off``/``no``) turns the check off;
 ``OGPSA_SELFTEST=all`` adds the ``cpu`` backend.
@@ -34,6 +42,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import reference
 from .backends.base import Backend
 from .backends.torch_backend import TorchBackend
 
@@ -126,7 +135,10 @@ def passes(be: Backend, device: torch.device, grad_dtype: torch.dtype, basis_dty
     with _lock:
         hit = _results.get(key)
         if hit is None:
-            hit = check(be, device, grad_dtype, basis_dtype, space)
+            try:
+                hit = check(be, device, grad_dtype, basis_dtype, space)
+            except NotApplicable:  # nothing of this backend runs in this space: nothing to distrust
+                hit = CheckResult(be.name, key[1], grad_dtype, basis_dtype, space, True, 0.0, "not applicable", 0.0)
             _results[key] = hit
             if not hit.ok:
                 warnings.warn(f"OGPSA backend {be.name!r} failed its first-contact self-test on {hit.device} "
@@ -234,14 +246,71 @@ def _gradient_space(be: Backend, ref: Backend, device: torch.device, grad_dtype:
     return out
 
 
-#: space -> function returning (name, backend output, torch output, output dtype) tuples
-SPACES: dict[str, Callable[..., list]] = {"gradient": _gradient_space}
+class NotApplicable(Exception):
+    """The backend has no kernel for this space (e.g. Triton's update-space kernels, which are
+    checked through their own tests only)."""
+
+
+def _adamw_op_on(device: torch.device) -> bool:
+    """Whether the compiled projected AdamW op is registered for ``device``'s dispatch key."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("ogpsa::projected_adamw_", key))
+    except RuntimeError:  # the schema is not registered (no extension)
+        return False
+
+
+#: update-space problem: every tensor projected (rank >= 1), a few Adam steps in
+UPDATE_RANKS = (3, 1, 4, 2)
+UPDATE_HYPER = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01)
+
+
+def _update_space(be: Backend, ref: Backend, device: torch.device, grad_dtype: torch.dtype,
+                  basis_dtype: torch.dtype) -> list[tuple[str, Tensor, Tensor, torch.dtype]]:
+    """The compiled projected AdamW op (``cpu``, ``cuda``: one fused step, per-tensor scope,
+    orthogonal rule) next to :func:`ogpsa.reference.projected_adamw_step_` on the same tensors:
+    parameters (in their dtype) and moments (float32) after one step. ``grad_dtype`` is the
+    parameter and gradient dtype. ``ref`` is unused: the reference step is the specification."""
+    if be.name not in ("cpu", "cuda") or be.name != ("cuda" if device.type == "cuda" else "cpu") \
+            or not _adamw_op_on(device):
+        raise NotApplicable
+    gen = torch.Generator().manual_seed(SEED + 1)
+    params, grads, ms, vs, us, minvs = [], [], [], [], [], []
+    for n, k in zip(NUMELS, UPDATE_RANKS):
+        q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+        u = q.T.contiguous().to(basis_dtype)
+        u64 = u.double()
+        params.append(torch.randn(n, generator=gen).to(device, grad_dtype))
+        grads.append(torch.randn(n, generator=gen).to(device, grad_dtype))
+        ms.append((0.1 * torch.randn(n, generator=gen)).to(device))
+        vs.append((0.5 + torch.rand(n, generator=gen)).to(device))
+        us.append(u.to(device))
+        minvs.append(torch.linalg.inv(u64 @ u64.T).float().contiguous().to(device))
+    steps = [3] * len(NUMELS)
+    mine = ([p.clone() for p in params], [m.clone() for m in ms], [v.clone() for v in vs])
+    torch.ops.ogpsa.projected_adamw_(mine[0], grads, mine[1], mine[2], [], us, minvs, steps,
+                                     *UPDATE_HYPER.values(), False, False)
+    theirs = ([p.clone() for p in params], [m.clone() for m in ms], [v.clone() for v in vs])
+    reference.projected_adamw_step_(theirs[0], grads, theirs[1], theirs[2], [None] * len(params), steps, us,
+                                    **UPDATE_HYPER)
+    out = []
+    for what, a_list, b_list, dt in (("parameter", mine[0], theirs[0], grad_dtype),
+                                     ("exp_avg", mine[1], theirs[1], torch.float32),
+                                     ("exp_avg_sq", mine[2], theirs[2], torch.float32)):
+        out += [(f"projected_adamw_ {what} (tensor of {a.numel()})", a, b, dt) for a, b in zip(a_list, b_list)]
+    return out
+
+
+#: space -> function returning (name, backend output, reference output, output dtype) tuples
+SPACES: dict[str, Callable[..., list]] = {"gradient": _gradient_space, "update": _update_space}
 
 
 def check(be: Backend, device: torch.device, grad_dtype: torch.dtype, basis_dtype: torch.dtype,
           space: str = "gradient", reference: Optional[Backend] = None) -> CheckResult:
     """Run ``be`` on the small problem and compare with ``reference`` (default: the torch
-    backend). Never raises for a backend fault: an exception is a failed result."""
+    backend; the update space compares with the reference AdamW step). Never raises for a
+    backend fault: an exception is a failed result. Raises :class:`NotApplicable` when ``be``
+    has no kernel for ``space`` on ``device``."""
     if space not in SPACES:
         raise ValueError(f"space={space!r} is not one of {tuple(SPACES)}")
     device = torch.device(device)
@@ -249,16 +318,17 @@ def check(be: Backend, device: torch.device, grad_dtype: torch.dtype, basis_dtyp
     start = time.perf_counter()
     try:
         worst, detail = _compare(SPACES[space](be, ref, device, grad_dtype, basis_dtype))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    except NotApplicable:
+        raise
     except Exception as exc:  # a kernel that cannot run here fails its check, it does not crash training
+        # (outputs are compared on the host, so an asynchronous CUDA fault surfaces here too)
         worst, detail = float("inf"), f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return CheckResult(be.name, str(device), grad_dtype, basis_dtype, space, worst < 1.0, worst, detail,
                        time.perf_counter() - start)
 
 
 def run_all(backends: Mapping[str, Optional[Backend]], devices: Optional[Sequence[torch.device]] = None,
-            spaces: Sequence[str] = ("gradient",)) -> list[CheckResult]:
+            spaces: Sequence[str] = tuple(SPACES)) -> list[CheckResult]:
     """Check every given backend on every device it supports (default: the CPU and, when
     present, the current CUDA device) and every grad x basis dtype. ``backends``: name ->
     instance (None or unavailable ones are skipped). The torch backend is the reference and
@@ -276,7 +346,10 @@ def run_all(backends: Mapping[str, Optional[Backend]], devices: Optional[Sequenc
                     if not be.supports(device, gdt, udt, True):
                         continue
                     for space in spaces:
-                        out.append(check(be, device, gdt, udt, space))
+                        try:
+                            out.append(check(be, device, gdt, udt, space))
+                        except NotApplicable:
+                            continue
     return out
 
 

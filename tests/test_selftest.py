@@ -59,8 +59,24 @@ def test_correct_backends_pass_on_the_cpu(clean):
     if cpu_available:
         backends["cpu"] = CpuBackend()
     rows = selftest.run_all(backends)
-    assert len(rows) == (6 if cpu_available else 0)
+    # 3 grad x 2 basis dtypes, gradient space and update space (the fused projected AdamW op)
+    assert len(rows) == (12 if cpu_available else 0)
+    assert {r.space for r in rows} == ({"gradient", "update"} if cpu_available else set())
     assert all(r.ok and r.worst < 1.0 for r in rows), selftest.format_table(rows)
+
+
+def test_update_space_catches_an_unprojected_adamw_step(monkeypatch):
+    if not cpu_available:
+        pytest.skip("ogpsa._C not built")
+    real = torch.ops.ogpsa.projected_adamw_
+
+    def unprojected(params, grads, ms, vs, vmax, bases, minvs, *rest):
+        empty = [torch.empty(0, b.shape[1]) for b in bases]
+        return real(params, grads, ms, vs, vmax, empty, [torch.empty(0, 0) for _ in minvs], *rest)
+
+    monkeypatch.setattr(torch.ops.ogpsa, "projected_adamw_", unprojected)
+    r = selftest.check(CpuBackend(), torch.device("cpu"), torch.float32, torch.float32, "update")
+    assert not r.ok and "projected_adamw_ parameter" in r.detail
 
 
 def test_check_catches_a_wrong_backend():
@@ -185,4 +201,4 @@ def test_info_selftest_prints_a_table(clean, capsys):
     assert rc == 0, out
     assert out.splitlines()[0].split()[:6] == ["backend", "device", "grad", "basis", "space", "result"]
     if cpu_available:
-        assert sum(1 for line in out.splitlines() if line.startswith("cpu ") and " ok " in line) == 6
+        assert sum(1 for line in out.splitlines() if line.startswith("cpu ") and " ok " in line) == 12
