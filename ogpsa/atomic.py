@@ -13,9 +13,9 @@ What a failure leaves behind:
 * a killed writer (``SIGKILL``, out-of-memory killer): on Linux the temporary file is
   created with ``O_TMPFILE``, an unnamed inode that the kernel frees when the process dies,
   and gets a name only for the instant between ``linkat`` and ``rename``; elsewhere (or on a
-  file system without ``O_TMPFILE``) it is a named ``.<target>.<pid>.<random>.ogpsa-tmp``
-  file, and the next atomic write into that directory removes such files whose writer
-  process no longer exists.
+  file system without ``O_TMPFILE``) it is a named ``.<target>.<host>.<pid>.<random>.ogpsa-tmp``
+  file, and the next atomic write into that directory removes such files of this host whose
+  writer process no longer exists (another host's are left alone: a shared file system).
 
 Use :func:`write_bytes`, :func:`write_text` and :func:`write_json` for whole files, or
 :func:`open_atomic` for a writer that streams into a file object.
@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import secrets
+import socket
 from typing import IO, Any, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -76,18 +77,29 @@ def remove_stale_temporaries(directory: PathLike) -> list[str]:
     for name in names:
         if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
             continue
-        parts = name[: -len(TMP_SUFFIX)].rsplit(".", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
+        parts = name[: -len(TMP_SUFFIX)].rsplit(".", 3)  # base, host, pid, random
+        # only this host's: a process id means nothing on another machine sharing the directory
+        if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit():
             continue
-        if not _pid_alive(int(parts[1])):
+        if not _pid_alive(int(parts[2])):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
                 removed.append(os.path.join(directory, name))
     return removed
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+
+
+def _temp_name(base: str) -> str:
+    """``.<target>.<host>.<pid>.<random>.ogpsa-tmp``: host and pid let a later write recognise
+    the leftovers of a killed writer on this machine."""
+    return f".{base}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
 def _named_temp(directory: str, base: str) -> tuple[int, str]:
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    tmp = os.path.join(directory, _temp_name(base))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     return fd, tmp
 
@@ -113,7 +125,7 @@ def _publish(fd: int, named_tmp: str | None, directory: str, base: str, target: 
         os.replace(named_tmp, target)
         return
     # linkat(AT_SYMLINK_FOLLOW) names the unnamed inode; the name lives only until the rename.
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    tmp = os.path.join(directory, _temp_name(base))
     try:
         os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
     except OSError:

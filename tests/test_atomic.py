@@ -240,3 +240,15 @@ def test_save_figure_is_atomic(tmp_path):
         atomic.save_figure(Broken(), target)
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["plot.png"]
     plt.close(fig)
+
+
+def test_stale_temporaries_of_this_host_only_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = tmp_path / f".f.bin.{atomic._host()}.{dead.pid}.abcd{atomic.TMP_SUFFIX}"
+    live = tmp_path / f".f.bin.{atomic._host()}.{os.getpid()}.abcd{atomic.TMP_SUFFIX}"
+    other = tmp_path / f".f.bin.some-other-node.{dead.pid}.abcd{atomic.TMP_SUFFIX}"
+    for p in (mine, live, other):
+        p.write_bytes(b"partial")
+    assert atomic.remove_stale_temporaries(tmp_path) == [str(mine)]
+    assert live.exists() and other.exists()  # a running writer's, and a file of another machine sharing the disk
