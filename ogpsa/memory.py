@@ -282,8 +282,11 @@ def _layout(model: torch.nn.Module) -> tuple[int, int, str]:
             world, rank = dist.get_world_size(), dist.get_rank()
     except Exception:  # a build without distributed support
         pass
-    sharded = any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
-                  for p in model.parameters())
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # older torch or no distributed support: nothing can be a DTensor
+        DTensor = ()
+    sharded = bool(DTensor) and any(isinstance(p, DTensor) for p in model.parameters())
     return world, rank, ("fsdp2" if sharded and world > 1 else "replicated")
 
 
