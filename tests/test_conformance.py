@@ -401,3 +401,20 @@ def test_compiled_pass_ops_run_every_mode_and_scope(mode, scope):
         dx, dy = x.detach().double() - p0[n], y.detach().double() - p0[n]
         assert float((dx - dy).norm() / dx.norm()) <= 1e-5, n
     torch.testing.assert_close(oa.last_stats.removed_sq, ob.last_stats.removed_sq, rtol=1e-4, atol=1e-9)
+
+
+def test_every_projector_class_implements_the_interface():
+    """Gradient, update, rule, FSDP2 and both ZeRO projectors: the methods of ProjectorLike, and
+    is_paused a property (``if proj.is_paused:`` reads it; a bound method would always be true)."""
+    from ogpsa.distributed import ShardedProjector, ZeroProjector
+    from ogpsa.optim import RuleUpdateProjector, UpdateSpaceProjector
+    from ogpsa.optim.distributed import ZeroUpdateProjector
+
+    methods = ("pause", "resume", "paused", "set_subspace", "project", "clip_grad_norm_", "remove", "state_dict",
+               "load_state_dict")
+    for cls in (ogpsa.Projector, ShardedProjector, ZeroProjector, UpdateSpaceProjector, ZeroUpdateProjector,
+                RuleUpdateProjector):
+        assert isinstance(getattr(cls, "is_paused", None), property), cls.__name__
+        assert isinstance(getattr(cls, "attached", None), property), cls.__name__
+        for name in methods:
+            assert callable(getattr(cls, name, None)), (cls.__name__, name)

@@ -115,7 +115,7 @@ def test_sft_and_callback_refresh_defaults(tok, tmp_path, config, expected):
     sft = OGPSASFTTrainer(model=tiny_llama(tok, hidden=32, layers=1, seed=0), args=_args(tmp_path, trl.SFTConfig),
                           train_dataset=data, processing_class=tok, reference_datasets=REFERENCE, ogpsa_config=config)
     assert sft.ogpsa.refresh_every == expected
-    assert OGPSACallback(config, REFERENCE).engine.refresh_every == expected
+    assert OGPSACallback(config, REFERENCE).ogpsa.refresh_every == expected
 
 
 def test_config_refresh_every_validation():

@@ -115,11 +115,6 @@ class OGPSACallback(TrainerCallback):
         self.resume_from_checkpoint = resume_from_checkpoint
 
     @property
-    def engine(self) -> OGPSA:
-        """Former name of :attr:`ogpsa`."""
-        return self.ogpsa
-
-    @property
     def projector(self):
         return self.ogpsa.projector
 

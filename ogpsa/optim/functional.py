@@ -94,9 +94,16 @@ def _project_one(d: Tensor, basis: tuple, mode: str, aligned_scale: float) -> Te
     c = (u @ d).double()
     minv = gram_pinv(gram_of(basis)) if d.dtype == torch.float64 else basis[2].to(c.device, torch.float64)
     w = minv.to(c.device) @ c
+    if mode == "orthogonal":  # the rule is the identity on w (kappa 1): skip its small ops
+        return d - u.T @ w.to(d.dtype)
     v, kappa = mode_weights(w[None], c[None], mode, aligned_scale, torch.tensor([u.shape[0]]))
     out = d * kappa[0].to(d.dtype) if mode in ("plane", "threshold") else d.clone()
     return out.sub_(u.T @ v[0].to(d.dtype))
+
+
+def _sq64(x: Tensor) -> Tensor:
+    """``||x||^2`` accumulated in float64 (no float64 copy of x is kept)."""
+    return torch.linalg.vector_norm(x, dtype=torch.float64).square()
 
 
 def _validate(items: list, mode: str, scope: str) -> None:
@@ -196,8 +203,7 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
             d = _direction(p, state, h, step, project_weight_decay)
             if basis is not None:
                 new = _project_one(d, basis, mode, aligned_scale)  # kappa d - U^T v
-                stats[i] = (d.double().dot(d.double()), (d - new).double().square().sum(),
-                            new.double().square().sum())
+                stats[i] = (_sq64(d), _sq64(d - new), _sq64(new))
                 d = new
             _apply(p, d, h, project_weight_decay)
             if keep_updates:
@@ -245,7 +251,7 @@ def _two_passes(items: list, routes: list, groups: list, stats: dict, updates: d
         c = basis[1].to(d.dtype) @ d
         r = row_of[i]
         table[r, :c.numel()] = c.to(home, torch.float64)
-        table[r, k] = d.double().dot(d.double()).to(home)
+        table[r, k] = _sq64(d).to(home)
     op_groups: dict = {}  # hyper -> positions of the items the compiled pass ops step
     for i, it in enumerate(items):
         if routes[i] == "cpu":
