@@ -31,15 +31,30 @@
 // pass1_ then pass2_ with w = M^{-1} c (fp64 accumulation, rounded to fp32) and kappa = 1 is
 // projected_adamw_ exactly. Params/grads: float32, bfloat16 or float16 (same dtype); moments
 // float32; basis float32 or bfloat16. Every input is validated before any buffer is written.
-// The CUDA kernels (csrc/cuda/adamw_cuda.cu) compute the same.
+// The CUDA kernels (csrc/cuda/adamw_cuda.cu) compute the same math; they still divide by the
+// bias corrections (see "Rounding" below): moments are bit for bit equal, d within a few ulp.
 //
-// Speed (block kernels: csrc/adamw_blocks.h): the element-wise work runs over blocks of kBlock
-// elements in loops the compiler vectorises (branches on amsgrad / maximize / projected decay are
-// template parameters, 16-bit values converted into fp32 stack buffers, sqrt by SIMD intrinsics
-// since -fmath-errno keeps std::sqrt scalar), compiled twice on x86-64 (baseline SSE2 and AVX2
-// without FMA, picked at run time; bit for bit the same), with software prefetch of the next
-// block. Element-wise arithmetic is rounded step by step in a fixed order (no reciprocals, no
-// FMA): moments, d and the parameters are bit for bit those of the scalar loop.
+// Rounding: d = (m rbc1) / (sqrt(v) rbc2 + eps) [+ wd p], with rbc1 = 1/(1 - beta1^t) and
+// rbc2 = 1/sqrt(1 - beta2^t) computed in double and rounded to fp32 once per step, each
+// operation rounded to fp32 in this order, one division per element. torch's AdamW divides by
+// the bias corrections instead ((m / bc1) / (sqrt(v) / bc2 + eps)); the two differ by at most
+// 4 ulp of d (2M random elements at steps 1..10^4: 8-77 % of the elements differ, mostly by 1
+// ulp) and are equally close to float64 (at most 3.8 vs 4.8 ulp). The update lr d is small
+// against p, so parameters usually agree bit for bit and else by 1 ulp of p per step
+// (tests/test_adamw.py: an empty subspace tracks torch.optim.AdamW to 1e-5 of the travel). No
+// bit-exact-to-torch mode: it would cost two more divisions per element in both passes (the
+// division unit was 26-36 % of the samples with three), so it is not kept. Moments (m, v, max v)
+// do not involve d: they are bit for bit torch's (lerp for m, v beta2 + (1 - beta2) g g).
+//
+// Speed (block kernels: csrc/adamw_blocks.h): per block of kBlock elements, pass 1 is one loop
+// (moments and d into an L1 buffer) then the k + 1 dots over that block; pass 2 builds U^T w over
+// the block, then one loop for d, the update and what was removed. Branches on amsgrad /
+// maximize / projected decay are template parameters. The bodies are compiled for the baseline
+// ISA, AVX2 and AVX-512 (csrc/cpu_simd.h: helpers always inlined into each, no FMA contraction,
+// so all three give bit-for-bit the same results), picked at run time (OGPSA_CPU_ISA forces
+// one). No software prefetch: the streams are sequential and the hardware prefetchers keep up;
+// measured on the 2-core EPYC, prefetching the next block of every stream made the step slower
+// (1.3-1.9x, interleaved runs under load).
 // Determinism: the dots and squared norms accumulate in kLanes fp32 lanes per block, folded
 // (fixed pairwise order) into an fp64 partial per fixed-size chunk; chunk partials are summed in
 // chunk order in fp64. No result depends on the thread count or on which thread ran what.
@@ -62,7 +77,7 @@ namespace {
 
 // g_t null in pass 2, vmax_t null without amsgrad; dtypes checked by validate()
 Job make_job(const at::Tensor& p_t, const at::Tensor* g_t, const at::Tensor& m_t, const at::Tensor& v_t,
-             const at::Tensor* vmax_t, const at::Tensor& u_t, const Hyper& h, const char* op) {
+             const at::Tensor* vmax_t, const at::Tensor& u_t, const Hyper& h, Isa isa, const char* op) {
   Job j;
   j.p = p_t.data_ptr();
   j.g = g_t ? g_t->data_ptr() : nullptr;
@@ -78,11 +93,11 @@ Job make_job(const at::Tensor& p_t, const at::Tensor* g_t, const at::Tensor& m_t
     using P = decltype(ptag);
     using U = decltype(utag);
     if (ams) {
-      if (pwd) set_kernels<P, U, true, true>(j);
-      else set_kernels<P, U, true, false>(j);
+      if (pwd) set_kernels<P, U, true, true>(j, isa);
+      else set_kernels<P, U, true, false>(j, isa);
     } else {
-      if (pwd) set_kernels<P, U, false, true>(j);
-      else set_kernels<P, U, false, false>(j);
+      if (pwd) set_kernels<P, U, false, true>(j, isa);
+      else set_kernels<P, U, false, false>(j, isa);
     }
   });
   return j;
@@ -210,6 +225,7 @@ at::Tensor projected_adamw_cpu(at::TensorList params, at::TensorList grads, at::
                                double eps, double weight_decay, bool maximize, bool project_weight_decay) {
   const Lists L{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, m_invs, steps, true, true};
   validate(L, "projected_adamw_");
+  const Isa isa = cpu_isa();  // may raise (a bad OGPSA_CPU_ISA) before anything is written
   const int64_t T = static_cast<int64_t>(params.size());
   auto out = at::zeros({T, 2}, at::TensorOptions().dtype(at::kDouble));
   double* st = out.data_ptr<double>();
@@ -218,7 +234,7 @@ at::Tensor projected_adamw_cpu(at::TensorList params, at::TensorList grads, at::
   std::vector<int64_t> small, large;
   for (int64_t i = 0; i < T; ++i) {
     const Hyper h = make_hyper(steps[i], lr, beta1, beta2, eps, weight_decay, maximize, project_weight_decay);
-    jobs.push_back(make_job(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h,
+    jobs.push_back(make_job(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h, isa,
                             "projected_adamw_"));
     if (jobs[i].k) minv[i] = m_invs[i].data_ptr<float>();
     (jobs[i].n <= kFuseMaxNumel ? small : large).push_back(i);
@@ -261,6 +277,7 @@ at::Tensor projected_adamw_pass1_cpu(at::TensorList params, at::TensorList grads
                                      double weight_decay, bool maximize, bool project_weight_decay) {
   const Lists L{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, {}, steps, true, false};
   validate(L, "projected_adamw_pass1_");
+  const Isa isa = cpu_isa();
   const int64_t T = static_cast<int64_t>(params.size());
   for (int64_t i = 0; i < T; ++i)
     TORCH_CHECK(bases[i].size(0) <= k_max, "ogpsa::projected_adamw_pass1_: bases[", i, "] has k=", bases[i].size(0),
@@ -272,7 +289,7 @@ at::Tensor projected_adamw_pass1_cpu(at::TensorList params, at::TensorList grads
   std::vector<int64_t> all(T);
   for (int64_t i = 0; i < T; ++i) {
     const Hyper h = make_hyper(steps[i], 0.0, beta1, beta2, eps, weight_decay, maximize, project_weight_decay);
-    jobs.push_back(make_job(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h,
+    jobs.push_back(make_job(params[i], &grads[i], exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h, isa,
                             "projected_adamw_pass1_"));
     all[i] = i;
   }
@@ -293,6 +310,7 @@ at::Tensor projected_adamw_pass2_cpu(at::TensorList params, at::TensorList exp_a
                                      double weight_decay, double kappa, bool project_weight_decay) {
   const Lists L{params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bases, {}, steps, false, false};
   validate(L, "projected_adamw_pass2_");
+  const Isa isa = cpu_isa();
   const int64_t T = static_cast<int64_t>(params.size());
   int64_t kk = 0;
   for (int64_t i = 0; i < T; ++i) kk = std::max(kk, bases[i].size(0));
@@ -305,7 +323,7 @@ at::Tensor projected_adamw_pass2_cpu(at::TensorList params, at::TensorList exp_a
   std::vector<int64_t> all(T);
   for (int64_t i = 0; i < T; ++i) {
     const Hyper h = make_hyper(steps[i], lr, beta1, beta2, eps, weight_decay, false, project_weight_decay, kappa);
-    jobs.push_back(make_job(params[i], nullptr, exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h,
+    jobs.push_back(make_job(params[i], nullptr, exp_avgs[i], exp_avg_sqs[i], vmax_of(L, i), bases[i], h, isa,
                             "projected_adamw_pass2_"));
     all[i] = i;
   }

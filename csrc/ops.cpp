@@ -24,6 +24,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
 #include "dispatch.h"
 
 #include <algorithm>
@@ -39,56 +40,14 @@ constexpr int64_t kMaxRank = 16;
 constexpr int64_t kChunk = 32768;
 // Inner block converted to fp32 in a stack buffer (stays in L1).
 constexpr int64_t kBlock = 1024;
-// Independent accumulators per row: lets -O3 vectorise reductions without reassociation.
-constexpr int kLanes = 16;
 // fused_project_: tensors up to this many elements are projected in one work item
 // (dots and subtraction back to back, so the second read hits cache); larger ones are
 // split into chunks across threads like dots/update_.
 constexpr int64_t kFuseMaxNumel = 1 << 18;
 
-template <typename T>
-inline float to_f(T v) {
-  return static_cast<float>(v);
-}
-
-template <>
-inline float to_f<c10::BFloat16>(c10::BFloat16 v) {
-  // bf16 is the top half of an fp32: a shift the compiler vectorises
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-template <typename T>
-inline void load_block(const T* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
-}
-
-inline float reduce_lanes(const float* a) {
-  // fixed pairwise order
-  float t[kLanes];
-  for (int l = 0; l < kLanes; ++l) t[l] = a[l];
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
-}
-
-// acc[0..kLanes) += sum_i u[i] * g[i] over n elements (g already fp32).
-template <typename U>
-inline void dot_acc(const U* __restrict u, const float* __restrict g, int64_t n, float* __restrict acc) {
-  float a[kLanes];
-  for (int l = 0; l < kLanes; ++l) a[l] = acc[l];
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) a[l] += to_f(u[i + l]) * g[i + l];
-  for (int l = 0; i + l < n; ++l) a[l] += to_f(u[i + l]) * g[i + l];
-  for (int l = 0; l < kLanes; ++l) acc[l] = a[l];
-}
-
 // out[0..k) = U[:, begin:end] g[begin:end], out[k] = ||g[begin:end]||^2 (fp32 partials).
 template <typename G, typename U>
-void dots_range(const G* g, const U* u, int64_t ld, int64_t k, int64_t begin, int64_t end, float* out) {
+OGPSA_INLINE void dots_body(const G* g, const U* u, int64_t ld, int64_t k, int64_t begin, int64_t end, float* out) {
   alignas(64) float gbuf[kBlock];
   alignas(64) float acc[kMaxRank + 1][kLanes];
   std::memset(acc, 0, sizeof(acc));
@@ -96,28 +55,74 @@ void dots_range(const G* g, const U* u, int64_t ld, int64_t k, int64_t begin, in
     const int64_t n = std::min(kBlock, end - b);
     load_block(g + b, gbuf, n);
     dot_acc(gbuf, gbuf, n, acc[k]);
-    for (int64_t j = 0; j < k; ++j) dot_acc(u + j * ld + b, gbuf, n, acc[j]);
+    dot_rows_k(u + b, ld, k, gbuf, n, acc);
   }
   for (int64_t j = 0; j <= k; ++j) out[j] = reduce_lanes(acc[j]);
 }
 
 // g[begin:end] <- scale * (kappa * g - sum_j w[j] U[j]) in fp32, rounded once.
 template <typename G, typename U>
-void update_range(G* g, const U* u, int64_t ld, int64_t k, const float* w, float kappa, float scale,
+OGPSA_INLINE void update_body(G* g, const U* u, int64_t ld, int64_t k, const float* w, float kappa, float scale,
                   int64_t begin, int64_t end) {
   alignas(64) float buf[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
     const G* gb = g + b;
     for (int64_t i = 0; i < n; ++i) buf[i] = kappa * to_f(gb[i]);
-    for (int64_t j = 0; j < k; ++j) {
-      const float wj = w[j];
-      const U* __restrict ur = u + j * ld + b;
-      for (int64_t i = 0; i < n; ++i) buf[i] -= wj * to_f(ur[i]);
-    }
+    axpy_rows_k<true>(u + b, ld, k, w, buf, n);
     G* go = g + b;
     for (int64_t i = 0; i < n; ++i) go[i] = static_cast<G>(scale * buf[i]);
   }
+}
+
+// dots_body / update_body compiled for each ISA (csrc/cpu_simd.h), picked per op call
+template <typename G, typename U>
+struct RangeKernels {
+  void (*dots)(const G* g, const U* u, int64_t ld, int64_t k, int64_t begin, int64_t end, float* out);
+  void (*update)(G* g, const U* u, int64_t ld, int64_t k, const float* w, float kappa, float scale, int64_t begin,
+                 int64_t end);
+};
+
+template <typename G, typename U>
+void dots_base(const G* g, const U* u, int64_t ld, int64_t k, int64_t begin, int64_t end, float* out) {
+  dots_body(g, u, ld, k, begin, end, out);
+}
+template <typename G, typename U>
+void update_base(G* g, const U* u, int64_t ld, int64_t k, const float* w, float kappa, float scale, int64_t begin,
+                 int64_t end) {
+  update_body(g, u, ld, k, w, kappa, scale, begin, end);
+}
+#if OGPSA_X86
+template <typename G, typename U>
+OGPSA_TARGET_AVX2 void dots_avx2(const G* g, const U* u, int64_t ld, int64_t k, int64_t begin, int64_t end,
+                                 float* out) {
+  dots_body(g, u, ld, k, begin, end, out);
+}
+template <typename G, typename U>
+OGPSA_TARGET_AVX2 void update_avx2(G* g, const U* u, int64_t ld, int64_t k, const float* w, float kappa, float scale,
+                                   int64_t begin, int64_t end) {
+  update_body(g, u, ld, k, w, kappa, scale, begin, end);
+}
+template <typename G, typename U>
+OGPSA_TARGET_AVX512 void dots_avx512(const G* g, const U* u, int64_t ld, int64_t k, int64_t begin, int64_t end,
+                                     float* out) {
+  dots_body(g, u, ld, k, begin, end, out);
+}
+template <typename G, typename U>
+OGPSA_TARGET_AVX512 void update_avx512(G* g, const U* u, int64_t ld, int64_t k, const float* w, float kappa,
+                                       float scale, int64_t begin, int64_t end) {
+  update_body(g, u, ld, k, w, kappa, scale, begin, end);
+}
+#endif
+
+template <typename G, typename U>
+RangeKernels<G, U> range_kernels(Isa isa) {
+#if OGPSA_X86
+  if (isa == Isa::kAvx512) return {&dots_avx512<G, U>, &update_avx512<G, U>};
+  if (isa == Isa::kAvx2) return {&dots_avx2<G, U>, &update_avx2<G, U>};
+#endif
+  (void)isa;
+  return {&dots_base<G, U>, &update_base<G, U>};
 }
 
 struct Item {
@@ -185,6 +190,7 @@ int64_t max_rank(at::TensorList bases) {
 
 at::Tensor dots_cpu(at::TensorList grads, at::TensorList bases, int64_t k_max) {
   check_pairs(grads, bases, "dots", c10::DeviceType::CPU);
+  const Isa isa = cpu_isa();
   TORCH_CHECK(k_max >= 1 && k_max >= max_rank(bases), "ogpsa::dots: k_max=", k_max,
               " must be >= 1 and >= every basis rank (", max_rank(bases), ")");
   const int64_t T = grads.size();
@@ -197,13 +203,14 @@ at::Tensor dots_cpu(at::TensorList grads, at::TensorList bases, int64_t k_max) {
   dispatch_gu(grads[0].scalar_type(), bases[0].scalar_type(), "dots", [&](auto gtag, auto utag) {
     using G = decltype(gtag);
     using U = decltype(utag);
+    const auto K = range_kernels<G, U>(isa);
     at::parallel_for(0, I, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t it = lo; it < hi; ++it) {
         const Item& w = items[it];
         const auto& u = bases[w.tensor];
         const int64_t k = u.size(0);
         float tmp[kMaxRank + 1];
-        dots_range(grads[w.tensor].const_data_ptr<G>(), u.const_data_ptr<U>(), numel[w.tensor], k, w.begin, w.end,
+        K.dots(grads[w.tensor].const_data_ptr<G>(), u.const_data_ptr<U>(), numel[w.tensor], k, w.begin, w.end,
                    tmp);
         float* row = part.data() + it * W;
         for (int64_t j = 0; j < k; ++j) row[j] = tmp[j];
@@ -240,6 +247,7 @@ void check_tables(at::TensorList grads, const at::Tensor& weights, const at::Ten
 void update_cpu(at::TensorList grads, at::TensorList bases, const at::Tensor& weights, double kappa,
                 const at::Tensor& scale) {
   check_pairs(grads, bases, "update_", c10::DeviceType::CPU);
+  const Isa isa = cpu_isa();
   check_tables(grads, weights, scale, "update_");
   const int64_t k_max = weights.size(1);
   TORCH_CHECK(k_max >= max_rank(bases), "ogpsa::update_: weights has ", k_max, " columns but a basis has rank ",
@@ -254,11 +262,12 @@ void update_cpu(at::TensorList grads, at::TensorList bases, const at::Tensor& we
   dispatch_gu(grads[0].scalar_type(), bases[0].scalar_type(), "update_", [&](auto gtag, auto utag) {
     using G = decltype(gtag);
     using U = decltype(utag);
+    const auto K = range_kernels<G, U>(isa);
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t it = lo; it < hi; ++it) {
         const Item& w = items[it];
         const auto& u = bases[w.tensor];
-        update_range(grads[w.tensor].mutable_data_ptr<G>(), u.const_data_ptr<U>(), numel[w.tensor], u.size(0),
+        K.update(grads[w.tensor].mutable_data_ptr<G>(), u.const_data_ptr<U>(), numel[w.tensor], u.size(0),
                      wt + w.tensor * k_max, kap, sc[w.tensor], w.begin, w.end);
       }
     });
@@ -301,6 +310,7 @@ float mode_weights(const float* m_inv, int64_t ld, const float* c, int64_t k, Mo
 at::Tensor fused_project_cpu(at::TensorList grads, at::TensorList bases, const at::Tensor& gram_inv,
                              c10::string_view mode_name, double aligned_scale) {
   check_pairs(grads, bases, "fused_project_", c10::DeviceType::CPU);
+  const Isa isa = cpu_isa();
   const Mode mode = parse_mode(mode_name);
   const int64_t T = grads.size();
   TORCH_CHECK(gram_inv.scalar_type() == at::kFloat && gram_inv.dim() == 3 && gram_inv.size(0) == T &&
@@ -341,6 +351,7 @@ at::Tensor fused_project_cpu(at::TensorList grads, at::TensorList bases, const a
   dispatch_gu(grads[0].scalar_type(), bases[0].scalar_type(), "fused_project_", [&](auto gtag, auto utag) {
     using G = decltype(gtag);
     using U = decltype(utag);
+    const auto K = range_kernels<G, U>(isa);
     at::parallel_for(0, I, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t it = lo; it < hi; ++it) {
         const Item& w = items[it];
@@ -348,14 +359,14 @@ at::Tensor fused_project_cpu(at::TensorList grads, at::TensorList bases, const a
         const auto& u = bases[t];
         const int64_t k = u.size(0);
         float tmp[kMaxRank + 1];
-        dots_range(grads[t].const_data_ptr<G>(), u.const_data_ptr<U>(), numel[t], k, w.begin, w.end, tmp);
+        K.dots(grads[t].const_data_ptr<G>(), u.const_data_ptr<U>(), numel[t], k, w.begin, w.end, tmp);
         float* row = part.data() + it * W;
         for (int64_t j = 0; j < k; ++j) row[j] = tmp[j];
         row[k_max] = tmp[k];
         if (fused[t]) {
           float* wt = weights.data() + t * k_max;
           const float kap = mode_weights(minv + t * k_max * k_max, k_max, tmp, k, mode, as, wt);
-          update_range(grads[t].mutable_data_ptr<G>(), u.const_data_ptr<U>(), numel[t], k, wt, kap, 1.f, 0,
+          K.update(grads[t].mutable_data_ptr<G>(), u.const_data_ptr<U>(), numel[t], k, wt, kap, 1.f, 0,
                        numel[t]);
         }
       }
@@ -373,7 +384,7 @@ at::Tensor fused_project_cpu(at::TensorList grads, at::TensorList bases, const a
         const Item& w = big_items[it];
         const int64_t t = w.tensor;
         const auto& u = bases[t];
-        update_range(grads[t].mutable_data_ptr<G>(), u.const_data_ptr<U>(), numel[t], u.size(0),
+        K.update(grads[t].mutable_data_ptr<G>(), u.const_data_ptr<U>(), numel[t], u.size(0),
                      weights.data() + t * k_max, kappas[t], 1.f, w.begin, w.end);
       }
     });
@@ -558,14 +569,25 @@ static PyObject* build_info(PyObject*, PyObject*) {
 #else
   const char* torch_version = "";
 #endif
-  return Py_BuildValue("{s:O,s:s,s:O,s:i,s:s,s:s}", "cuda", cuda, "cuda_archs", archs, "openmp", omp, "max_rank",
-                       static_cast<int>(ogpsa::kMaxRank), "compiler", __VERSION__, "torch_version", torch_version);
+  // cpu_isa: what the CPU kernels run with now (OGPSA_CPU_ISA or the widest available); an invalid
+  // OGPSA_CPU_ISA is reported here as "invalid: <message>" rather than raised
+  std::string isa;
+  try {
+    isa = ogpsa::isa_name(ogpsa::cpu_isa());
+  } catch (const std::exception& e) {
+    isa = std::string("invalid: ") + e.what();
+    isa = isa.substr(0, isa.find('\n'));
+  }
+  return Py_BuildValue("{s:O,s:s,s:O,s:i,s:s,s:s,s:s,s:s}", "cuda", cuda, "cuda_archs", archs, "openmp", omp,
+                       "max_rank", static_cast<int>(ogpsa::kMaxRank), "compiler", __VERSION__, "torch_version",
+                       torch_version, "cpu_isa", isa.c_str(), "cpu_isa_best", ogpsa::isa_name(ogpsa::best_isa()));
 }
 
 static PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "dict: cuda (CUDA kernels compiled in), cuda_archs (encoded TORCH_CUDA_ARCH_LIST), openmp, max_rank, compiler, "
-     "torch_version (the torch it was built against)"},
+     "torch_version (the torch it was built against), cpu_isa (the CPU kernels' instruction set now: baseline, avx2 "
+     "or avx512; OGPSA_CPU_ISA forces one), cpu_isa_best (the widest this CPU and build have)"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "ogpsa compiled ops (registered as torch.ops.ogpsa)",

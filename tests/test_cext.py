@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def _to(ts, device):
 @pytest.mark.parametrize("scope", ("tensor", "global"))
 @pytest.mark.parametrize("max_norm", (None, 0.5))
 def test_project_matrix(grad_dtype, basis_dtype, mode, scope, max_norm):
-    seed = hash((str(grad_dtype), str(basis_dtype), mode, scope, max_norm)) % 10_000
+    # a stable seed (hash() of strings changes with every process)
+    seed = zlib.crc32(repr((str(grad_dtype), str(basis_dtype), mode, scope, max_norm)).encode()) % 10_000
     grads, bases = make_case(seed, NUMELS, 5, grad_dtype, basis_dtype, scope=scope)
     expected, total = float64_project(grads, bases, mode, scope, max_norm, aligned_scale=0.3)
     stats = ogpsa.project_(grads, bases, mode=mode, scope=scope, max_norm=max_norm, aligned_scale=0.3,
@@ -446,3 +448,84 @@ def test_oracle_sanity():
     expected, _ = float64_project(grads, bases)
     assert rel_err(grads, expected) > 1e-2
     assert np.isfinite(expected[0]).all()
+
+
+# ----------------------------------------------------------------------------------------
+# CPU instruction sets: every ISA the CPU has gives the baseline's bits (OGPSA_CPU_ISA forces one)
+# ----------------------------------------------------------------------------------------
+
+_ISA_ORDER = ("baseline", "avx2", "avx512")
+
+
+def _isas() -> list:
+    best = cext.build_info().get("cpu_isa_best", "baseline")
+    return list(_ISA_ORDER[: _ISA_ORDER.index(best) + 1])
+
+
+def _run_ops(isa: str, monkeypatch, grad_dtype, basis_dtype):
+    """dots, update_, fused_project_ and projected_adamw_ under one ISA, on odd sizes and ranks 0-16."""
+    monkeypatch.setenv("OGPSA_CPU_ISA", isa)
+    assert cext.build_info()["cpu_isa"] == isa
+    gen = torch.Generator().manual_seed(2024)
+    numels = (1, 7, 33, 531, 4097, 70001)
+    ks = (1, 3, 16, 7, 4, 2)
+    grads = [torch.randn(n, generator=gen).to(grad_dtype) for n in numels]
+    bases = [random_basis(n, min(k, n), gen, basis_dtype) for n, k in zip(numels, ks)]
+    k_max = max(u.shape[0] for u in bases)
+    out = [torch.ops.ogpsa.dots(grads, bases, k_max)]
+    w = torch.randn(len(grads), k_max, generator=gen) * 0.1
+    g1 = _clone(grads)
+    torch.ops.ogpsa.update_(g1, bases, w, 0.7, torch.rand(len(grads), generator=gen) + 0.5)
+    out += g1
+    g2 = _clone(grads)
+    m_inv = torch.eye(k_max).repeat(len(grads), 1, 1)
+    out += [torch.ops.ogpsa.fused_project_(g2, bases, m_inv, "conflict", 0.3)] + g2
+    # projected AdamW (amsgrad, projected decay, two steps; k = 0 on one tensor)
+    params = [torch.randn(n, generator=gen).to(grad_dtype) for n in numels]
+    ms, vs, vmax = ([torch.zeros(n) for n in numels] for _ in range(3))
+    bases_a = list(bases[:-1]) + [bases[-1][:0]]
+    m_invs = [torch.eye(u.shape[0]) for u in bases_a]
+    for step in (1, 2):
+        st = torch.ops.ogpsa.projected_adamw_(params, grads, ms, vs, vmax, bases_a, m_invs, [step] * len(params), 1e-2,
+                                             0.9, 0.999, 1e-8, 0.1, False, True)
+        out.append(st)
+    return out + params + ms + vs + vmax
+
+
+@pytest.mark.parametrize("grad_dtype,basis_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float16, torch.float32)], ids=("fp32", "bf16", "fp16"))
+def test_every_cpu_isa_gives_the_baseline_bits(monkeypatch, grad_dtype, basis_dtype):
+    isas = _isas()
+    ref = _run_ops("baseline", monkeypatch, grad_dtype, basis_dtype)
+    for isa in isas[1:]:
+        got = _run_ops(isa, monkeypatch, grad_dtype, basis_dtype)
+        for i, (a, b) in enumerate(zip(ref, got)):
+            assert torch.equal(a, b), f"{isa}: output {i} differs from the baseline ISA"
+
+
+@pytest.mark.parametrize("isa", ("baseline", "avx2", "avx512"))
+@pytest.mark.parametrize("k", (1, 5, 16))
+def test_each_cpu_isa_against_float64(monkeypatch, isa, k):
+    if isa not in _isas():
+        pytest.skip(f"this CPU has at most {_isas()[-1]}")
+    monkeypatch.setenv("OGPSA_CPU_ISA", isa)
+    numels = [3 + 37 * i for i in range(6)] + [33333, 70001]
+    for max_norm in (None, 2.0):  # fused single pass, then dots + update_
+        grads, bases = make_case(300 + k, numels, k)
+        expected, _ = float64_project(grads, bases, "orthogonal", "tensor", max_norm)
+        ogpsa.project_(grads, bases, max_norm=max_norm, backend="cpu")
+        assert rel_err(grads, expected) <= 1e-5
+
+
+def test_bad_cpu_isa_raises_before_modifying(monkeypatch):
+    grads, bases = make_case(5, (100, 3000), 2)
+    before = _clone(grads)
+    monkeypatch.setenv("OGPSA_CPU_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="OGPSA_CPU_ISA=avx9000 is not one of"):
+        torch.ops.ogpsa.update_(grads, bases, torch.ones(2, 2), 1.0, torch.ones(2))
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+    assert cext.build_info()["cpu_isa"].startswith("invalid: ")
+    if _isas()[-1] != "avx512":
+        monkeypatch.setenv("OGPSA_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="has at most"):
+            torch.ops.ogpsa.dots(grads, bases, 2)
