@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# One line per phase, with the seconds it took. pip hides the build's output; the extension build
+# One line per phase, with the seconds it took. --no-compile: byte-compiling all of site-packages
+# (torch, transformers, ...) cost 40 s of CPU; Python compiles what the demo imports on first use (8 s). pip hides the build's output; the extension build
 # runs with -v into $(VENV)/build.log and only its "ogpsa setup:" lines and one line per compiled
 # file are shown, as they happen (the log's end if it fails). CUDA kernels are compiled only when a CUDA
 # device is visible or OGPSA_BUILD_CUDA=1 (setup.py; .ci/run sets it).
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml setup.py requirements-dev.txt $(SRCS)
 	  $(PY) -m pip install -q --upgrade pip; \
 	  echo "make: [1/3] done in $$(( $$(date +%s) - t )) s"
 	@set -e; t=$$(date +%s); echo "make: [2/3] pinned dependencies (requirements-dev.txt; torch is the largest)"; \
-	  $(PY) -m pip install -q -r requirements-dev.txt; \
+	  $(PY) -m pip install -q --no-compile -r requirements-dev.txt; \
 	  echo "make: [2/3] done in $$(( $$(date +%s) - t )) s"
 	@set -e; t=$$(date +%s); echo "make: [3/3] ogpsa, editable, compiling ogpsa._C (full log: $(VENV)/build.log)"; \
 	  set -o pipefail; $(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
