@@ -188,13 +188,20 @@ def combined_grams(names: Sequence[str], grams: Tensor, coefficients: Sequence[T
     g = grams.to(torch.float64)
     finite = torch.isfinite(torch.diagonal(g, dim1=1, dim2=2))
     g = torch.where(finite[:, :, None] & finite[:, None, :], g, torch.zeros((), dtype=g.dtype))
+    ks = [int(a.shape[0]) for a in coefficients]
+    t, m = g.shape[0], g.shape[1]
+    a32 = torch.zeros(t, max(ks, default=0), m, dtype=torch.float64)  # batched: one bmm pair, not T matmuls
+    for i, (a, k) in enumerate(zip(coefficients, ks)):
+        if k:
+            a32[i, :k] = a.to(torch.float32)
+    mats = torch.bmm(torch.bmm(a32, g), a32.transpose(1, 2)) if t else a32
+    ok = torch.isfinite(mats).flatten(1).all(dim=1).tolist()
+    mats32 = mats.float()
     out: list[Optional[Tensor]] = []
     redo = []
-    for i, (a, u) in enumerate(zip(coefficients, bases)):
-        a32 = a.to(torch.float32).to(torch.float64)
-        m = a32 @ g[i] @ a32.T
-        if bool(torch.isfinite(m).all()):
-            out.append(m.float().to(u.device))
+    for i, (u, k) in enumerate(zip(bases, ks)):
+        if ok[i]:
+            out.append(mats32[i, :k, :k].to(u.device) if u.device.type != "cpu" else mats32[i, :k, :k].clone())
         else:
             out.append(None)
             redo.append(i)

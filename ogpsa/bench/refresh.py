@@ -15,6 +15,11 @@ zero), rounds interleaved (order reversed every other round), samples pooled, mi
 ``x_copy`` = median / median of ``copy`` (``x_sum``: / ``sum``); ``build_x_copy`` =
 (from_gradients + set_subspace) / copy, the number issue 22 item 3 bounds by 5.
 
+On the CPU every sample also records the process CPU time (user + system, all threads) of
+the call, and ``build_x_copy_cpu`` is the same ratio in CPU time: on a shared machine the
+wall-clock ratio also measures how often the neighbours took our cores, the CPU-time ratio
+much less so (it still includes page faults and memory-bandwidth stalls).
+
 The reference gradient collection itself (forward + backward over the reference examples)
 is not timed here: it equals a bare forward + backward (measured by the loop suite).
 """
@@ -22,6 +27,7 @@ is not timed here: it equals a bare forward + backward (measured by the loop sui
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +49,7 @@ FORMULA = {
     "sum": "torch.sum of every reference tensor: reads m*N floats",
     "x_copy": "median time / median time of copy (x_sum: / sum)",
     "build_x_copy": "(median from_gradients + median set_subspace) / median copy (issue 22 item 3: <= 5)",
+    "build_x_copy_cpu": "the same ratio in process CPU time (user + system, all threads; CPU runs only)",
     "time": "median (and min) of the pooled samples of all rounds, each contender warmed up first",
 }
 
@@ -102,11 +109,14 @@ def run_case(workload: Workload, m: int, device: torch.device, rounds: int = 3, 
         "set_subspace": lambda: proj.set_subspace(holder["sub"]),
     }
     samples: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    cpu_ms: dict[str, list[float]] = {c: [] for c in CONTENDERS}
     loads = []
     for r in range(rounds):
         order = CONTENDERS if r % 2 == 0 else tuple(reversed(CONTENDERS))
         for c in order:
             samples[c] += time_fn(fns[c], device, budget_s=budget_s, min_reps=2, max_reps=10).times_ms
+            if device.type == "cpu":
+                cpu_ms[c] += [_cpu_ms(fns[c]) for _ in range(2)]
         if hasattr(os, "getloadavg"):
             loads.append(round(os.getloadavg()[0], 2))
     sub = holder["sub"]
@@ -114,6 +124,8 @@ def run_case(workload: Workload, m: int, device: torch.device, rounds: int = 3, 
            "ranks": sorted(set(sub.ranks().values())), "loadavg_1m": loads}
     for c in CONTENDERS:
         row[c] = {"median_ms": statistics.median(samples[c]), "min_ms": min(samples[c]), "samples": len(samples[c])}
+        if cpu_ms[c]:
+            row[c]["cpu_median_ms"] = statistics.median(cpu_ms[c])
     copy, total = row["copy"], row["sum"]
     for c in ("from_gradients", "set_subspace"):
         row[c]["x_copy"] = row[c]["median_ms"] / copy["median_ms"]
@@ -122,12 +134,24 @@ def run_case(workload: Workload, m: int, device: torch.device, rounds: int = 3, 
     row["build_x_copy"] = (row["from_gradients"]["median_ms"] + row["set_subspace"]["median_ms"]) / copy["median_ms"]
     row["build_x_copy_min"] = (row["from_gradients"]["min_ms"] + row["set_subspace"]["min_ms"]) / copy["min_ms"]
     row["build_x_sum"] = (row["from_gradients"]["median_ms"] + row["set_subspace"]["median_ms"]) / total["median_ms"]
+    if cpu_ms["copy"]:
+        row["build_x_copy_cpu"] = ((row["from_gradients"]["cpu_median_ms"] + row["set_subspace"]["cpu_median_ms"])
+                                   / copy["cpu_median_ms"])
     log(f"{workload.name} m={m}: copy {copy['median_ms']:.1f} ms, from_gradients "
         f"{row['from_gradients']['median_ms']:.1f} ms, set_subspace {row['set_subspace']['median_ms']:.1f} ms: "
         f"build {row['build_x_copy']:.2f}x copy (min {row['build_x_copy_min']:.2f}x), "
-        f"{row['build_x_sum']:.2f}x sum; load {loads}")
+        f"{row['build_x_sum']:.2f}x sum" + (f", CPU time {row['build_x_copy_cpu']:.2f}x copy" if cpu_ms["copy"] else "")
+        + f"; load {loads}")
     proj.remove()
     return row
+
+
+def _cpu_ms(fn) -> float:
+    """Process CPU time (user + system, every thread) of one call, in ms."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return 1e3 * ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
 
 
 def run_refresh_suite(device: torch.device, out_dir: Path, *, workloads: Optional[Sequence[str]] = None,
@@ -168,8 +192,8 @@ def refresh_markdown(data: dict) -> str:
              f"{env['date']}, commit {env['git_commit']}, load average at start {env.get('loadavg_start')}, "
              f"at end {env.get('loadavg_end')}.", "",
              "| workload | m | tensors | elements | copy ms | sum ms | from_gradients ms | set_subspace ms | "
-             "build / copy (median, min) | build / sum | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "build / copy (median, min) | build / sum | build / copy in CPU time | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         lines.append(
             f"| {r['workload']} | {r['m']} | {r['tensors']} | {r['numel'] / 1e6:.1f}M | "
@@ -177,6 +201,7 @@ def refresh_markdown(data: dict) -> str:
             f"{r['from_gradients']['median_ms']:.1f} (min {r['from_gradients']['min_ms']:.1f}) | "
             f"{r['set_subspace']['median_ms']:.1f} (min {r['set_subspace']['min_ms']:.1f}) | "
             f"{r['build_x_copy']:.2f}x, {r['build_x_copy_min']:.2f}x | {r['build_x_sum']:.2f}x | "
+            f"{(format(r['build_x_copy_cpu'], '.2f') + 'x') if 'build_x_copy_cpu' in r else 'n/a'} | "
             f"{', '.join(str(x) for x in r['loadavg_1m'])} |")
     lines += ["", "Definitions:"] + [f"- `{k}`: {v}" for k, v in data["formula"].items()]
     return "\n".join(lines) + "\n"
