@@ -214,3 +214,41 @@ def test_a_basis_modified_after_construction_is_checked_again():
         ogpsa.attach(_model(), None, sub)
     sub.bases[3] = torch.zeros_like(sub.bases[3])  # replaced: not the checked tensor any more
     assert not sub.gram_trusted("t3")
+
+
+def _old_build(grads, cfg, backend):
+    """The build as it was before the fast path (kept here as the comparison): ops.gram with
+    its full-size row-scale pass, per-tensor reference factorisation, every unused row zeroed,
+    combine, M = U U^T accumulated in float64 over the stored basis."""
+    names = sorted({n for d in grads for n in d}, key=lambda n: int(n[1:]))
+    refs = [torch.stack([d[n].reshape(-1).float() for d in grads]).contiguous() for n in names]
+    grams = ops.gram(refs, backend=backend)
+    kw = dict(method=cfg.method, rank=cfg.rank, energy=cfg.energy, normalize=cfg.normalize_reference,
+              rank_tol=cfg.rank_tol)
+    if cfg.scope == "global":
+        coefficients = [reference.basis_coefficients(grams.sum(0), **kw)] * len(refs)
+    else:
+        coefficients = [reference.basis_coefficients(g, **kw) for g in grams]
+    for r, a in zip(refs, coefficients):
+        unused = ~(a != 0).any(dim=0)
+        r[unused] = 0.0
+    dtype = torch.bfloat16 if cfg.basis_dtype == "bfloat16" else torch.float32
+    bases = ops.combine(refs, coefficients, out_dtype=dtype, backend=backend)
+    return names, bases, [plan.gram64(u) for u in bases]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{c.scope}-r{c.rank}-e{c.energy}-"
+                                                      f"n{int(c.normalize_reference)}-{c.basis_dtype}")
+def test_same_basis_and_gram_as_the_previous_build(cfg, backend):
+    grads = _grads()
+    names, old_bases, old_grams = _old_build(grads, cfg, backend)
+    sub = Subspace.from_gradients(grads, cfg, backend=backend)
+    assert sub.names == names
+    for u_new, u_old, m_new, m_old in zip(sub.bases, old_bases, sub.grams, old_grams):
+        assert u_new.shape == u_old.shape and u_new.dtype == u_old.dtype
+        if u_old.numel():
+            # the same float32 coefficients up to one rounding: at most an ulp of the stored values
+            ulp = 2.0 ** -23 if u_old.dtype == torch.float32 else 2.0 ** -8
+            assert float((u_new.double() - u_old.double()).abs().max()) <= 4 * ulp * float(u_old.abs().max())
+            assert float((m_new.double() - m_old).abs().max()) <= 1e-5
