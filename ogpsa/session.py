@@ -58,7 +58,16 @@ from .integrations.common import (
 )
 from .memory import log_basis_memory
 from .state_file import STATE_VERSION as _STATE_VERSION
-from .state_file import StateFileError, check_schedule, read_state, warn_not_restored
+from .state_file import (
+    StateFileError,
+    check_pair,
+    check_schedule,
+    read_state,
+    subspace_bytes,
+    subspace_checksum,
+    subspace_from_bytes,
+    warn_not_restored,
+)
 from .subspace import Subspace
 
 logger = logging.getLogger("ogpsa")
@@ -411,7 +420,7 @@ class OGPSA:
         if self.subspace is None:
             self._require_setup("state_dict")
         buf = io.BytesIO()
-        _save_subspace_to(self.subspace, buf)
+        buf.write(subspace_bytes(self.subspace))
         return {"subspace": torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8),
                 "schedule": json.dumps(self._schedule())}
 
@@ -425,7 +434,7 @@ class OGPSA:
         except (TypeError, ValueError) as exc:
             raise StateFileError(f"state['schedule']: not valid JSON ({exc})") from exc
         check_schedule(schedule, "state['schedule']")
-        sub = _load_subspace_from(bytes(state["subspace"].numpy().tobytes()))
+        sub = subspace_from_bytes(bytes(state["subspace"].numpy().tobytes()))
         sub.check_model(self.model)
         self.projector.set_subspace(sub)
         self._subspace = sub
@@ -438,9 +447,12 @@ class OGPSA:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         # Each file is replaced atomically (ogpsa.atomic): a save killed half-way over an existing
-        # checkpoint leaves every file whole (at worst the new basis next to the old schedule).
-        self.subspace.save(os.path.join(directory, SUBSPACE_FILE))
-        atomic.write_json(os.path.join(directory, STATE_FILE), self._schedule())
+        # checkpoint leaves every file whole; the schedule names its basis by checksum, so a new basis
+        # next to the old schedule (killed between the two) is an error on load, not a silent mix.
+        path = os.path.join(directory, SUBSPACE_FILE)
+        self.subspace.save(path)
+        atomic.write_json(os.path.join(directory, STATE_FILE),
+                          dict(self._schedule(), subspace_sha256=subspace_checksum(path)))
 
     def _load_checkpoint(self, directory: str) -> Optional[Subspace]:
         """The subspace saved in ``directory`` (None if there is none); restores the schedule."""
@@ -449,6 +461,8 @@ class OGPSA:
             return None
         state_path = os.path.join(directory, STATE_FILE)
         schedule = read_state(state_path) if os.path.isfile(state_path) else None
+        if schedule is not None:
+            check_pair(state_path, schedule, path)
         sub = Subspace.load(path)
         if schedule is not None:
             step = self.step
@@ -474,6 +488,7 @@ class OGPSA:
         state_path = os.path.join(directory, STATE_FILE)
         if os.path.isfile(state_path):
             schedule = read_state(state_path)
+            check_pair(state_path, schedule, path)
         if config is None and "config" in schedule:
             config = OGPSAConfig.from_dict(schedule["config"])
         if "refresh_every" in schedule and "refresh_every" not in kwargs and (config is None
@@ -487,26 +502,6 @@ class OGPSA:
     def __repr__(self) -> str:
         return (f"OGPSA(step={self.step}, refresh_every={self.refresh_every}, built_at={self.built_at}, "
                 f"subspace={self.subspace.memory_report() if self.subspace is not None else None})")
-
-
-def _save_subspace_to(sub: Subspace, buf: io.BytesIO) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, SUBSPACE_FILE)
-        sub.save(path)
-        with open(path, "rb") as f:
-            buf.write(f.read())
-
-
-def _load_subspace_from(data: bytes) -> Subspace:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, SUBSPACE_FILE)
-        with open(path, "wb") as f:  # atomic-exempt: a private temporary directory, not an output
-            f.write(data)
-        return Subspace.load(path)
 
 
 __all__ = ["OGPSA", "StateFileError", "read_state", "check_schedule"]

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .config import OGPSAConfig
 from .integrations.common import STATE_FILE, SUBSPACE_FILE
+from .subspace import Subspace
 
 logger = logging.getLogger("ogpsa")
 
@@ -55,6 +57,10 @@ def check_schedule(schedule: Any, where: str) -> None:
                           "a list of integers >= 0"),
         "config": (lambda v: isinstance(v, dict), "a JSON object (OGPSAConfig.to_dict())"),
     }
+    if "subspace_sha256" in schedule and not (isinstance(schedule["subspace_sha256"], str)
+                                              and len(schedule["subspace_sha256"]) == 64):
+        raise StateFileError(f"{where}: field 'subspace_sha256' is {schedule['subspace_sha256']!r}, expected the "
+                             "64-character SHA-256 of the basis file's tensors")
     for field, (ok, expected) in checks.items():
         if field not in schedule:
             raise StateFileError(f"{where}: field {field!r} is missing (expected {expected})")
@@ -85,4 +91,48 @@ def read_state(path: Union[str, os.PathLike]) -> dict:
     return schedule
 
 
-__all__ = ["STATE_VERSION", "StateFileError", "check_schedule", "read_state", "warn_not_restored"]
+def subspace_checksum(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The SHA-256 a subspace file records for its tensors (its ``sha256`` metadata), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return (f.metadata() or {}).get("sha256")
+    except Exception:  # an unreadable file: Subspace.load reports it with the field at fault
+        return None
+
+
+def check_pair(state_path: Union[str, os.PathLike], schedule: dict, subspace_path: Union[str, os.PathLike]) -> None:
+    """Raise :class:`StateFileError` when the schedule names a basis other than the one in
+    ``subspace_path`` (the two files are replaced one after the other: a save killed between
+    them leaves a new basis next to the old schedule)."""
+    expected = schedule.get("subspace_sha256")
+    if expected is None:  # written before the field existed
+        return
+    found = subspace_checksum(subspace_path)
+    if found is not None and found != expected:
+        raise StateFileError(f"{os.fspath(state_path)}: field 'subspace_sha256' does not match "
+                             f"{os.fspath(subspace_path)}: the basis was replaced after this schedule was written (a "
+                             "save interrupted between the two files?); restore both files from one save")
+
+
+def subspace_bytes(sub: Subspace) -> bytes:
+    """The bytes of ``sub``'s safetensors file (for :meth:`ogpsa.OGPSA.state_dict`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, SUBSPACE_FILE)
+        sub.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def subspace_from_bytes(data: bytes) -> Subspace:
+    """A :class:`Subspace` from :func:`subspace_bytes` output, validated as a file would be."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, SUBSPACE_FILE)
+        with open(path, "wb") as f:  # atomic-exempt: a private temporary directory, not an output
+            f.write(data)
+        return Subspace.load(path)
+
+
+__all__ = ["STATE_VERSION", "StateFileError", "check_schedule", "check_pair", "read_state", "subspace_checksum",
+           "subspace_bytes", "subspace_from_bytes", "warn_not_restored"]

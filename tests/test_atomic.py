@@ -252,3 +252,25 @@ def test_stale_temporaries_of_this_host_only_are_removed(tmp_path):
         p.write_bytes(b"partial")
     assert atomic.remove_stale_temporaries(tmp_path) == [str(mine)]
     assert live.exists() and other.exists()  # a running writer's, and a file of another machine sharing the disk
+
+
+def test_a_new_basis_next_to_an_old_schedule_is_detected(tmp_path):
+    """save_pretrained replaces two files one after the other; killed between them, the new basis
+    sits next to the old schedule. The schedule names its basis by checksum: loading says so."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(6)
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(2)]
+    og = ogpsa.OGPSA(model, opt, subspace=ogpsa.Subspace.from_gradients(grads[:1], ogpsa.OGPSAConfig()),
+                     refresh_every=0, progress=False)
+    og.save_pretrained(tmp_path)
+    og.remove()
+    assert len(json.loads((tmp_path / STATE_FILE).read_text())["subspace_sha256"]) == 64
+    ogpsa.OGPSA.from_pretrained(tmp_path, model, opt, progress=False).remove()  # a consistent pair loads
+    ogpsa.Subspace.from_gradients(grads, ogpsa.OGPSAConfig()).save(tmp_path / SUBSPACE_FILE)  # only the basis
+    with pytest.raises(StateFileError, match=r"field 'subspace_sha256' does not match .*ogpsa_subspace"):
+        ogpsa.OGPSA.from_pretrained(tmp_path, model, opt, progress=False)
+    deferred = ogpsa.OGPSA.deferred(subspace=None, refresh_every=0, reference=[["x"]])
+    deferred.model = model
+    with pytest.raises(StateFileError, match="subspace_sha256"):
+        deferred._load_checkpoint(str(tmp_path))  # the trainers' resume path
