@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py requirements-dev.txt $(SRCS)
 	  $(PY) -m pip install -q --no-compile -r requirements-dev.txt; \
 	  echo "make: [2/3] done in $$(( $$(date +%s) - t )) s"
 	@set -e; t=$$(date +%s); echo "make: [3/3] ogpsa, editable, compiling ogpsa._C (full log: $(VENV)/build.log)"; \
-	  set -o pipefail; $(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
+	  set -o pipefail; OGPSA_BUILD_PROGRESS=0 $(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
 	    | sed -u -n -E 's/^ *(ogpsa setup: .*)/\1/p; s/^ *\[([0-9]+\/[0-9]+)\] .* -c [^ ]*\/(csrc\/[^ ]+) .*/ogpsa setup: [\1] compiled \2/p' \
 	    || { echo "make: the build failed; the end of $(VENV)/build.log:"; tail -n 60 $(VENV)/build.log; exit 1; }; \
 	  echo "make: [3/3] done in $$(( $$(date +%s) - t )) s"

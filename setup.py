@@ -36,7 +36,29 @@ _CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu"))
 
 
 def _log(msg: str) -> None:
-    print(f"ogpsa setup: {msg}", file=sys.stderr, flush=True)
+    line = f"ogpsa setup: {msg}"
+    print(line, file=sys.stderr, flush=True)
+    to_terminal(line)
+
+
+def to_terminal(line: str, tty: str = "/dev/tty") -> bool:
+    """Also show a progress line on the terminal pip runs in; True when written.
+
+    pip captures the build's output and shows it only with -v or when the build fails, so a
+    compile of minutes looked hung (issue 23: 13 min 32 s without a line). The few "ogpsa setup:"
+    lines go to the controlling terminal as well, when there is one and stderr is not it already.
+    OGPSA_BUILD_PROGRESS=0 turns this off (`make build` does: it shows them from pip -v itself).
+    """
+    if os.environ.get("OGPSA_BUILD_PROGRESS", "").strip() == "0":
+        return False
+    try:
+        if sys.stderr.isatty():
+            return False
+        with open(tty, "a") as out:
+            out.write(line + "\n")
+        return True
+    except (OSError, ValueError):  # no controlling terminal (CI, pytest): pip's log has the line
+        return False
 
 
 def _cuda_home():

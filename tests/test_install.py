@@ -81,7 +81,7 @@ def test_pure_python_install_is_not_a_warning(fresh_check):
 @pytest.mark.skipif(not torch.version.cuda, reason="the CUDA_HOME check runs only when torch has CUDA")
 def test_explicit_cuda_home_without_nvcc_is_an_error_not_replaced(tmp_path):
     # looked for only when CUDA kernels are to be built: OGPSA_BUILD_CUDA=1 (or a visible device)
-    env = {**os.environ, "CUDA_HOME": str(tmp_path), "OGPSA_BUILD_CUDA": "1"}
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "OGPSA_BUILD_CUDA": "1", "OGPSA_BUILD_PROGRESS": "0"}
     env.pop("CUDA_PATH", None)
     out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
@@ -123,6 +123,19 @@ def test_cuda_kernels_are_built_only_for_a_visible_device_or_when_asked():
         decide("1", True, "13.0", _never, lambda: None)
     with pytest.raises(SystemExit, match="use 0, 1 or leave it unset"):
         decide("yes", True, "13.0", _never, _never)
+
+
+def test_build_progress_reaches_the_terminal_past_pip(tmp_path, monkeypatch):
+    """pip hides the build's output: setup.py's progress lines also go to the terminal."""
+    module, tty = _setup_module(), tmp_path / "tty"
+    tty.touch()
+    monkeypatch.delenv("OGPSA_BUILD_PROGRESS", raising=False)
+    assert module.to_terminal("ogpsa setup: compiling 2 source files", str(tty)) is True
+    monkeypatch.setenv("OGPSA_BUILD_PROGRESS", "0")  # make build shows them from pip -v itself
+    assert module.to_terminal("ogpsa setup: not shown", str(tty)) is False
+    monkeypatch.delenv("OGPSA_BUILD_PROGRESS")
+    assert module.to_terminal("ogpsa setup: no terminal", str(tmp_path / "missing" / "tty")) is False
+    assert tty.read_text() == "ogpsa setup: compiling 2 source files\n"
 
 
 def test_how_to_get_cuda_kernels_fits_the_reason():
@@ -172,7 +185,7 @@ def test_setuptools_prints_no_warnings_for_this_project(tmp_path):
     """pyproject.toml and setup.py give setuptools nothing to warn about (make demo showed ~70 lines:
     project.license as a table, the demo's data directory not listed as a package)."""
     src = _source_copy(tmp_path / "src")
-    env = {**os.environ, "OGPSA_BUILD_EXT": "0", "PYTHONWARNINGS": "always"}
+    env = {**os.environ, "OGPSA_BUILD_EXT": "0", "PYTHONWARNINGS": "always", "OGPSA_BUILD_PROGRESS": "0"}
     out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
                          cwd=src, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -207,7 +220,8 @@ def test_fresh_venv_install_runs_quickstart(tmp_path):
                 if "==" in line and not line.startswith("#"))
 
     def pip(*args: str) -> None:
-        out = subprocess.run([py, "-m", "pip", "install", "-q", *args], cwd=src, capture_output=True, text=True)
+        out = subprocess.run([py, "-m", "pip", "install", "-q", *args], cwd=src, capture_output=True, text=True,
+                             env={**os.environ, "OGPSA_BUILD_PROGRESS": "0"})  # not onto a developer's terminal
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     # what --no-build-isolation needs in the environment: torch (CPU wheel from disk) + build tools
