@@ -12,6 +12,7 @@ from .attaching import attach
 from .buildcheck import OGPSABuildWarning
 from .collect import build_subspace, collect_reference_gradients
 from .config import OGPSAConfig
+from .interface import ProjectorLike
 from .ops import (
     BackendUnavailableError,
     ProjectionInputError,
@@ -35,6 +36,7 @@ __all__ = [
     "Subspace",
     "SubspaceMismatchError",
     "Projector",
+    "ProjectorLike",
     "attach",
     "register_gradient_hooks",
     "GradientHooks",

@@ -104,7 +104,6 @@ class ProjectedAdamW(torch.optim.AdamW):
         self.keep_updates = bool(keep_updates)
         self.subspace: Optional[Subspace] = None
         self._bases: dict[Tensor, tuple] = {}
-        self._known: set = set()  # the parameters the bases were matched against
         self._process_group = None  # FSDP2: the group the pass-1 dots are summed over
         self._signature: tuple = ()  # the optimizer's parameters the bases were matched against, in order
         self.paused = False
@@ -121,7 +120,7 @@ class ProjectedAdamW(torch.optim.AdamW):
         :class:`~ogpsa.distributed.ShardedSubspace` sliced for this model."""
         model = model if model is not None else self.model
         if subspace is None:
-            self.subspace, self._bases, self._known, self._process_group = None, {}, set(), None
+            self.subspace, self._bases, self._process_group = None, {}, None
             self._signature = ()
             return
         if model is None:
@@ -140,7 +139,7 @@ class ProjectedAdamW(torch.optim.AdamW):
         else:
             bases, group = match_bases(model, subspace, params, allow_partial=bool(cfg.allow_partial)), None
         self.model = model
-        self.subspace, self._bases, self._known, self._process_group = subspace, bases, mine, group
+        self.subspace, self._bases, self._process_group = subspace, bases, group
         self._signature = tuple(map(id, params))
 
     def _follow_param_groups(self) -> None:
