@@ -14,6 +14,7 @@ import torch
 from oracle import float64_project, make_case, rel_err, tolerance
 
 from ogpsa import bench
+from ogpsa.bench import process as _process  # noqa: F401  (bench.process in the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
@@ -451,3 +452,89 @@ def test_loop_readme_block_from_a_loop_result(loop_run):
     start, end = bench.readme_markers("loop")
     assert block.startswith(start + "\nSource: [`loop.json`]") and block.endswith(end)
     assert "| full |" in block and "zero_grad()" in block and "target <= 1.2x" in block
+
+
+# ----------------------------------------------------------------------------------------
+# the process ogpsa bench runs in: header, wait policy, threads, no profiler/driver noise
+# ----------------------------------------------------------------------------------------
+
+_NOISE = ("USDT", "profiler_start", "gpuGetDeviceCount", "SyncActivityProfilerHandler", "CPUAllocator.cpp")
+
+
+def _bench_command(tmp_path, *extra, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("ogpsa")
+    if not exe.exists():
+        pytest.skip(f"no ogpsa console script next to {sys.executable}")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KINETO_LOG_LEVEL", "TORCH_CPP_LOG_LEVEL",
+                        bench.process.REEXEC_MARK)}
+    env.update(env_extra or {})
+    out = tmp_path / "out"
+    cmd = [str(exe), "bench", "--suite", "smoke", "--no-plot", "--out", str(out), "--budget-s", "0.02",
+           "--contenders", "torch-foreach", "ogpsa:cpu", "copy", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done, json.loads((out / "results.json").read_text())
+
+
+def test_bench_command_sets_passive_wait_and_says_so_without_noise(tmp_path):
+    done, data = _bench_command(tmp_path, "--threads", "1")
+    head = done.stdout.splitlines()[0]
+    assert head.startswith("ogpsa bench: 1 threads (--threads), OMP_WAIT_POLICY=PASSIVE (set by ogpsa bench "
+                           "before torch started)"), head
+    assert "load average" in head
+    for word in _NOISE:
+        assert word not in done.stdout and word not in done.stderr, word
+    proc = data["env"]["process"]
+    assert proc["omp_wait_policy"] == "PASSIVE" and proc["omp_wait_policy_in_effect"] and proc["threads"] == 1
+    assert data["env"]["torch_threads"] == 1 and data["env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert data["env"]["command"].startswith("ogpsa bench --suite smoke")
+    assert "- process: 1 threads (--threads), OMP_WAIT_POLICY=PASSIVE" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_bench_command_keeps_the_callers_wait_policy(tmp_path):
+    done, data = _bench_command(tmp_path, env_extra={"OMP_WAIT_POLICY": "ACTIVE"})
+    assert "OMP_WAIT_POLICY=ACTIVE (from the caller's environment)" in done.stdout.splitlines()[0]
+    assert data["env"]["process"]["threads_source"] == "torch default"
+
+
+def test_in_process_bench_says_the_policy_is_not_in_effect(tmp_path, monkeypatch, capsys):
+    from ogpsa.cli import main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv(bench.process.REEXEC_MARK, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--suite", "smoke", "--no-plot", "--out", str(tmp_path), "--budget-s", "0.02",
+                     "--contenders", "copy"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "OMP_WAIT_POLICY=PASSIVE (requested after torch started (in-process call): not in effect" in head
+    assert json.loads((tmp_path / "results.json").read_text())["env"]["process"]["omp_wait_policy_in_effect"] is False
+    assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_plot_one_colour_per_contender_and_one_legend(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from ogpsa.bench import report
+
+    figs = []
+    monkeypatch.setattr(report.atomic, "save_figure", lambda fig, path, **kw: figs.append(fig))
+    env = {"hardware": "cpu", "torch_threads": 2, "torch": "x", "git_commit": "0" * 40, "date": "2026-01-01"}
+    rows = [{"status": "ok", "workload": wl, "k": k, "contender": c, "grad_dtype": "torch.float32",
+             "basis_dtype": "torch.float32", "median_ms": 1.0 + k + i, "pct_copy": 10.0 * (i + 1)}
+            for wl, names in (("lora", ("a", "b", "copy")), ("125m", ("b", "copy", "a"))) for k in (1, 2)
+            for i, c in enumerate(names)]
+    assert report.plot_results({"env": env, "results": rows}, tmp_path / "x.png") is not None
+    (fig,) = figs
+    colours: dict = {}
+    for ax in fig.axes:
+        assert ax.get_legend() is None  # one legend, for the figure
+        for line in ax.get_lines():
+            assert colours.setdefault(line.get_label(), line.get_color()) == line.get_color(), line.get_label()
+    assert len(set(colours.values())) == len(colours) == 3 and len(fig.legends) == 1

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import atomic
+from .process import policy_text
 from .timing import _free, environment, peak_copy_bandwidth, time_fn
 from .workloads import Workload, gpt2_125m_workload, lora_workload, make_tensors, tiny_workload
 
@@ -346,6 +347,7 @@ def adamw_markdown(data: dict) -> str:
     out = [f"# ogpsa bench: {env['hardware']} (adamw suite)", "",
            f"- date {env['date']}, git {env['git_commit']}, torch {env['torch']}, python {env['python']}, "
            f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs, environment {env.get('env_vars') or '{}'}",
+           *([f"- process: {policy_text(env['process'])}"] if env.get("process") else []),
            f"- load average at start/end: {env.get('loadavg_start')} / {env.get('loadavg_end')} "
            "(the CPU may be shared: timings include that noise)",
            f"- command: `{env['command']}`",

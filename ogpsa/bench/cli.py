@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from . import process
 from .micro import run_bench
 from .report import readme_block, update_readme
 from .timing import _cpu_name, machine_slug
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these workloads (micro: lora, 125m, llama8b, tiny; loop: lora, full; "
                              "adamw: lora, 125m, tiny)")
     parser.add_argument("--ks", nargs="*", type=int, default=None, help="only these ranks")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads (default: torch's default, one per core); the header says which, "
+                             "and the OpenMP wait policy (PASSIVE unless OMP_WAIT_POLICY is set)")
     parser.add_argument("--max-minutes", type=float, default=9.0, help="stop starting new cases after this long")
     parser.add_argument("--budget-s", type=float, default=None, help="timing budget per contender and case")
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="gpu suite: bytes for the Llama list")
@@ -91,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(block)
         return 0
+    try:  # may re-execute this process with OMP_WAIT_POLICY set (see ogpsa/bench/process.py)
+        policy = process.prepare(args.threads)
+    except ValueError as exc:
+        print(f"ogpsa bench: {exc}", file=sys.stderr)
+        return 2
+    print(process.header(policy), flush=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("ogpsa bench: --device cuda but CUDA is not available", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import atomic
+from .process import policy_text
 from .timing import _free, _sync, environment
 
 LOOP_WORKLOADS = ("lora", "full")
@@ -257,6 +258,7 @@ def loop_markdown(data: dict) -> str:
     out = [f"# ogpsa bench: {env['hardware']} (loop suite)", "",
            f"- date {env['date']}, git {env['git_commit']}, torch {env['torch']}, python {env['python']}, "
            f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs, environment {env.get('env_vars') or '{}'}",
+           *([f"- process: {policy_text(env['process'])}"] if env.get("process") else []),
            f"- load average at start/end: {env.get('loadavg_start')} / {env.get('loadavg_end')} "
            "(the CPU may be shared: timings include that noise)",
            f"- command: `{env['command']}`",
@@ -313,8 +315,8 @@ def plot_loop(data: dict, path) -> Optional[object]:
     ax.set_ylabel("ms (median)")
     ax.legend(fontsize=8)
     env = data["env"]
-    ax.set_title(f"ogpsa loop suite on {env['hardware']} ({env['torch_threads']} threads), git "
-                 f"{env['git_commit'][:12]}", fontsize=9)
+    ax.set_title(f"ogpsa loop suite on {env['hardware']} ({env['torch_threads']} threads)\n"
+                 f"git {env['git_commit'][:12]}, {env['date'][:10]}", fontsize=9)
     fig.tight_layout()
     atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)

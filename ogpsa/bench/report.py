@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import atomic
+from .process import policy_text
 from .workloads import KS, REPO_ROOT
 
 README_START = "<!-- ogpsa-bench:start -->"
@@ -71,6 +72,7 @@ def markdown(data: dict) -> str:
            f"python {env['python']}, {env['torch_threads']} torch threads on {env['cpu_count']} CPUs",
            f"- device {env['device']}" + (f", driver {env.get('driver')}" if env.get("driver") else "")
            + f", environment {env.get('env_vars') or '{}'}",
+           *([f"- process: {policy_text(env['process'])}"] if env.get("process") else []),
            f"- load average at start/end: {env.get('loadavg_start')} / {env.get('loadavg_end')} "
            "(the CPU may be shared: timings include that noise)",
            f"- peak copy bandwidth (one large copy, read + write): {_fmt(data.get('peak_copy_gbps'), '.1f')} GB/s",
@@ -171,28 +173,40 @@ def plot_results(data: dict, path: Path) -> Optional[Path]:
         return None
     pair = (ok[0]["grad_dtype"], ok[0]["basis_dtype"])
     wls = list(dict.fromkeys(r["workload"] for r in ok))
-    fig, axes = plt.subplots(2, len(wls), figsize=(4.6 * len(wls), 7.5), squeeze=False)
+    # one colour (and marker) per contender in every panel, one legend for the figure
+    names = list(dict.fromkeys(r["contender"] for r in ok if (r["grad_dtype"], r["basis_dtype"]) == pair))
+    palette = plt.get_cmap("tab10").colors
+    style = {n: (palette[i % len(palette)], "osD^v<>ph*"[i % 10]) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(2, len(wls), figsize=(4.6 * len(wls), 7.8), squeeze=False)
+    short = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
     for j, wl in enumerate(wls):
         rows = [r for r in ok if r["workload"] == wl and (r["grad_dtype"], r["basis_dtype"]) == pair]
-        for name in dict.fromkeys(r["contender"] for r in rows):
+        for name in names:
             pts = sorted((r["k"], r["median_ms"], r["pct_copy"]) for r in rows if r["contender"] == name)
+            if not pts:
+                continue
+            color, marker = style[name]
             ks_ = [p[0] for p in pts]
-            axes[0][j].plot(ks_, [p[1] for p in pts], marker="o", label=name)
+            axes[0][j].plot(ks_, [p[1] for p in pts], marker=marker, color=color, label=name)
             if name != "copy" and all(p[2] is not None for p in pts):
-                axes[1][j].plot(ks_, [p[2] for p in pts], marker="o", label=name)
+                axes[1][j].plot(ks_, [p[2] for p in pts], marker=marker, color=color, label=name)
         axes[0][j].set_yscale("log")
-        axes[0][j].set_title(f"{wl} ({pair[0]} grads, {pair[1]} basis)")
-        axes[0][j].set_ylabel("ms per optimizer step (log)")
-        axes[1][j].set_ylabel("% of copy bandwidth (byte floor)")
+        axes[0][j].set_title(f"{wl}: {short.get(pair[0], pair[0])} grads, {short.get(pair[1], pair[1])} basis",
+                             fontsize=9)
+        axes[0][j].set_ylabel("ms per optimizer step (log)", fontsize=8)
+        axes[1][j].set_ylabel("% of copy bandwidth (byte floor)", fontsize=8)
         for ax in (axes[0][j], axes[1][j]):
-            ax.set_xlabel("k (basis rank)")
+            ax.set_xlabel("k (basis rank)", fontsize=8)
             ax.set_xticks(KS)
             ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles = [plt.Line2D([], [], color=style[n][0], marker=style[n][1], label=n) for n in names]
+    ncol = max(1, min(len(names), 2 * len(wls)))  # about two legend columns per 4.6-inch panel
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     env = data["env"]
-    fig.suptitle(f"ogpsa bench on {env['hardware']} ({env['torch_threads']} threads), torch {env['torch']}, "
+    fig.suptitle(f"ogpsa bench on {env['hardware']} ({env['torch_threads']} threads), torch {env['torch']}\n"
                  f"git {env['git_commit'][:12]}, {env['date'][:10]}", fontsize=9)
-    fig.tight_layout()
+    rows_of_legend = -(-len(names) // ncol)
+    fig.tight_layout(rect=(0, 0.01 + 0.027 * rows_of_legend, 1, 0.95))
     atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -9,7 +9,6 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
+from . import process
 from .workloads import REPO_ROOT
 
 
@@ -171,8 +171,10 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "git_commit": _git_commit(),
-        "command": " ".join(["ogpsa"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ogpsa") else " ".join(sys.argv),
+        "command": process.command_line(),
     }
+    if process.POLICY:  # threads, OpenMP wait policy (and whether it is in effect), CPU kernel ISA
+        env["process"] = dict(process.POLICY)
     try:
         import triton
 
