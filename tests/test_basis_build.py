@@ -198,7 +198,7 @@ def test_refresh_suite_smoke(tmp_path):
     data = run_refresh_suite(torch.device("cpu"), tmp_path, workloads=["tiny"], ms=[2], rounds=2, budget_s=0.01,
                              log=lambda *_: None)
     (row,) = data["results"]
-    for c in ("copy", "sum", "from_gradients", "set_subspace"):
+    for c in ("copy", "sum", "from_gradients", "from_reference_rows", "set_subspace"):
         assert row[c]["median_ms"] > 0 and row[c]["min_ms"] <= row[c]["median_ms"]
     assert row["build_x_copy"] == pytest.approx(
         (row["from_gradients"]["median_ms"] + row["set_subspace"]["median_ms"]) / row["copy"]["median_ms"])

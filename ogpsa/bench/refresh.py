@@ -9,6 +9,9 @@ zero), rounds interleaved (order reversed every other round), samples pooled, mi
 * ``sum``: ``torch.sum`` of every reference tensor (reads m x N floats once);
 * ``from_gradients``: :meth:`ogpsa.Subspace.from_gradients` (stack, Gram pass, host
   factorisation, combine pass U = A R, M = U U^T of the new bases);
+* ``from_reference_rows``: :meth:`ogpsa.Subspace.from_reference_rows` on the same gradients
+  already stacked per tensor ([m, N_i]): what a build costs when the collector writes each
+  reference gradient into its row of a stacked buffer (no stacking copy);
 * ``set_subspace``: :meth:`ogpsa.Projector.set_subspace` with that subspace on a model whose
   parameters have the workload's names and shapes (validation, Gram inverses, plan reset).
 
@@ -43,12 +46,13 @@ from .workloads import Workload, gpt2_125m_workload, lora_workload, tiny_workloa
 #: workload -> numbers of reference gradients m timed by default (125m: 1 GB per m in float32
 #: with its stacked copy and the bases; m = 8 would need 12 GB on a shared machine)
 DEFAULT_MS = {"lora": (2, 8), "125m": (2,), "tiny": (2, 4)}
-CONTENDERS = ("copy", "sum", "from_gradients", "set_subspace")
+CONTENDERS = ("copy", "sum", "from_gradients", "from_reference_rows", "set_subspace")
 FORMULA = {
     "copy": "clone every reference tensor: reads and writes m*N floats (one pass)",
     "sum": "torch.sum of every reference tensor: reads m*N floats",
     "x_copy": "median time / median time of copy (x_sum: / sum)",
     "build_x_copy": "(median from_gradients + median set_subspace) / median copy (issue 22 item 3: <= 5)",
+    "rows_x_copy": "(median from_reference_rows + median set_subspace) / median copy: the build without stacking",
     "build_x_copy_cpu": "the same ratio in process CPU time (user + system, all threads; CPU runs only)",
     "time": "median (and min) of the pooled samples of all rounds, each contender warmed up first",
 }
@@ -100,12 +104,20 @@ def run_case(workload: Workload, m: int, device: torch.device, rounds: int = 3, 
     def build() -> None:
         holder["sub"] = ogpsa.Subspace.from_gradients(grads)
 
+    names = [n for n, _ in workload.shapes]
+    shapes = [s for _, s in workload.shapes]
+    stacked = [torch.stack([d[n].reshape(-1) for d in grads]) for n in names]
+
+    def build_rows() -> None:
+        holder["sub"] = ogpsa.Subspace.from_reference_rows(names, shapes, stacked)
+
     build()
     proj = ogpsa.attach(model, None, holder["sub"])
     fns = {
         "copy": lambda: [t.clone() for t in tensors],
         "sum": lambda: [t.sum() for t in tensors],
         "from_gradients": build,
+        "from_reference_rows": build_rows,
         "set_subspace": lambda: proj.set_subspace(holder["sub"]),
     }
     samples: dict[str, list[float]] = {c: [] for c in CONTENDERS}
@@ -127,20 +139,22 @@ def run_case(workload: Workload, m: int, device: torch.device, rounds: int = 3, 
         if cpu_ms[c]:
             row[c]["cpu_median_ms"] = statistics.median(cpu_ms[c])
     copy, total = row["copy"], row["sum"]
-    for c in ("from_gradients", "set_subspace"):
+    for c in ("from_gradients", "from_reference_rows", "set_subspace"):
         row[c]["x_copy"] = row[c]["median_ms"] / copy["median_ms"]
         row[c]["x_copy_min"] = row[c]["min_ms"] / copy["min_ms"]
         row[c]["x_sum"] = row[c]["median_ms"] / total["median_ms"]
     row["build_x_copy"] = (row["from_gradients"]["median_ms"] + row["set_subspace"]["median_ms"]) / copy["median_ms"]
     row["build_x_copy_min"] = (row["from_gradients"]["min_ms"] + row["set_subspace"]["min_ms"]) / copy["min_ms"]
     row["build_x_sum"] = (row["from_gradients"]["median_ms"] + row["set_subspace"]["median_ms"]) / total["median_ms"]
+    row["rows_x_copy"] = ((row["from_reference_rows"]["median_ms"] + row["set_subspace"]["median_ms"])
+                          / copy["median_ms"])
     if cpu_ms["copy"]:
         row["build_x_copy_cpu"] = ((row["from_gradients"]["cpu_median_ms"] + row["set_subspace"]["cpu_median_ms"])
                                    / copy["cpu_median_ms"])
     log(f"{workload.name} m={m}: copy {copy['median_ms']:.1f} ms, from_gradients "
         f"{row['from_gradients']['median_ms']:.1f} ms, set_subspace {row['set_subspace']['median_ms']:.1f} ms: "
         f"build {row['build_x_copy']:.2f}x copy (min {row['build_x_copy_min']:.2f}x), "
-        f"{row['build_x_sum']:.2f}x sum" + (f", CPU time {row['build_x_copy_cpu']:.2f}x copy" if cpu_ms["copy"] else "")
+        f"{row['build_x_sum']:.2f}x sum, from stacked rows {row['rows_x_copy']:.2f}x copy" + (f", CPU time {row['build_x_copy_cpu']:.2f}x copy" if cpu_ms["copy"] else "")
         + f"; load {loads}")
     proj.remove()
     return row
@@ -191,17 +205,20 @@ def refresh_markdown(data: dict) -> str:
     lines = [f"# Basis build (refresh) on {env['hardware']} ({env['torch_threads']} threads)", "",
              f"{env['date']}, commit {env['git_commit']}, load average at start {env.get('loadavg_start')}, "
              f"at end {env.get('loadavg_end')}.", "",
-             "| workload | m | tensors | elements | copy ms | sum ms | from_gradients ms | set_subspace ms | "
-             "build / copy (median, min) | build / sum | build / copy in CPU time | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | m | tensors | elements | copy ms | sum ms | from_gradients ms | from_reference_rows ms | "
+             "set_subspace ms | build / copy (median, min) | build / sum | build / copy in CPU time | "
+             "stacked rows + set / copy | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         lines.append(
             f"| {r['workload']} | {r['m']} | {r['tensors']} | {r['numel'] / 1e6:.1f}M | "
             f"{r['copy']['median_ms']:.1f} (min {r['copy']['min_ms']:.1f}) | {r['sum']['median_ms']:.1f} | "
             f"{r['from_gradients']['median_ms']:.1f} (min {r['from_gradients']['min_ms']:.1f}) | "
+            f"{r['from_reference_rows']['median_ms']:.1f} (min {r['from_reference_rows']['min_ms']:.1f}) | "
             f"{r['set_subspace']['median_ms']:.1f} (min {r['set_subspace']['min_ms']:.1f}) | "
             f"{r['build_x_copy']:.2f}x, {r['build_x_copy_min']:.2f}x | {r['build_x_sum']:.2f}x | "
             f"{(format(r['build_x_copy_cpu'], '.2f') + 'x') if 'build_x_copy_cpu' in r else 'n/a'} | "
+            f"{r['rows_x_copy']:.2f}x | "
             f"{', '.join(str(x) for x in r['loadavg_1m'])} |")
     lines += ["", "Definitions:"] + [f"- `{k}`: {v}" for k, v in data["formula"].items()]
     return "\n".join(lines) + "\n"
