@@ -126,8 +126,11 @@ def passes(be: Backend, device: torch.device, grad_dtype: torch.dtype, basis_dty
     checked. Otherwise runs :func:`check` once for the key; a failure warns once
     (RuntimeWarning naming the backend) and is remembered, so the caller moves on to the next
     backend every time without re-testing."""
-    if not _first_contact(be, torch.device(device)):
+    device = torch.device(device)
+    if not _first_contact(be, device):
         return True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True  # no test kernels inside a CUDA graph capture; the next plan build outside checks
     key = (be.name, str(torch.device(device)), grad_dtype, basis_dtype, space)
     hit = _results.get(key)
     if hit is not None:
@@ -317,7 +320,10 @@ def check(be: Backend, device: torch.device, grad_dtype: torch.dtype, basis_dtyp
     ref = reference if reference is not None else TorchBackend()
     start = time.perf_counter()
     try:
-        worst, detail = _compare(SPACES[space](be, ref, device, grad_dtype, basis_dtype))
+        # whatever region the first contact happens in: no autograd, no autocast (it would run the
+        # torch reference's matmuls in half precision and fail a correct backend)
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            worst, detail = _compare(SPACES[space](be, ref, device, grad_dtype, basis_dtype))
     except NotApplicable:
         raise
     except Exception as exc:  # a kernel that cannot run here fails its check, it does not crash training

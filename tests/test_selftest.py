@@ -202,3 +202,11 @@ def test_info_selftest_prints_a_table(clean, capsys):
     assert out.splitlines()[0].split()[:6] == ["backend", "device", "grad", "basis", "space", "result"]
     if cpu_available:
         assert sum(1 for line in out.splitlines() if line.startswith("cpu ") and " ok " in line) == 12
+
+
+def test_check_ignores_the_callers_autocast_and_grad_mode(clean):
+    if not cpu_available:
+        pytest.skip("ogpsa._C not built")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.enable_grad():
+        r = selftest.check(CpuBackend(), torch.device("cpu"), torch.float32, torch.float32)
+    assert r.ok and r.worst < 0.1, r.detail
