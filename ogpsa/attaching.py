@@ -59,7 +59,9 @@ def attach(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], s
 
     DeepSpeed: pass the ENGINE as ``model`` (``optimizer``: None or the engine's own).
     """
-    config = config if config is not None else subspace.config
+    from .presets import resolve_space  # space="auto" (preset rich): update if the optimizer supports it
+
+    config = resolve_space(model, optimizer, config if config is not None else subspace.config)
     if is_deepspeed_engine(model):
         zero = getattr(model, "optimizer", None)
         if optimizer is not None and optimizer is not zero and optimizer is not getattr(zero, "optimizer", None):

@@ -95,11 +95,20 @@ class CollectInfo:
     num_tensors: int = 0
     num_elements: int = 0
     datasets: list[DatasetInfo] = field(default_factory=list)
+    #: chunked mode (:mod:`ogpsa.pool`): chunks, examples, rebuild, backward_passes, fallback tensors
+    chunked: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
+        if self.chunked:
+            c = self.chunked
+            fb = c.get("fallback") or []
+            return (f"{c['chunks']} chunk directions from {c['examples']} reference examples (rebuild "
+                    f"{c.get('rebuild', 0)}, {c['loss_tokens']} loss tokens, {c['backward_passes']} backward "
+                    f"pass(es){f', {len(fb)} tensors by per-chunk backward' if fb else ''}) over {self.num_tensors} "
+                    f"tensors ({self.num_elements:,} elements) in {self.seconds:.2f}s")
         parts = [f"{d.num_examples} ex / {d.num_loss_tokens} tok, loss {d.mean_loss:.4f}" for d in self.datasets]
         return (f"collected {len(self.datasets)} reference gradient(s) over {self.num_tensors} tensors "
                 f"({self.num_elements:,} elements) in {self.seconds:.2f}s: " + "; ".join(parts))

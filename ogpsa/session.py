@@ -195,6 +195,7 @@ class OGPSA:
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.step = step
+        logger.info(self.config.describe())  # which preset runs (one line at start)
         if self._clock_start is None:
             self.start_clock()
         if self.projector is not None:
@@ -236,6 +237,16 @@ class OGPSA:
             raise RuntimeError("OGPSA.build needs a model: call setup(model, optimizer) first")
         step = self.step if step is None else step
         t0 = time.perf_counter()
+        if self.config.chunks:  # rich subspaces: K chunk directions from a fresh slice of the pool
+            from .pool import build_chunked
+
+            sub, cinfo = build_chunked(self, step)
+            self.last_collect = cinfo
+            self.built_at = step
+            self.refresh_steps.append(step)
+            logger.info("ogpsa: subspace built at step %d in %.2fs (%s); %s", step, time.perf_counter() - t0,
+                        cinfo, sub.memory_report())
+            return sub
         num_samples = self.config.num_reference_samples if self.num_samples is None else self.num_samples
         grads, info = collect_reference_gradients(
             self.model, self.reference_datasets, num_samples=num_samples, batch_size=self.batch_size,

@@ -19,6 +19,15 @@ Arms (same base weights, same safety batches, same seeds):
   one reference set per general task (the refresh and reference-set study).
 * ``orthogonal-k16``: the SFT reference examples split into 16 chunks, one direction each
   (rank up to 16 per tensor instead of 2).
+* ``rich``: the library's default preset (``OGPSAConfig()``, preset ``"rich"``): update space,
+  8 directions from 16 fresh reference examples (8 chunks of 2, the next slice of the reference
+  pool at every rebuild; one forward and one backward, :mod:`ogpsa.chunkgrad`), rebuilt every 10
+  steps.
+* ``rich-stream``: the streaming variant: 2 new examples (1 chunk) every 4 steps, the last 8 chunk
+  gradients as basis rows, re-orthonormalised incrementally (:mod:`ogpsa.streaming`).
+
+Every arm but ``rich*`` runs ``preset="paper"`` (the recipe of the original work), so that the
+gradient- and update-space arms are exactly what they were before presets existed.
 """
 
 from __future__ import annotations
@@ -40,11 +49,13 @@ from . import tasks
 from .model import Codec, answer_logprobs, lm_loss, make_batch, pairs
 from .tasks import DemoData, Example
 
-UPDATE_ARMS: tuple[str, ...] = ("update", "update-r5", "update-r5-small")
+RICH_ARMS: tuple[str, ...] = ("rich", "rich-stream")
+"""Arms that run a chunked (rich) preset through ``ogpsa.optim.ProjectedAdamW``."""
+UPDATE_ARMS: tuple[str, ...] = ("update", "update-r5", "update-r5-small") + RICH_ARMS
 """Arms that run ``ogpsa.optim.ProjectedAdamW`` (update-space projection)."""
 ALL_ARMS: tuple[str, ...] = ("plain", "orthogonal", "conflict", "update", "replay", "merge", "lora",
                              "orthogonal+replay", "orthogonal-r5", "orthogonal-task", "orthogonal-k16",
-                             "update-r5", "update-r5-small")
+                             "update-r5", "update-r5-small", "rich", "rich-stream")
 PROJECTION_ARMS = ("orthogonal", "conflict", "orthogonal+replay", "orthogonal-r5", "orthogonal-task",
                    "orthogonal-k16")
 """Arms that project the gradient (:func:`ogpsa.attach`)."""
@@ -67,8 +78,22 @@ def available_arms() -> tuple[str, ...]:
     return tuple(a for a in ALL_ARMS if a not in UPDATE_ARMS or update_space_available())
 
 
+def arm_config(arm: str, stage_default: int, reference_size: int) -> ogpsa.OGPSAConfig:
+    """The OGPSAConfig an arm runs (``rich*``: the library's presets; others: ``preset="paper"``)."""
+    if arm == "rich":
+        return ogpsa.OGPSAConfig()  # the default preset, exactly as users get it
+    if arm == "rich-stream":
+        return ogpsa.OGPSAConfig(chunks=1, chunk_samples=2, refresh_every=4, stream_window=8)
+    mode = "conflict" if arm == "conflict" else "orthogonal"
+    return ogpsa.OGPSAConfig(preset="paper", mode=mode, refresh_every=max(refresh_interval(arm, stage_default), 1),
+                             num_reference_samples=reference_size)
+
+
 def refresh_interval(arm: str, stage_default: int) -> int:
-    """Steps between subspace rebuilds for ``arm`` (the ``-r5`` arms: 5; else the stage's)."""
+    """Steps between subspace rebuilds for ``arm`` (the ``-r5`` arms: 5; ``rich*``: their preset's;
+    else the stage's)."""
+    if arm in RICH_ARMS:
+        return int(arm_config(arm, stage_default, 1).refresh_every)
     return 5 if "-r5" in arm else stage_default
 
 
@@ -100,13 +125,16 @@ class StageLog:
     refresh_seconds: float = 0.0
     replay_examples: int = 0
     seconds: float = 0.0
+    train_examples: int = 0  # safety examples (pairs for DPO) over the stage
+    reference_total: int = 0  # reference examples through forward+backward over the stage, all rebuilds
 
     def summary(self) -> dict[str, float]:
         rf = self.removed_fraction
         return {"steps": self.steps, "removed_fraction": sum(rf) / len(rf) if rf else 0.0,
                 "refreshes": self.refreshes, "refresh_every": self.refresh_every,
                 "reference_examples": self.reference_examples, "refresh_seconds": self.refresh_seconds,
-                "replay_examples": self.replay_examples, "seconds": self.seconds}
+                "replay_examples": self.replay_examples, "seconds": self.seconds,
+                "train_examples": self.train_examples, "reference_total": self.reference_total}
 
 
 def reference_gradients(model: torch.nn.Module, codec: Codec, sets: Sequence[Sequence[Example]],
@@ -121,9 +149,47 @@ def reference_gradients(model: torch.nn.Module, codec: Codec, sets: Sequence[Seq
     return grads
 
 
+def example_losses(model: torch.nn.Module, codec: Codec, examples: Sequence[Example], device: torch.device) -> Tensor:
+    """Per-example mean answer-token cross-entropy (row i of the batch is example i): the
+    reference loss of the chunked arms, one loss per example so all chunks share one forward."""
+    lp, count = answer_logprobs(model, make_batch(codec, pairs(examples), device))
+    return -lp / count.clamp_min(1)
+
+
+class ChunkedReference:
+    """The ``rich*`` arms' reference directions: the interleaved reference pool walked slice by
+    slice (:mod:`ogpsa.pool`), K chunk gradients per rebuild in one forward and one backward,
+    optionally through a streaming window (:class:`ogpsa.streaming.StreamingBasis`)."""
+
+    def __init__(self, config: ogpsa.OGPSAConfig, sets: Sequence[Sequence[Example]], codec: Codec,
+                 device: torch.device):
+        from ogpsa.pool import reference_pool
+        from ogpsa.streaming import StreamingBasis
+
+        self.config, self.codec, self.device = config, codec, device
+        self.pool = reference_pool([list(s) for s in sets], max(len(s) for s in sets))
+        self.rebuilds = 0
+        self.stream = StreamingBasis(config) if config.stream_window else None
+
+    def build(self, model: torch.nn.Module) -> ogpsa.Subspace:
+        from ogpsa.pool import collect_chunk_gradients, rebuild_examples
+
+        examples = rebuild_examples(self.pool, self.rebuilds, self.config)
+        self.rebuilds += 1
+        grads, _ = collect_chunk_gradients(
+            model, examples, self.config.chunks, batch_size=len(examples),
+            loss_fn=lambda m, ex: example_losses(m, self.codec, ex, self.device))
+        if self.stream is not None:
+            self.stream.add(grads)
+            return self.stream.subspace()
+        return ogpsa.Subspace.from_gradients(grads, self.config)
+
+
 def _reference_sets(arm: str, stage: str, data: DemoData, task_sets: Optional[list], size: int) -> list:
     if arm == "orthogonal-task":
         return task_sets
+    if arm in RICH_ARMS:  # the pool: both general sets, interleaved, in every stage
+        return data.reference_sets
     if arm == "orthogonal-k16":
         flat = tasks.flatten(data.reference_sets)
         return [flat[i::16] for i in range(16)]
@@ -174,19 +240,25 @@ def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, 
     refresh = refresh_interval(arm, hp.refresh_every)
     update_space = arm in UPDATE_ARMS
     projected = arm in PROJECTION_ARMS or update_space
-    mode = "conflict" if arm == "conflict" else "orthogonal"
-    ocfg = ogpsa.OGPSAConfig(mode=mode, refresh_every=max(refresh, 1), num_reference_samples=hp.reference_size)
+    ocfg = arm_config(arm, hp.refresh_every, hp.reference_size)
     log = StageLog()
     ref_sets = _reference_sets(arm, stage, data, task_sets, hp.reference_size) if projected else None
+    chunked = ChunkedReference(ocfg, ref_sets, codec, device) if arm in RICH_ARMS else None
     if projected:
-        log.refresh_every, log.reference_examples = refresh, sum(len(s) for s in ref_sets)
+        log.refresh_every = refresh
+        log.reference_examples = (ocfg.reference_examples_per_rebuild if chunked is not None
+                                  else sum(len(s) for s in ref_sets))
 
     def build() -> ogpsa.Subspace:
         t = time.perf_counter()
-        grads = reference_gradients(model, codec, ref_sets, device)
+        if chunked is not None:
+            sub = chunked.build(model)
+        else:
+            sub = ogpsa.Subspace.from_gradients(reference_gradients(model, codec, ref_sets, device), ocfg)
         log.refreshes += 1
+        log.reference_total += log.reference_examples
         log.refresh_seconds += time.perf_counter() - t
-        return ogpsa.Subspace.from_gradients(grads, ocfg)
+        return sub
 
     # The arm's training time includes every rebuild (the first one too), so that
     # refresh_seconds / seconds is the refresh's share of the training wall time.
@@ -233,6 +305,7 @@ def train_stage(model: torch.nn.Module, codec: Codec, data: DemoData, arm: str, 
         if update_space:
             log.removed_fraction.append(float(getattr(opt, "last_removed_fraction", 0.0)))
         log.steps += 1
+        log.train_examples += hp.batch
         if (step + 1) % hp.eval_every == 0 or step + 1 == hp.steps:
             opt.zero_grad(set_to_none=True)
             t_eval = time.perf_counter()

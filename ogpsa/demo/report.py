@@ -75,6 +75,14 @@ def run_metrics(arm: dict, before: dict, target: float, first_part_steps: Option
     out["train_seconds"], out["refresh_seconds"] = train, refresh
     out["refreshes"] = sum(st.get("refreshes", 0) for st in proj.values()) if proj else None
     out["refresh_share"] = refresh / train if proj and train else None
+    # load-independent refresh cost: reference examples through forward+backward (every rebuild,
+    # the one before step 1 included) per safety training example and per optimizer step
+    ref_total = sum(st.get("reference_total", 0) for st in proj.values()) if proj else 0
+    train_ex = sum(st.get("train_examples", 0) for st in proj.values()) if proj else 0
+    steps = sum(st.get("steps", 0) for st in proj.values()) if proj else 0
+    projected = bool(proj) and any(st.get("refreshes") for st in proj.values())
+    out["reference_per_train_example"] = ref_total / train_ex if projected and train_ex else (0.0 if proj else None)
+    out["reference_per_step"] = ref_total / steps if projected and steps else (0.0 if proj else None)
     return out
 
 
@@ -161,13 +169,15 @@ def _refresh_table(stage: str, arms: dict[str, Any], design: dict[str, str], tar
     rows = [(arm, m) for arm, m in arms.items() if arm in design]
     if not rows:
         return []
-    head = ["arm", "refresh every (steps)", "examples per rebuild", "rebuilds", "refresh s", "train s",
-            "refresh share of train time", f"forgetting @ {target:.0f} % ↓", "forgetting end ↓"]
+    head = ["arm", "refresh every (steps)", "examples per rebuild", "rebuilds", "reference ex. per training ex.",
+            "reference ex. per step", "refresh s", "train s", "refresh share of train time",
+            f"forgetting @ {target:.0f} % ↓", "forgetting end ↓"]
     lines = ["", f"Refresh cost, stage {stage} (mean over seeds; rebuilds include the one before step 1)", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for arm, m in rows:
         lines.append("| " + " | ".join([
-            arm, design[arm], _num(m["refreshes"], "{:.0f}"), _num(m["refresh_seconds"], "{:.2f}"),
+            arm, design[arm], _num(m["refreshes"], "{:.0f}"), _num(m["reference_per_train_example"], "{:.3f}"),
+            _num(m["reference_per_step"], "{:.2f}"), _num(m["refresh_seconds"], "{:.2f}"),
             _num(m["train_seconds"], "{:.2f}"), _num(m["refresh_share"], "{:.0f} %", 100.0),
             _pct(m["forgetting_matched"]), _pct(m["forgetting_end"])]) + " |")
     return lines
@@ -182,7 +192,10 @@ LEGEND = (
     "columns and in \"DPO part adds\" (forgetting at the end − forgetting at the end of the SFT part). "
     "removed ‖·‖² %: share of the squared norm the projection removed, mean over steps (max over parts): of "
     "the clipped gradient for gradient-space arms, of the AdamW direction for the update arms. train s: the "
-    "arm's training wall time, every subspace rebuild included, evaluation excluded.")
+    "arm's training wall time, every subspace rebuild included, evaluation excluded. Reference ex. per training "
+    "ex. / per step: reference examples through forward+backward over all rebuilds (the one before step 1 "
+    "included) per safety training example (DPO: per preference pair) / per optimizer step; the load-independent "
+    "refresh cost (seconds and time shares depend on the shared machine's load).")
 
 
 def table(summary: dict[str, Any], before: dict[str, Any]) -> str:
@@ -203,7 +216,7 @@ def table(summary: dict[str, Any], before: dict[str, Any]) -> str:
 
 def write(results: dict[str, Any], out_dir: str, command: Optional[str] = None) -> dict[str, str]:
     """Write ``results.json`` (raw + summary), ``table.md`` and ``pareto.png`` into ``out_dir``."""
-    from .plot import pareto
+    from .plot import pareto, pareto_cost
 
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(results)
@@ -211,7 +224,7 @@ def write(results: dict[str, Any], out_dir: str, command: Optional[str] = None) 
     if command:
         payload["command"] = command
     paths = {"json": os.path.join(out_dir, "results.json"), "table": os.path.join(out_dir, "table.md"),
-             "png": os.path.join(out_dir, "pareto.png")}
+             "png": os.path.join(out_dir, "pareto.png"), "cost_png": os.path.join(out_dir, "pareto_cost.png")}
     atomic.write_json(paths["json"], payload, indent=1)
     with atomic.open_atomic(paths["table"], "w") as f:
         if command:
@@ -222,4 +235,5 @@ def write(results: dict[str, Any], out_dir: str, command: Optional[str] = None) 
                     f"threads{load_text}; arms not available: {', '.join(results['arms_missing']) or 'none'})\n\n")
         f.write(table(summary, results["before"]) + "\n")
     pareto(summary, results["before"], paths["png"])
+    pareto_cost(summary, paths["cost_png"])
     return paths

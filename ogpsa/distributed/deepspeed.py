@@ -173,7 +173,13 @@ def attach_deepspeed(engine, subspace: Subspace, config: Optional[OGPSAConfig] =
     engine's torch AdamW.
     """
     stage = int(engine.zero_optimization_stage())
-    if getattr(config if config is not None else getattr(subspace, "config", None), "space", None) == "update":
+    if config is None and isinstance(getattr(subspace, "config", None), OGPSAConfig):
+        config = subspace.config
+    if config is not None and config.space == "auto":  # preset rich: update space when the engine has an AdamW
+        from ..presets import resolve_space
+
+        config = resolve_space(engine, None, config)
+    if getattr(config, "space", None) == "update":
         if stage in (1, 2):
             from ..optim.distributed import ZeroUpdateProjector  # ogpsa.optim builds on this package
 
