@@ -34,9 +34,9 @@ Averaging (``averaging=`` or ``OGPSAConfig.reference_averaging``):
 
 * ``"example"`` (default): the loss of one sequence is its mean token cross-entropy
   (next-token prediction), an example's loss is the mean over its sequences, and the
-  reference gradient is the gradient of the mean over examples. Examples are processed
-  ``batch_size`` at a time, but the result does not depend on ``batch_size`` (up to float32
-  rounding).
+  reference gradient is the gradient of the mean over examples. Examples are sorted by length
+  and processed ``batch_size`` at a time (little padding), but the result does not depend on
+  ``batch_size`` or the order (up to float32 rounding).
 * ``"batch"`` (the original implementation's averaging): consecutive batches of
   ``batch_size`` examples, right-padded with labels -100 on the padding; a batch's loss is
   the token-mean cross-entropy over all loss tokens of all its sequences (a preference pair
@@ -271,6 +271,13 @@ def collect_reference_gradients(
                 num_batches = -(-total // batch_size)
                 dinfo = DatasetInfo(num_examples=total)
                 loss_sum = 0.0
+                if loss_fn is None and averaging == "example":
+                    # sorted by length before batching: far less padding (real text: 44 % -> 6 % of the
+                    # tokens), and exact, since example averaging does not depend on the batches.
+                    # "batch" averaging keeps the original order: its result depends on the batches.
+                    order = sorted(range(total), key=lambda i: max(len(ids) for ids, _ in encoded[j][i]))
+                    ex = [ex[i] for i in order]
+                    encoded[j] = [encoded[j][i] for i in order]
                 for start in range(0, total, batch_size):
                     chunk = ex[start:start + batch_size]
                     if loss_fn is None:

@@ -106,7 +106,7 @@ class OGPSAConfig:
             None (default): ``DEFAULT_REFERENCE_BATCH_SIZE`` (8) when collecting directly, the
             Trainer's ``per_device_train_batch_size`` inside the TRL trainers and the callback
             (what the original implementation used). Any integer, 8 included, is used as given.
-        preset: ``"rich"`` (default) or ``"paper"``: fills ``space``, ``chunks``, ``chunk_samples``,
+        preset: ``"rich"`` (None: ``DEFAULT_PRESET``, "rich") or ``"paper"``: fills ``space``, ``chunks``, ``chunk_samples``,
             ``pool_walk`` and ``refresh_every`` where they are left None (see the module docs and
             :data:`PRESETS`).
         chunks: reference directions per subspace from chunked reference examples: every
@@ -157,13 +157,15 @@ class OGPSAConfig:
     reference_batch_size: Optional[int] = None
     space: Optional[str] = None
     allow_partial: bool = False
-    preset: str = DEFAULT_PRESET
+    preset: Optional[str] = None
     chunks: Optional[int] = None
     chunk_samples: Optional[int] = None
     pool_walk: Optional[str] = None
     stream_window: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.preset is None:  # read at construction: tests of the paper recipe may switch the module default
+            self.preset = DEFAULT_PRESET
         _choice("preset", self.preset, tuple(PRESETS))
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:

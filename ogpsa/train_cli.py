@@ -78,12 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scope", choices=SCOPES, default="tensor")
     parser.add_argument("--rank", type=int, default=None, help="keep at most this many directions")
     parser.add_argument("--basis-dtype", choices=BASIS_DTYPES, default="float32")
-    parser.add_argument("--refresh-every", type=int, default=None, help="optimizer steps (default: 30 SFT, 5 DPO)")
+    parser.add_argument("--refresh-every", type=int, default=None, help="optimizer steps (default: the preset's: 10 for rich; 30 SFT / 5 DPO for paper)")
     parser.add_argument("--num-reference-samples", type=int, default=200, help="examples per reference set")
     parser.add_argument("--reference-batch-size", type=int, default=None,
                         help="micro-batch size of reference collection (default: the train batch size)")
     parser.add_argument("--reference-averaging", choices=("example", "batch"), default=None,
                         help="average reference losses per example or per batch (OGPSAConfig.reference_averaging)")
+    parser.add_argument("--preset", choices=("rich", "paper"), default=None,
+                        help="OGPSAConfig.preset: rich (default: update space, 8 chunk directions from 16 fresh "
+                             "reference examples, refresh every 10) or paper (the original recipe)")
     parser.add_argument("--space", choices=("gradient", "update"), default=None,
                         help="project the gradient or the optimizer's update (OGPSAConfig.space; default: the SFT "
                              "output's for --stage dpo, else gradient)")
@@ -161,7 +164,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict:
     fields = {f.name for f in dataclasses.fields(OGPSAConfig)}
     kw = dict(mode=args.mode, scope=args.scope, rank=args.rank, basis_dtype=args.basis_dtype,
               num_reference_samples=args.num_reference_samples)
-    optional = {"space": args.space, "reference_averaging": args.reference_averaging,
+    optional = {"preset": args.preset, "space": args.space, "reference_averaging": args.reference_averaging,
                 "reference_batch_size": args.reference_batch_size}
     for name, value in optional.items():
         if value is None:

@@ -8,3 +8,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 # ogpsa first), so set it here: without a GPU the Triton kernels run in interpreter mode.
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def paper_preset(monkeypatch):
+    """For tests of the paper recipe: ``OGPSAConfig()`` means ``OGPSAConfig(preset="paper")`` inside
+    the test (gradient space, one direction per reference set, stage-default refresh), as the
+    library's default was before the rich preset. Use with
+    ``pytestmark = pytest.mark.usefixtures("paper_preset")``."""
+    import ogpsa.config
+
+    monkeypatch.setattr(ogpsa.config, "DEFAULT_PRESET", "paper")

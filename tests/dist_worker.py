@@ -27,6 +27,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dist_rank import run_scenarios
 
+import ogpsa.config  # noqa: E402
+
+ogpsa.config.DEFAULT_PRESET = "paper"  # these workers check the paper recipe (gradient space)
+
 WORLD = 2
 EPS32 = torch.finfo(torch.float32).eps
 VOCAB, HIDDEN, INTER = 37, 24, 45  # 37 and 45 rows do not split evenly over 2 ranks

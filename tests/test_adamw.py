@@ -13,6 +13,8 @@ import ogpsa
 from ogpsa import reference
 from ogpsa.optim import ProjectedAdamW, UpdateSpaceProjector
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 TOL = 1e-5
 
 

@@ -34,6 +34,8 @@ from ogpsa.distributed import attach_deepspeed
 from ogpsa.errors import UnsupportedSetupError
 from ogpsa.optim import ProjectedAdamW
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 TIMEOUT = 280
 EPS32 = torch.finfo(torch.float32).eps
 RATIO, EXTRA = 4.0, 8 * EPS32

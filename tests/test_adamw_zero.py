@@ -34,6 +34,8 @@ from ogpsa.errors import UnsupportedSetupError
 from ogpsa.optim import ProjectedAdamW
 from ogpsa.optim.distributed import ZeroUpdateProjector
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 TIMEOUT = 280
 DEEPSPEED_TIMEOUT = 500  # importing and initialising DeepSpeed twice per rank on 2 busy cores: ~4 min
 EPS32 = torch.finfo(torch.float32).eps

@@ -9,6 +9,8 @@ import ogpsa  # noqa: E402
 from ogpsa.collect import build_subspace, collect_reference_gradients, example_to_sequences  # noqa: E402
 from ogpsa.tiny import CHAT_TEMPLATE, char_tokenizer, tiny_llama, tiny_model_and_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 GENERAL = ["the cat sat on the mat.", "2+3=5", "copy: abc -> abc", "hello world", "x y z",
            "reverse: abc -> cba", "7*6=42"]
 PAIRS = [{"prompt": "q: 2+2=", "completion": "4"}, {"prompt": "q: 3+4=", "completion": "7"},

@@ -125,11 +125,15 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
                     assert (st["removed_fraction"] > 0) == removes, (name, stage)
                 assert (st["replay_examples"] > 0) == name.endswith("replay"), (name, stage)
                 every = 5 if "-r5" in name or stage == "dpo" else 2  # --refresh-every 2; DPO and -r5 arms: 5
+                every = {"rich": 10, "rich-stream": 4}.get(name, every)  # the rich presets' own intervals
                 assert st["refreshes"] == (-(-st["steps"] // every) if removes else 0), (name, stage)
                 assert st["refresh_every"] == (every if removes else 0)
                 full = 16 if stage == "sft" else 8  # --reference-size 8: 2 sets (SFT) or 1 set (DPO)
+                full = {"rich": 16, "rich-stream": 2}.get(name, full)  # chunks x chunk_samples per rebuild
                 if removes and name not in ("orthogonal-task", "orthogonal-k16"):
                     assert st["reference_examples"] == (full // 4 if name.endswith("-small") else full), (name, stage)
+                assert st["reference_total"] == st["refreshes"] * st["reference_examples"], (name, stage)
+                assert st["train_examples"] == st["steps"] * 16, (name, stage)  # --batch default 16
                 assert 0 <= st["refresh_seconds"] <= st["seconds"]
     stage = data["summary"]["stages"]["sft+dpo"]
     assert set(stage["plain"]["forgetting_end"]) == {"mean", "std", "n", "of"} and stage["plain"]["forgetting_end"]["n"] == 1
@@ -143,6 +147,11 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
     assert table.startswith("Command: `ogpsa demo --model") and "**Stage sft+dpo**" in table
     assert "Refresh cost, stage sft+dpo" in table and "DPO part adds" in table
     assert (tmp_path / "pub" / "pareto.png").exists() and (tmp_path / "pub" / "table.md").exists()
+    cost = (tmp_path / "pub" / "pareto_cost.png").read_bytes()  # forgetting vs reference examples per step
+    assert cost[:8] == b"\x89PNG\r\n\x1a\n" and len(cost) > 10_000
+    assert "reference ex. per training ex." in table
+    rich = data["summary"]["stages"]["sft+dpo"]["rich"]
+    assert rich["reference_per_train_example"]["mean"] == pytest.approx(16 / (6 * 16))  # rebuilds at 0 (SFT), 0 (DPO)
 
 
 def test_bad_arguments_are_rejected_clearly():

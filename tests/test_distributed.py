@@ -20,6 +20,8 @@ import ogpsa
 from ogpsa.distributed import LocalSlice, ShardedSubspace, attach_deepspeed
 from ogpsa.ops import UnsupportedSetupError
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 TIMEOUT = 280
 
 # Tolerances, from float32 error analysis against a float64 oracle (tests/dist_worker.py:

@@ -32,6 +32,8 @@ import ogpsa
 from ogpsa import OGPSAConfig, Subspace
 from ogpsa.ops import backends
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 EPS = 1e-8  # OrthogonalProjectionTrainer.eps
 
 

@@ -11,6 +11,8 @@ import torch
 import ogpsa
 from ogpsa import OGPSAConfig, ProjectionInputError, Subspace
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 
 def _model(seed=0):
     torch.manual_seed(seed)

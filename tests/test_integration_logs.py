@@ -19,6 +19,8 @@ from ogpsa.integrations.transformers import OGPSACallback  # noqa: E402
 from ogpsa.integrations.trl import OGPSADPOTrainer, OGPSASFTTrainer  # noqa: E402
 from ogpsa.tiny import char_tokenizer, tiny_llama  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 REFERENCE = [["the cat sat on the mat.", "2+3=5", "hello world", "abc def"]]
 
 

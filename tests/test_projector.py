@@ -6,6 +6,8 @@ import torch
 import ogpsa
 from ogpsa import OGPSAConfig, Subspace
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 
 def _mlp(seed=0):
     torch.manual_seed(seed)

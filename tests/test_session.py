@@ -2,9 +2,12 @@
 schedule (counted in optimizer steps), projects, and round-trips basis + schedule through
 state_dict()/load_state_dict() and save_pretrained()/from_pretrained()."""
 
+import pytest
 import torch
 
 import ogpsa
+
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
 
 REF = [[{"input_ids": [1, 5, 7, 2, 9, 4]}, {"input_ids": [3, 3, 8, 1]}],
        [{"input_ids": [6, 2, 2, 9, 1]}, {"input_ids": [4, 7, 5]}]]

@@ -10,6 +10,8 @@ import ogpsa
 from ogpsa import OGPSAConfig, Subspace, SubspaceMismatchError
 from ogpsa.subspace import SUBSPACE_FILE, SubspaceFileError
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 
 def _refs(seed=0, m=3):
     gen = torch.Generator().manual_seed(seed)

@@ -14,6 +14,8 @@ from safetensors.torch import load_file  # noqa: E402
 from ogpsa.cli import main  # noqa: E402
 from ogpsa.tiny import char_tokenizer, tiny_llama  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 
 def _write(tmp_path, name, rows):
     path = tmp_path / name

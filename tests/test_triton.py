@@ -26,6 +26,8 @@ import ogpsa  # noqa: E402
 from ogpsa import ops  # noqa: E402
 from ogpsa.backends import triton_backend as tb  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 INTERP = kcommon.INTERPRETED
 GPU = torch.cuda.is_available() and not INTERP
 DEVICES = [

@@ -23,6 +23,8 @@ from ogpsa.integrations.transformers import OGPSACallback  # noqa: E402
 from ogpsa.integrations.trl import OGPSADPOTrainer, OGPSASFTTrainer  # noqa: E402
 from ogpsa.tiny import char_tokenizer, tiny_llama  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 TOL = 1e-5
 EPS32 = float(torch.finfo(torch.float32).eps)
 REFERENCE = [["the cat sat on the mat.", "2+3=5", "hello world", "abc def"],

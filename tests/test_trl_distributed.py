@@ -29,6 +29,8 @@ from oracle import deepspeed_importable
 
 from ogpsa.ops import UnsupportedSetupError
 
+pytestmark = pytest.mark.usefixtures("paper_preset")  # these tests mean the paper recipe (preset="paper")
+
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
@@ -326,5 +328,8 @@ def test_sft_trainer_deepspeed_zero2_two_ranks_equals_single_process(single, tmp
 
 
 if __name__ == "__main__":
+    import ogpsa.config
+
+    ogpsa.config.DEFAULT_PRESET = "paper"  # the ranks check the paper recipe, as the tests above
     sys.path.insert(0, os.path.dirname(HERE))
     _rank(int(sys.argv[3]), sys.argv[1], sys.argv[2])
