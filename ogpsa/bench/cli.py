@@ -22,12 +22,14 @@ from .workloads import REPO_ROOT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=("auto", "cpu", "gpu", "smoke", "loop", "adamw", "refresh"), default="auto",
+    parser.add_argument("--suite", choices=("auto", "cpu", "gpu", "smoke", "loop", "adamw", "refresh", "chunks"),
+                        default="auto",
                         help="auto: gpu when CUDA is available, else cpu (the micro suites); loop: OGPSA in a "
                              "tiny-Llama AdamW training loop (LoRA and full fine-tune); adamw: the projected AdamW "
                              "step (every backend) vs torch AdamW foreach/fused + a separate gradient projection; refresh: "
                              "the basis build (from_gradients + set_subspace) vs one pass over the reference gradients "
-                             "(--ks: numbers of reference gradients)")
+                             "(--ks: numbers of reference gradients); chunks: K chunk gradients in one forward+backward "
+                             "vs K passes (--ks: K)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: out/bench/<machine>/<date>/ in the source tree, which git "
@@ -138,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
 
         data = run_refresh_suite(device, out, workloads=args.workloads, ms=args.ks, rounds=args.repeats or 3,
                                  budget_s=args.budget_s, max_minutes=args.max_minutes)
+        _wrote(out, data["files"], data["env"]["wall_s"])
+        return 0
+    if name == "chunks":  # one-pass chunk gradients vs K backward passes (ogpsa.bench.chunks)
+        from .chunks import run_chunks_suite
+
+        data = run_chunks_suite(device, out, ks=args.ks, rounds=args.repeats or 3, budget_s=args.budget_s,
+                                max_minutes=args.max_minutes)
         _wrote(out, data["files"], data["env"]["wall_s"])
         return 0
     mem = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
