@@ -42,9 +42,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-# demo: the default run (SFT, 8 arms, 3 seeds; measured 3 min 42 s on 2 shared cores) into the
-# untracked demo_out/default, table printed.
-# demo-full: the full study (SFT, DPO, SFT->DPO x 13 arms x 3 seeds; measured 32 min) into demo_out/full/.
+# demo: the default run (SFT, 6 arms, 3 seeds; measured 3 min 33 s on 2 cores shared at load average ~10)
+# into the untracked demo_out/default, table printed.
+# demo-full: the full study (SFT, DPO, SFT->DPO x 15 arms x 3 seeds; measured 32 min with 13 arms) into demo_out/full/.
 # demo-publish: copy every finished run under demo_out/ into docs/demo/<run>/ for the README.
 demo: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --output demo_out/default
@@ -55,7 +55,7 @@ demo-full: $(STAMP)
 demo-publish:
 	@for dir in demo_out/*/; do run=$$(basename $$dir); \
 	  if [ -f $$dir/results.json ]; then mkdir -p docs/demo/$$run && \
-	    cp $$dir/results.json $$dir/table.md $$dir/pareto.png docs/demo/$$run/ && \
+	    cp $$dir/results.json $$dir/table.md $$dir/*.png docs/demo/$$run/ && \
 	    echo "published $$dir -> docs/demo/$$run"; fi; done
 
 # OMP_WAIT_POLICY=PASSIVE: on a shared, oversubscribed CPU, spinning OpenMP threads made the

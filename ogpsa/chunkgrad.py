@@ -179,8 +179,10 @@ class ChunkGradients:
             replaced = False
             if not y.requires_grad:  # nothing upstream needs a gradient: start the backward here
                 y = y.detach().requires_grad_()
-                self._roots.append(y)
                 replaced = True
+            if y.grad_fn is None:  # a leaf (ours, or made to require grad by another hook, e.g. HF's
+                self._roots.append(y)  # enable_input_require_grads): the backward runs down to it
+            self._outputs.append(y)
             split = groups["split"]
             y.register_hook(lambda d: self._on_delta(mod, rule, x, d, split))
             return y if replaced else None
@@ -320,6 +322,7 @@ class ChunkGradients:
     def _pass(self, loss_fn: Callable[[], Tensor], rows: Optional[Tensor], chunk: Optional[int]) -> Tensor:
         self._covered_ids = {id(p) for _, p in self.covered}
         self._roots: list[Tensor] = []
+        self._outputs: list[Tensor] = []
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         fallback_ids = {id(p) for _, p in self.fallback}
         if rows is not None:
@@ -358,12 +361,17 @@ class ChunkGradients:
                     self.num_backward += 1
                 self._active = True
             inputs = self._roots + fb
+            if self.covered and not inputs:
+                # the leaves requiring grad lie upstream of every hooked module (e.g. inputs_embeds that
+                # require grad): differentiate with respect to the hooked outputs themselves
+                inputs = [y for y in self._outputs if y.requires_grad]
             if self.covered and inputs:
                 torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
                 self.num_backward += 1
             return losses.detach()
         finally:
             self._active = False
+            self._roots, self._outputs = [], []
             for p in trainable:
                 p.requires_grad_(True)
 

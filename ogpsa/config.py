@@ -6,14 +6,16 @@ Two named presets (``OGPSAConfig(preset=...)``; fields given explicitly win over
   example. Update space (``space="auto"``: the AdamW direction is projected; other optimizers
   fall back to gradient space with a warning), 8 directions per subspace from 16 fresh reference
   examples (8 chunks of 2, a new slice of the reference pool at every rebuild), rebuilt every 10
-  optimizer steps. Justified by docs/demo.md, "Rich subspaces" table, row "update, 8 chunks x 2,
-  fresh, every 10" (issue 21 study: 0.3 +- 0.5 EM points forgotten at 90 % refusal vs 12.9 +- 2.6
-  for plain AdamW, -97 %, for 1.6 reference examples per step; 6 seeds), and by the demo's full
-  study arm ``rich`` (docs/demo/rich/table.md).
+  optimizer steps. Justified by docs/demo.md, section "Rich subspaces: the default preset", rows
+  ``rich`` of docs/demo/rich/table.md (3 seeds: 0.2 +- 0.3 EM points forgotten at 90 % refusal in
+  SFT vs 11.3 +- 1.1 for plain AdamW, 0.2 +- 0.4 vs 12.9 +- 1.4 in DPO, -98 % both, for 0.100
+  reference examples per training example), chosen by the issue-21 study (70 strategies, 6 seeds:
+  the best forgetting per reference example, 0.3 +- 0.5 vs 12.9 +- 2.6 at 1.6 examples per step).
 * ``"paper"``: the original work (arXiv 2602.07892) exactly: the `orthogonal` rule in gradient
   space, one mean reference gradient per reference dataset (its first 200 examples), normalised
   per tensor and orthonormalised by Gram-Schmidt, rebuilt every 30 (SFT) / 5 (DPO) optimizer
-  steps. docs/demo.md, row "paper (orthogonal)": -5 % forgetting vs plain in SFT.
+  steps. docs/demo/full/table.md, rows ``orthogonal``: 11.9 +- 0.4 forgotten in SFT (-5 % vs plain),
+  13.4 +- 5.3 in DPO (-4 %); bit for bit the demo's orthogonal arm.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ REFERENCE_AVERAGING = ("example", "batch")
 SPACES = ("gradient", "update", "auto")
 POOL_WALKS = ("fresh", "fixed")
 PRESETS: dict[str, dict[str, Any]] = {
-    # docs/demo.md "Rich subspaces", row "update, 8 chunks x 2, fresh, every 10" (the issue-21 study,
-    # 6 seeds: -97 % forgetting at 1.6 reference examples per step of 16) and the demo's `rich` arm.
+    # docs/demo/rich/table.md rows `rich` (SFT and DPO: -98 % forgetting vs plain at matched refusal,
+    # 0.100 reference examples per training example); the issue-21 study's best forgetting per example.
     "rich": {"space": "auto", "chunks": 8, "chunk_samples": 2, "pool_walk": "fresh", "refresh_every": 10},
-    # the original implementation (docs/demo.md row "paper (orthogonal)"): rank <= one direction per
+    # the original implementation (docs/demo/full/table.md rows `orthogonal`): one direction per
     # reference set, first num_reference_samples examples, refresh at the stage default (30 SFT / 5 DPO)
     "paper": {"space": "gradient", "chunks": 0, "chunk_samples": 2, "pool_walk": "fixed", "refresh_every": None},
 }

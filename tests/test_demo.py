@@ -151,7 +151,7 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
     assert cost[:8] == b"\x89PNG\r\n\x1a\n" and len(cost) > 10_000
     assert "reference ex. per training ex." in table
     rich = data["summary"]["stages"]["sft+dpo"]["rich"]
-    assert rich["reference_per_train_example"]["mean"] == pytest.approx(16 / (6 * 16))  # rebuilds at 0 (SFT), 0 (DPO)
+    assert rich["reference_per_train_example"]["mean"] == pytest.approx(2 * 16 / (6 * 16))  # rebuilds at 0 (SFT), 0 (DPO)
 
 
 def test_bad_arguments_are_rejected_clearly():
@@ -235,11 +235,13 @@ def test_dpo_stage_raises_refusal_from_the_base_model():
 
 def test_readme_demo_tables_come_from_the_committed_runs():
     """Every table row and the table legend in docs/demo.md (the demo page behind the README)
-    are lines of docs/demo/default/table.md or docs/demo/full/table.md (no hand-edited numbers)."""
+    are lines of a committed docs/demo/<run>/table.md (no hand-edited numbers)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     section = open(os.path.join(root, "docs", "demo.md")).read()
     published = set()
-    for run in ("default", "full"):
+    runs = sorted(os.listdir(os.path.join(root, "docs", "demo")))
+    assert {"default", "full", "rich"} <= set(runs)
+    for run in runs:
         published |= set(open(os.path.join(root, "docs", "demo", run, "table.md")).read().splitlines())
     rows = [line for line in section.splitlines() if line.startswith("|") or line.startswith('"vs plain"')]
     assert len(rows) > 40

@@ -237,3 +237,25 @@ def test_ogpsa_streaming_grows_the_window(model, tok):
         opt.zero_grad(set_to_none=True)
     assert ranks == [1, 1, 2, 2, 3, 3]
     og.remove()
+
+
+def test_ddp_ranks_take_their_own_chunks_and_share_one_basis(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "rich_dist_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, worker, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["world"] == r1["world"] == 2
+    assert not set(r0["examples"]) & set(r1["examples"])  # each rank its own slice of the pool
+    for g in range(2):
+        for n, t in r0["synced"][g].items():
+            assert torch.equal(t, r1["synced"][g][n])  # the same directions on every rank
+            want = (r0["local"][g][n].double() + r1["local"][g][n].double()) / 2
+            assert _rel(t, want) <= 1e-6
+    for n, u in r0["bases"].items():
+        assert torch.equal(u, r1["bases"][n])
