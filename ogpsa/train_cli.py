@@ -272,6 +272,8 @@ def _save_tiny_base(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace, trainer: Any) -> int:
     tok = trainer._ogpsa_cli_tokenizer
+    if not args.no_ogpsa:  # which preset runs, one line at start (the library logs it at INFO)
+        print(trainer.ogpsa.config.describe(), file=sys.stderr, flush=True)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     tok.save_pretrained(args.output)

@@ -13,12 +13,16 @@ if not __import__("torch").cuda.is_available():
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def paper_preset(monkeypatch):
+@pytest.fixture(scope="module")
+def paper_preset():
     """For tests of the paper recipe: ``OGPSAConfig()`` means ``OGPSAConfig(preset="paper")`` inside
     the test (gradient space, one direction per reference set, stage-default refresh), as the
     library's default was before the rich preset. Use with
     ``pytestmark = pytest.mark.usefixtures("paper_preset")``."""
     import ogpsa.config
 
-    monkeypatch.setattr(ogpsa.config, "DEFAULT_PRESET", "paper")
+    # module scope, so that module-scoped fixtures (a shared training run) see it too; configs built
+    # at import time (parametrize arguments) must say preset="paper" themselves
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ogpsa.config, "DEFAULT_PRESET", "paper")
+        yield

@@ -97,9 +97,9 @@ def test_trainer_metrics_reach_reporters(tok, tmp_path):
 
 @pytest.mark.parametrize("config, refresh, expected", [
     (None, None, 5),
-    (ogpsa.OGPSAConfig(mode="conflict"), None, 5),   # a config without refresh_every keeps the DPO default
-    (ogpsa.OGPSAConfig(refresh_every=7), None, 7),   # set explicitly in the config
-    (ogpsa.OGPSAConfig(refresh_every=7), 3, 3),      # the trainer argument wins
+    (ogpsa.OGPSAConfig(preset="paper", mode="conflict"), None, 5),   # a config without refresh_every keeps the DPO default
+    (ogpsa.OGPSAConfig(preset="paper", refresh_every=7), None, 7),   # set explicitly in the config
+    (ogpsa.OGPSAConfig(preset="paper", refresh_every=7), 3, 3),      # the trainer argument wins
 ])
 def test_dpo_refresh_default_is_not_overridden_by_a_config(tok, tmp_path, config, refresh, expected):
     model = tiny_llama(tok, hidden=32, layers=1, seed=0)
@@ -110,8 +110,8 @@ def test_dpo_refresh_default_is_not_overridden_by_a_config(tok, tmp_path, config
     assert dpo.ogpsa.config.refresh_every == expected
 
 
-@pytest.mark.parametrize("config, expected", [(ogpsa.OGPSAConfig(mode="conflict"), 30),
-                                              (ogpsa.OGPSAConfig(refresh_every=4), 4)])
+@pytest.mark.parametrize("config, expected", [(ogpsa.OGPSAConfig(preset="paper", mode="conflict"), 30),
+                                              (ogpsa.OGPSAConfig(preset="paper", refresh_every=4), 4)])
 def test_sft_and_callback_refresh_defaults(tok, tmp_path, config, expected):
     data = datasets.Dataset.from_dict({"text": ["a b c", "d e f"]})
     sft = OGPSASFTTrainer(model=tiny_llama(tok, hidden=32, layers=1, seed=0), args=_args(tmp_path, trl.SFTConfig),

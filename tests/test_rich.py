@@ -259,3 +259,17 @@ def test_ddp_ranks_take_their_own_chunks_and_share_one_basis(tmp_path):
             assert _rel(t, want) <= 1e-6
     for n, u in r0["bases"].items():
         assert torch.equal(u, r1["bases"][n])
+
+
+def test_ogpsa_train_uses_the_default_preset_and_takes_preset_paper():
+    import argparse
+
+    from ogpsa import train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    base = ["--stage", "sft", "--model", "tiny", "--data", "x.jsonl", "--output", "out", "--mode", "orthogonal"]
+    rich = OGPSAConfig(**train_cli._config_kwargs(parser.parse_args(base)))
+    assert (rich.preset, rich.chunks, rich.space, rich.refresh_every) == ("rich", 8, "auto", 10)
+    paper = OGPSAConfig(**train_cli._config_kwargs(parser.parse_args(base + ["--preset", "paper"])))
+    assert (paper.preset, paper.chunks, paper.space, paper.refresh_every) == ("paper", 0, "gradient", None)
