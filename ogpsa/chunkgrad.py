@@ -39,6 +39,7 @@ backward over all).
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -48,6 +49,11 @@ from torch import Tensor, nn
 logger = logging.getLogger("ogpsa")
 
 _LOGGED_FALLBACK: set[str] = set()
+#: norms already checked to be affine in their weight (kept across rebuilds; weak: modules can go)
+_AFFINE_OK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+#: modules whose rule broke once (input rows not on dim 0, a norm not affine in its weight): later
+#: passes put them in the fallback from the start instead of redoing a pass
+_RULE_BROKEN: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 class _RuleBroken(Exception):
@@ -115,10 +121,10 @@ class ChunkGradients:
         self.num_chunks = num_chunks
         self.buffers: dict[int, Tensor] = {}
         self.fallback_modules: set[int] = set(fallback_modules or ())
+        self.fallback_modules |= {id(m) for m in model.modules() if m in _RULE_BROKEN}
         self._wanted = {id(p) for _, p in self.params}
         self._active = False
         self._probing = False
-        self._affine_ok: set[int] = set()
         self.num_backward = 0  # backward passes run (1 + K per pass with fallback parameters)
         self._classify()
 
@@ -264,7 +270,7 @@ class ChunkGradients:
                 zeros = torch.zeros_like(w)
                 base = call(zeros, None if b is None else torch.zeros_like(b))
                 slope = call(torch.ones_like(w), None if b is None else torch.zeros_like(b)) - base
-                if id(mod) not in self._affine_ok:
+                if mod not in _AFFINE_OK:
                     gen = torch.Generator(device="cpu").manual_seed(12_345)
                     rw = torch.randn(w.shape, generator=gen).to(w.device, w.dtype)
                     rb = None if b is None else torch.randn(b.shape, generator=gen).to(b.device, b.dtype)
@@ -274,7 +280,7 @@ class ChunkGradients:
                     err = (got - want).norm() / want.norm().clamp_min(1e-30)
                     if not bool(err <= tol):
                         raise _RuleBroken(mod, f"its output is not affine in its weight (rel. err {float(err):.2e})")
-                    self._affine_ok.add(id(mod))
+                    _AFFINE_OK[mod] = True
         finally:
             self._probing = False
         return base, slope
@@ -316,6 +322,7 @@ class ChunkGradients:
                 logger.info("ogpsa: %s (%s) falls back to one backward per chunk: %s", type(exc.module).__name__,
                             id(exc.module), exc.why)
                 self.fallback_modules.add(id(exc.module))
+                _RULE_BROKEN[exc.module] = exc.why
                 self.buffers = {k: v.clone() for k, v in snapshot.items()}
                 self._classify()
 
