@@ -194,3 +194,14 @@ def test_existing_grads_untouched_and_bad_inputs(tok):
         eng.accumulate(lambda: losses().sum(), rows=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="num_chunks"):
         ChunkGradients(model, list(model.named_parameters()), 0)
+
+
+def test_bench_chunks_case_runs_and_agrees(tmp_path):
+    from ogpsa.bench.chunks import run_chunks_suite
+
+    data = run_chunks_suite(torch.device("cpu"), tmp_path, ks=[2], rounds=1, budget_s=0.01, hidden=16, layers=1,
+                            log=lambda *a: None)
+    (r,) = data["results"]
+    assert r["k"] == 2 and r["max_rel_err"] <= TOL
+    assert r["one_pass"]["samples"] >= 1 and r["speedup"] > 0 and r["x_mean"] > 0
+    assert (tmp_path / "chunks.md").read_text().startswith("# Chunk gradients")

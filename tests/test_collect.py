@@ -297,3 +297,24 @@ def test_trainer_reference_batch_size_rule_takes_any_set_value_even_the_direct_d
     with pytest.raises(ValueError, match="reference_batch_size"):
         ogpsa.OGPSAConfig(reference_batch_size=0)
     assert ogpsa.OGPSAConfig.from_dict(ogpsa.OGPSAConfig().to_dict()).reference_batch_size is None
+
+
+def test_example_averaging_batches_sorted_by_length_batch_averaging_keeps_order(model, tok):
+    """Issue 22 item 3: with example averaging, examples are sorted by length before batching
+    (little padding; exact, the result does not depend on the batches); batch averaging keeps the
+    original order (its result depends on which examples share a batch)."""
+    sentence = "the quick brown fox jumps over the lazy dog, 12+30=42."
+    texts = [sentence[i:i + n] for i, n in enumerate((3, 40, 5, 38, 4, 41))]
+    widths = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, a, out: widths.append(a[0].shape[1]))
+    try:
+        got, _ = collect_reference_gradients(model, [texts], tokenizer=tok, batch_size=3, progress=False)
+        assert widths == [5, 41]  # short with short, long with long
+        widths.clear()
+        collect_reference_gradients(model, [texts], tokenizer=tok, batch_size=3, averaging="batch", progress=False)
+        assert widths == [40, 41]  # the original batches
+    finally:
+        handle.remove()
+    one, _ = collect_reference_gradients(model, [texts], tokenizer=tok, batch_size=1, progress=False)
+    for n, ref in one[0].items():
+        assert float((got[0][n].double() - ref.double()).norm() / ref.double().norm()) <= 1e-6
