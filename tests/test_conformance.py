@@ -418,3 +418,21 @@ def test_every_projector_class_implements_the_interface():
         assert isinstance(getattr(cls, "attached", None), property), cls.__name__
         for name in methods:
             assert callable(getattr(cls, name, None)), (cls.__name__, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["plane", "threshold", "conflict"])
+def test_clipped_tensor_without_basis_is_only_clipped_in_every_mode(backend, mode):
+    """A tensor without basis rows (allow_partial) joins the plan only to be clipped: no mode rule
+    changes it (plane once zeroed it: kappa 0 for the whole group)."""
+    model = _model(15)
+    full = _subspace(model, k=1)
+    keep = [n for n in full.names if n != "2.bias"]
+    sub = Subspace(keep, [full.shapes[full.names.index(n)] for n in keep], [full.basis(n) for n in keep])
+    proj = _attach(model, None, sub, "gradient", backend, mode=mode, aligned_scale=0.5, allow_partial=True)
+    _grads(model, 80)
+    raw = model[2].bias.grad.clone()
+    proj.clip_grad_norm_(1e-2)
+    coef = float(proj.last_stats.clip_coef)
+    assert 0 < coef < 1
+    torch.testing.assert_close(model[2].bias.grad, raw * coef, rtol=1e-6, atol=1e-9)
