@@ -104,8 +104,8 @@ def float64_project(grads, bases, mode="orthogonal", scope="tensor", max_norm=No
             if u.shape[0]:
                 w, kappa = weights(u @ g, u @ u.T)
                 outs.append(kappa * g - u.T @ w)
-            else:  # no directions: the subspace part is 0 (plane gives 0; every other mode keeps g)
-                outs.append(weights(np.zeros(0), np.zeros((0, 0)))[1] * g)
+            else:  # no directions: no projection in any mode (project_'s contract; plane too), only clipping
+                outs.append(g.copy())
     total = float(np.sqrt(sum(float(o @ o) for o in outs)))
     if max_norm is not None:
         coef = min(1.0, max_norm / (total + CLIP_EPS))

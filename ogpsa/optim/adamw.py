@@ -5,7 +5,15 @@ sqrt(v), so projecting the *gradient* leaves the applied update with a component
 subspace. Here the moments come from the raw gradient and the Adam direction itself is
 projected, per tensor (or over one whole-model subspace):
 
-    d = m_hat / (sqrt(v_hat) + eps);  w = M^{-1} U d;  d <- d - U^T w;  p <- p - lr d
+    d = m_hat / (sqrt(v_hat) + eps);  w = M^+ U d;  d <- d - U^T w;  p <- p - lr d
+
+(M^+: the rank-revealing float64 pseudo-inverse of M = U U^T, :func:`ogpsa.plan.gram_pinv`; the
+mode rule of :mod:`ogpsa.modes` for the other modes). float64 parameters are stepped in float64.
+``param_groups`` and ``state`` are read at every step (nothing is cached from them except the
+bases, matched again when the parameter list changes: ``add_param_group``); the subspace must
+cover every trainable parameter stepped unless ``OGPSAConfig.allow_partial``
+(:class:`~ogpsa.SubspaceMismatchError`); ``OGPSAConfig.max_norm`` clips the raw gradient by its
+global norm before the moments (``clip_grad_norm_`` then AdamW).
 
 It is a subclass of :class:`torch.optim.AdamW`: same hyperparameters, param groups,
 ``state_dict`` keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), LR schedulers
