@@ -237,9 +237,24 @@ def build_chunked(og: Any, step: int) -> tuple[Any, dict[str, Any]]:
         stream = getattr(og, "_stream", None)
         if stream is None or stream.config is not config:
             stream = og._stream = StreamingBasis(config)
+            current = og.subspace
+            if current is not None:  # resumed (or given a subspace): the window starts from its rows
+                seed_window(stream, current)
         stream.add(grads)
         return stream.subspace(), info
     return Subspace.from_gradients(grads, config), info
+
+
+def seed_window(stream: Any, subspace: Any) -> None:
+    """Fill an empty streaming window with the rows of ``subspace`` (oldest first, at most the
+    window): the window is not saved with a checkpoint, and its basis rows span the same space,
+    so a resumed run keeps its rank until fresh chunk gradients push them out."""
+    rows = max((int(u.shape[0]) for u in subspace.bases), default=0)
+    seed = [{n: u[j].float().view(shape) for n, shape, u in zip(subspace.names, subspace.shapes, subspace.bases)
+             if j < u.shape[0]} for j in range(rows)]
+    seed = [d for d in seed if d][-stream.window:]
+    if seed:
+        stream.add(seed)
 
 
 def _collect_info(grads: list[dict[str, Tensor]], info: dict[str, Any], model: torch.nn.Module) -> Any:

@@ -7,6 +7,10 @@ new rows with the window (s x W instead of W x W / 2), drops the rows and column
 rows, factorises the tiny float64 matrix on the host and forms U = A R (one pass over the
 window). The result equals :meth:`ogpsa.Subspace.from_gradients` on the same rows, in the same
 order (oldest first), to float32 rounding (tests/test_rich.py).
+
+The window lives in memory only: a run resumed from a checkpoint (or started from a given
+subspace) seeds its window with the saved basis rows (:func:`ogpsa.pool.seed_window`), which span
+the same space, and fresh chunk gradients push them out as usual.
 """
 
 from __future__ import annotations

@@ -273,3 +273,27 @@ def test_ogpsa_train_uses_the_default_preset_and_takes_preset_paper():
     assert (rich.preset, rich.chunks, rich.space, rich.refresh_every) == ("rich", 8, "auto", 10)
     paper = OGPSAConfig(**train_cli._config_kwargs(parser.parse_args(base + ["--preset", "paper"])))
     assert (paper.preset, paper.chunks, paper.space, paper.refresh_every) == ("paper", 0, "gradient", None)
+
+
+def test_resumed_streaming_run_seeds_its_window_with_the_saved_basis(model, tok, tmp_path):
+    cfg = OGPSAConfig(chunks=1, chunk_samples=2, refresh_every=2, stream_window=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    og = ogpsa.OGPSA(model, opt, reference=[SET_A, SET_B], tokenizer=tok, progress=False, config=cfg)
+    ids = tok(["x y"], return_tensors="pt")["input_ids"]
+
+    def steps(n):
+        for _ in range(n):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    steps(5)  # rebuilds at 0, 2, 4: three rows
+    assert og.subspace.num_references == 3
+    og.save_pretrained(tmp_path)
+    og.remove()
+    og2 = ogpsa.OGPSA.from_pretrained(tmp_path, model, opt, reference=[SET_A, SET_B], tokenizer=tok, progress=False)
+    assert og2.step == 5 and og2.refresh_steps == [0, 2, 4]
+    steps(1)  # step 6: a refresh; the window is the 3 saved basis rows + 1 new chunk gradient
+    assert og2.refresh_steps == [0, 2, 4, 6] and og2.subspace.num_references == 4
+    assert og2.last_collect.chunked["rebuild"] == 3  # the pool walk continues where it was
+    og2.remove()
