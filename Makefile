@@ -44,7 +44,7 @@ test-slow: $(STAMP)
 
 # demo: the default run (SFT, 6 arms, 3 seeds; measured 3 min 33 s on 2 cores shared at load average ~10)
 # into the untracked demo_out/default, table printed.
-# demo-full: the full study (SFT, DPO, SFT->DPO x 15 arms x 3 seeds; measured 32 min with 13 arms) into demo_out/full/.
+# demo-full: the full study (SFT, DPO, SFT->DPO x 16 arms x 3 seeds; measured 32 min with 13 arms) into demo_out/full/.
 # demo-publish: copy every finished run under demo_out/ into docs/demo/<run>/ for the README.
 demo: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/ogpsa demo --output demo_out/default

@@ -125,11 +125,11 @@ def test_demo_outputs_and_every_arm_active(tmp_path):
                     assert (st["removed_fraction"] > 0) == removes, (name, stage)
                 assert (st["replay_examples"] > 0) == name.endswith("replay"), (name, stage)
                 every = 5 if "-r5" in name or stage == "dpo" else 2  # --refresh-every 2; DPO and -r5 arms: 5
-                every = {"rich": 10, "rich-stream": 4}.get(name, every)  # the rich presets' own intervals
+                every = {"rich": 10, "rich-stream": 4, "rich-gradient": 10}.get(name, every)  # the presets' own
                 assert st["refreshes"] == (-(-st["steps"] // every) if removes else 0), (name, stage)
                 assert st["refresh_every"] == (every if removes else 0)
                 full = 16 if stage == "sft" else 8  # --reference-size 8: 2 sets (SFT) or 1 set (DPO)
-                full = {"rich": 16, "rich-stream": 2}.get(name, full)  # chunks x chunk_samples per rebuild
+                full = {"rich": 16, "rich-stream": 2, "rich-gradient": 16}.get(name, full)  # chunks x samples
                 if removes and name not in ("orthogonal-task", "orthogonal-k16"):
                     assert st["reference_examples"] == (full // 4 if name.endswith("-small") else full), (name, stage)
                 assert st["reference_total"] == st["refreshes"] * st["reference_examples"], (name, stage)

@@ -25,6 +25,8 @@ Arms (same base weights, same safety batches, same seeds):
   steps.
 * ``rich-stream``: the streaming variant: 2 new examples (1 chunk) every 4 steps, the last 8 chunk
   gradients as basis rows, re-orthonormalised incrementally (:mod:`ogpsa.streaming`).
+* ``rich-gradient``: the default preset's directions in gradient space (AdamW on the projected
+  gradient): what ``space="auto"`` falls back to with an optimizer that is not AdamW.
 
 Every arm but ``rich*`` runs ``preset="paper"`` (the recipe of the original work), so that the
 gradient- and update-space arms are exactly what they were before presets existed.
@@ -49,15 +51,15 @@ from . import tasks
 from .model import Codec, answer_logprobs, lm_loss, make_batch, pairs
 from .tasks import DemoData, Example
 
-RICH_ARMS: tuple[str, ...] = ("rich", "rich-stream")
-"""Arms that run a chunked (rich) preset through ``ogpsa.optim.ProjectedAdamW``."""
-UPDATE_ARMS: tuple[str, ...] = ("update", "update-r5", "update-r5-small") + RICH_ARMS
+RICH_ARMS: tuple[str, ...] = ("rich", "rich-stream", "rich-gradient")
+"""Arms with chunked (rich) reference directions (:class:`ChunkedReference`)."""
+UPDATE_ARMS: tuple[str, ...] = ("update", "update-r5", "update-r5-small", "rich", "rich-stream")
 """Arms that run ``ogpsa.optim.ProjectedAdamW`` (update-space projection)."""
 ALL_ARMS: tuple[str, ...] = ("plain", "orthogonal", "conflict", "update", "replay", "merge", "lora",
                              "orthogonal+replay", "orthogonal-r5", "orthogonal-task", "orthogonal-k16",
-                             "update-r5", "update-r5-small", "rich", "rich-stream")
+                             "update-r5", "update-r5-small", "rich", "rich-stream", "rich-gradient")
 PROJECTION_ARMS = ("orthogonal", "conflict", "orthogonal+replay", "orthogonal-r5", "orthogonal-task",
-                   "orthogonal-k16")
+                   "orthogonal-k16", "rich-gradient")
 """Arms that project the gradient (:func:`ogpsa.attach`)."""
 SMALL_REFERENCE_FRACTION = 4
 """``*-small`` arms keep 1/4 of each reference set's examples per rebuild."""
@@ -84,6 +86,8 @@ def arm_config(arm: str, stage_default: int, reference_size: int) -> ogpsa.OGPSA
         return ogpsa.OGPSAConfig()  # the default preset, exactly as users get it
     if arm == "rich-stream":
         return ogpsa.OGPSAConfig(chunks=1, chunk_samples=2, refresh_every=4, stream_window=8)
+    if arm == "rich-gradient":  # what the default preset does with a non-AdamW optimizer (gradient space)
+        return ogpsa.OGPSAConfig(space="gradient")
     mode = "conflict" if arm == "conflict" else "orthogonal"
     return ogpsa.OGPSAConfig(preset="paper", mode=mode, refresh_every=max(refresh_interval(arm, stage_default), 1),
                              num_reference_samples=reference_size)

@@ -10,7 +10,7 @@ from .. import atomic
 COLORS = {"plain": "#d62728", "orthogonal": "#1f77b4", "conflict": "#2ca02c", "update": "#9467bd",
           "replay": "#ff7f0e", "merge": "#8c564b", "lora": "#e377c2", "orthogonal+replay": "#17becf",
           "orthogonal-r5": "#7f7f7f", "orthogonal-task": "#bcbd22", "orthogonal-k16": "#393b79",
-          "update-r5": "#6b3d9a", "update-r5-small": "#c5b0d5", "rich": "#000000", "rich-stream": "#e7ba52"}
+          "update-r5": "#6b3d9a", "update-r5-small": "#c5b0d5", "rich": "#000000", "rich-stream": "#e7ba52", "rich-gradient": "#843c39"}
 
 
 def require_matplotlib() -> None:
