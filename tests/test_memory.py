@@ -125,7 +125,7 @@ def test_cli_dry_run(llama7b, capsys):
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["bytes_on_rank"] == 26_953_662_464 and data["per_param_per_rank"] == 4.0
-    assert main(["info", "--model", str(llama7b), "--world-size", "8", "--lora-r", "16"]) == 0
+    assert main(["info", "--model", str(llama7b.parent), "--world-size", "8", "--lora-r", "16"]) == 0  # a model dir
     out = capsys.readouterr().out
     assert "67,108,864 B" in out and "8.000 B per trainable parameter per rank" in out
     assert main(["info", "--world-size", "8"]) == 2
