@@ -24,8 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--selftest", action="store_true",
-                        help="check every available backend against the torch backend on a small random problem, "
-                             "for every device and grad/basis dtype, and print a table (exit 1 on a mismatch)")
+                        help="check every available backend on a small random problem, for every device and "
+                             "grad/basis dtype: gradient space (projection ops) against the torch backend, update "
+                             "space (the fused projected AdamW op) against the reference step; print a table "
+                             "(exit 1 on a mismatch)")
     mem = parser.add_argument_group("basis memory dry run (no weights are loaded)")
     mem.add_argument("--model", default=None, metavar="PATH_OR_CONFIG",
                      help="a transformers model directory (its config.json) or a config.json: report the basis bytes "
