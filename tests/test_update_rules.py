@@ -184,3 +184,33 @@ def test_paused_is_plain_sgd_and_registry():
     proj.remove()
     with pytest.raises(ogpsa.BackendUnavailableError, match="torch backend only"):
         ogpsa.attach(model, opt, _subspace(model), OGPSAConfig(space="update", backend="cpu"))
+
+
+@pytest.mark.parametrize("mode,scope", [("orthogonal", "tensor"), ("conflict", "tensor"), ("orthogonal", "global")])
+def test_adamw_rule_through_rule_step_is_the_projected_adamw_step(mode, scope, monkeypatch):
+    """AdamW decomposed as a rule (moments -> direction -> projection -> decoupled decay and apply)
+    and stepped by the generic rule_step gives ProjectedAdamW's step (torch backend)."""
+    from ogpsa.optim import ProjectedAdamW
+    from ogpsa.optim.rule import match_bases, rule_step
+
+    monkeypatch.setenv("OGPSA_BACKEND", "torch")
+    model = _model(4)
+    sub = _subspace(model, config=OGPSAConfig(scope=scope))
+    twin = copy.deepcopy(model)
+    cfg = OGPSAConfig(space="update", mode=mode, scope=scope, aligned_scale=0.5)
+    own = ProjectedAdamW(model, sub, lr=1e-2, weight_decay=0.1, amsgrad=True, config=cfg)
+    plain = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    rule = rule_for(plain)
+    assert rule.name == "adamw" and rule_for(own) is rule
+    bases = match_bases(twin, sub, list(twin.parameters()), allow_partial=False)
+    for s in range(3):
+        _grads(model, s)
+        _grads(twin, s)
+        own.step()
+        stats = rule_step(rule, plain.param_groups, plain.state, bases, mode=mode, scope=scope, aligned_scale=0.5)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats.removed_sq, own.last_stats.removed_sq, rtol=1e-5, atol=1e-12)
+    for p, q in zip(model.parameters(), twin.parameters()):  # the same torch AdamW state
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(own.state[p][key], plain.state[q][key], rtol=1e-6, atol=1e-9)

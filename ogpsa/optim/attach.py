@@ -311,17 +311,14 @@ def attach_update_space(model: torch.nn.Module, optimizer: Optional[torch.optim.
         raise ValueError("ogpsa.attach(space='update') projects the optimizer's update and needs the optimizer: "
                          "pass the torch.optim.AdamW (or an ogpsa.optim.ProjectedAdamW)")
     check_supported(model, optimizer)
-    if not isinstance(optimizer, (ProjectedAdamW, torch.optim.AdamW)):
-        rule = rule_for(optimizer)
-        if rule is not None:
-            return RuleUpdateProjector(model, optimizer, subspace, config, rule)
-        known = ["torch.optim.AdamW", "ogpsa.optim.ProjectedAdamW"] + [
+    rule = rule_for(optimizer)  # the rule registry (ogpsa/optim/rules/): AdamW, SGD, ...
+    if rule is None:
+        known = ["ogpsa.optim.ProjectedAdamW"] + [
             f"{c.__module__}.{c.__name__}" for r in registered_rules() for c in r.optimizer_types]
         raise ValueError(f"ogpsa space='update' has no rule for {type(optimizer).__name__} (rules: {', '.join(known)}): "
                          f"use space='gradient' for it, or add a rule in ogpsa/optim/rules/")
     for group in optimizer.param_groups:
-        for key in ("fused", "capturable", "differentiable"):
-            if group.get(key):
-                raise ValueError(f"ogpsa space='update': the AdamW has {key}=True, which the projected step "
-                                 f"does not support; create it with {key}=False")
+        rule.check_group(group)
+    if not getattr(rule, "fused", False):
+        return RuleUpdateProjector(model, optimizer, subspace, config, rule)
     return UpdateSpaceProjector(model, optimizer, subspace, config)
