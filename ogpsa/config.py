@@ -125,8 +125,8 @@ class OGPSAConfig:
             basis is re-orthonormalised incrementally (:mod:`ogpsa.streaming`). None/0: off
             (every refresh rebuilds from its own chunks).
         space: what is projected. ``"auto"`` (preset rich): ``"update"`` when the optimizer
-            supports it (torch AdamW, ProjectedAdamW, a DeepSpeed engine's AdamW), otherwise
-            ``"gradient"`` with a warning. ``"gradient"`` (preset paper): the accumulated
+            supports it (torch AdamW, ProjectedAdamW, an optimizer with an update-space rule such
+            as SGD, a DeepSpeed engine's AdamW), otherwise ``"gradient"`` with a warning. ``"gradient"`` (preset paper): the accumulated
             gradient, before clipping and the optimizer; with Adam the applied update is then
             NOT orthogonal to the subspace (Adam rescales each element by 1/sqrt(v)).
             ``"update"``: the optimizer's final direction (AdamW only; see

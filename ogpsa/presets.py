@@ -3,6 +3,7 @@ start-of-run log line that says which preset runs.
 
 ``space="auto"`` (preset ``"rich"``) projects the optimizer's update when the optimizer supports
 it (torch AdamW without fused/capturable/differentiable, :class:`ogpsa.optim.ProjectedAdamW`,
+an optimizer with an update-space rule in :mod:`ogpsa.optim.rules` such as ``torch.optim.SGD``,
 a DeepSpeed engine whose ZeRO optimizer holds a torch AdamW) and otherwise falls back to
 gradient space with one warning naming the optimizer. This is a fallback, not an error: the rich
 preset's directions still cut forgetting in gradient space (docs/demo/rich-gradient/table.md, arm
@@ -40,7 +41,11 @@ def update_space_reason(model: Any, optimizer: Any) -> Optional[str]:
     if isinstance(optimizer, ProjectedAdamW):
         return None
     if not isinstance(optimizer, torch.optim.AdamW):
-        return f"the optimizer is {type(optimizer).__name__}, not AdamW"
+        from .optim.rule import rule_for  # optimizers with an update-space rule (ogpsa/optim/rules/), e.g. SGD
+
+        if rule_for(optimizer) is not None:
+            return None
+        return f"the optimizer is {type(optimizer).__name__}, neither AdamW nor one with an update-space rule"
     for group in optimizer.param_groups:
         for key in ("fused", "capturable", "differentiable"):
             if group.get(key):

@@ -72,8 +72,10 @@ def test_auto_space_resolves_by_optimizer(model):
     cfg = OGPSAConfig()
     adamw = torch.optim.AdamW(model.parameters())
     assert resolve_space(model, adamw, cfg).space == "update"
-    with pytest.warns(UserWarning, match="SGD, not AdamW: falling back to gradient space"):
-        assert resolve_space(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg).space == "gradient"
+    # SGD has an update-space rule (ogpsa/optim/rules/sgd.py); Adagrad has none: gradient space
+    assert resolve_space(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg).space == "update"
+    with pytest.warns(UserWarning, match="Adagrad, neither AdamW nor one with an update-space rule: falling back"):
+        assert resolve_space(model, torch.optim.Adagrad(model.parameters()), cfg).space == "gradient"
     with pytest.warns(UserWarning, match="fused=True"):
         fused = torch.optim.AdamW(model.parameters(), fused=True) if torch.cuda.is_available() else None
         if fused is None:  # CPU fused AdamW exists in recent torch; build the flag by hand otherwise
@@ -85,11 +87,11 @@ def test_auto_space_resolves_by_optimizer(model):
         assert resolve_space(model, adamw, OGPSAConfig(space="gradient")).space == "gradient"
     sub = Subspace.from_gradients([{n: torch.randn_like(p) for n, p in model.named_parameters()}], cfg)
     with pytest.warns(UserWarning, match="falling back"):
-        proj = ogpsa.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), sub)
+        proj = ogpsa.attach(model, torch.optim.Adagrad(model.parameters()), sub)
     assert type(proj).__name__ == "Projector"
     proj.remove()
-    with pytest.raises(ValueError, match="supports torch.optim.AdamW"):  # an explicit update space still errors
-        ogpsa.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), sub, cfg.replace(space="update"))
+    with pytest.raises(ValueError, match="no rule for Adagrad"):  # an explicit update space still errors
+        ogpsa.attach(model, torch.optim.Adagrad(model.parameters()), sub, cfg.replace(space="update"))
     proj = ogpsa.attach(model, adamw, sub)
     assert type(proj).__name__ == "UpdateSpaceProjector"
     proj.remove()

@@ -26,7 +26,7 @@ Arms (same base weights, same safety batches, same seeds):
 * ``rich-stream``: the streaming variant: 2 new examples (1 chunk) every 4 steps, the last 8 chunk
   gradients as basis rows, re-orthonormalised incrementally (:mod:`ogpsa.streaming`).
 * ``rich-gradient``: the default preset's directions in gradient space (AdamW on the projected
-  gradient): what ``space="auto"`` falls back to with an optimizer that is not AdamW.
+  gradient): what ``space="auto"`` falls back to with an optimizer that has no update-space rule.
 
 Every arm but ``rich*`` runs ``preset="paper"`` (the recipe of the original work), so that the
 gradient- and update-space arms are exactly what they were before presets existed.
@@ -86,7 +86,7 @@ def arm_config(arm: str, stage_default: int, reference_size: int) -> ogpsa.OGPSA
         return ogpsa.OGPSAConfig()  # the default preset, exactly as users get it
     if arm == "rich-stream":
         return ogpsa.OGPSAConfig(chunks=1, chunk_samples=2, refresh_every=4, stream_window=8)
-    if arm == "rich-gradient":  # what the default preset does with a non-AdamW optimizer (gradient space)
+    if arm == "rich-gradient":  # what the default preset does without an update-space rule
         return ogpsa.OGPSAConfig(space="gradient")
     mode = "conflict" if arm == "conflict" else "orthogonal"
     return ogpsa.OGPSAConfig(preset="paper", mode=mode, refresh_every=max(refresh_interval(arm, stage_default), 1),
