@@ -26,6 +26,7 @@ supported in chunked mode and raises :class:`~ogpsa.errors.UnsupportedSetupError
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from typing import Any, Callable, Optional, Sequence, Union
@@ -37,6 +38,8 @@ from .chunkgrad import ChunkGradients
 from .config import DEFAULT_REFERENCE_BATCH_SIZE, OGPSAConfig
 from .errors import UnsupportedSetupError
 from .sequences import _SEQ, _check_datasets, _first, example_to_sequences, lm_token_loss_sums
+
+logger = logging.getLogger("ogpsa")
 
 
 class _ScalarLoss(Exception):
@@ -72,12 +75,25 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def chunk_plan(pool_size: int, config: OGPSAConfig) -> tuple[int, int]:
+    """``(chunks, chunk_samples)`` of one rebuild: the config's, or fewer chunks when the pool
+    holds fewer examples than one rebuild takes (no example twice in one rebuild: duplicated
+    chunks would give exactly dependent directions)."""
+    k, cs = config.chunks, config.chunk_samples
+    if pool_size >= k * cs:
+        return k, cs
+    if pool_size >= cs:
+        return pool_size // cs, cs
+    return 1, max(1, pool_size)
+
+
 def rebuild_examples(pool: Sequence[Any], rebuild: int, config: OGPSAConfig) -> list:
-    """This rank's examples for rebuild number ``rebuild`` (0 = the one before step 1)."""
-    count = config.chunks * config.chunk_samples
+    """This rank's examples for rebuild number ``rebuild`` (0 = the one before step 1):
+    ``chunks * chunk_samples`` of them (fewer for a small pool, see :func:`chunk_plan`)."""
+    k, cs = chunk_plan(len(pool), config)
     rank, world = _world()
     index = rebuild if config.pool_walk == "fresh" else 0
-    return pool_slice(pool, index * world + rank, count)
+    return pool_slice(pool, index * world + rank, k * cs)
 
 
 def collect_chunk_gradients(
@@ -226,8 +242,13 @@ def build_chunked(og: Any, step: int) -> tuple[Any, dict[str, Any]]:
         og._pool_key = key
     rebuild = len(og.refresh_steps)
     examples = rebuild_examples(og._pool, rebuild, config)
+    chunks, chunk_samples = chunk_plan(len(og._pool), config)
+    if chunks * chunk_samples < config.chunks * config.chunk_samples and rebuild == 0:
+        logger.warning("ogpsa: the reference pool holds %d examples, fewer than one rebuild takes (%d chunks x %d): "
+                       "%d chunk direction(s) of %d example(s) each, every pool example once per rebuild",
+                       len(og._pool), config.chunks, config.chunk_samples, chunks, chunk_samples)
     grads, info = collect_chunk_gradients(
-        og.model, examples, config.chunks, loss_fn=og.loss_fn, tokenizer=og.tokenizer,
+        og.model, examples, chunks, loss_fn=og.loss_fn, tokenizer=og.tokenizer,
         batch_size=og.batch_size or config.reference_batch_size, projector=og.projector)
     if not any(grads):
         raise ValueError("no trainable parameter received a reference gradient; check the reference data")

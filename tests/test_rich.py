@@ -111,6 +111,13 @@ def test_pool_interleaves_and_walks_fresh_slices(monkeypatch):
     monkeypatch.setattr("ogpsa.pool._world", lambda: (1, 2))  # rank 1 of 2: its own slice
     assert rebuild_examples(pool, 0, cfg) == ["a1", "b1"] and rebuild_examples(pool, 1, cfg) == ["b0", "a1"]  # slice 3, wrapped
     assert reference_pool([SET_A, SET_B], 3) == [SET_A[0], SET_B[0], SET_A[1], SET_B[1], SET_A[2], SET_B[2]]
+    # a pool smaller than one rebuild: fewer chunks, never an example twice in one rebuild
+    from ogpsa.pool import chunk_plan
+
+    rich = OGPSAConfig()
+    assert chunk_plan(400, rich) == (8, 2) and chunk_plan(5, rich) == (2, 2) and chunk_plan(1, rich) == (1, 1)
+    monkeypatch.setattr("ogpsa.pool._world", lambda: (0, 1))
+    assert rebuild_examples(pool, 0, rich) == ["a0", "b0", "a1", "b1"]
     with pytest.raises(TypeError, match="wrap"):
         reference_pool(SET_A, 3)
 

@@ -176,12 +176,12 @@ class ChunkedReference:
         self.stream = StreamingBasis(config) if config.stream_window else None
 
     def build(self, model: torch.nn.Module) -> ogpsa.Subspace:
-        from ogpsa.pool import collect_chunk_gradients, rebuild_examples
+        from ogpsa.pool import chunk_plan, collect_chunk_gradients, rebuild_examples
 
         examples = rebuild_examples(self.pool, self.rebuilds, self.config)
         self.rebuilds += 1
         grads, _ = collect_chunk_gradients(
-            model, examples, self.config.chunks, batch_size=len(examples),
+            model, examples, chunk_plan(len(self.pool), self.config)[0], batch_size=len(examples),
             loss_fn=lambda m, ex: example_losses(m, self.codec, ex, self.device))
         if self.stream is not None:
             self.stream.add(grads)
