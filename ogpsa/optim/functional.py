@@ -88,22 +88,25 @@ def _apply(p: Tensor, d: Tensor, h: StepHyper, project_weight_decay: bool) -> No
         p.copy_((p.to(d.dtype).reshape(-1) - h.lr * d).reshape(p.shape).to(p.dtype))
 
 
-def _project_one(d: Tensor, basis: tuple, mode: str, aligned_scale: float) -> Tensor:
-    """``kappa d - U^T v`` for one tensor (the shared mode rule, w = M^+ c in float64)."""
+def _project_one(d: Tensor, basis: tuple, mode: str, aligned_scale: float) -> tuple[Tensor, Optional[Tensor]]:
+    """``kappa d - U^T v`` for one tensor (the shared mode rule, w = M^+ c in float64), and for the
+    orthogonal rule the removed squared norm ``||U^T w||^2 = w . c`` (float64, no pass over d;
+    None otherwise: the caller measures it)."""
     u = basis[1].to(d.dtype)
     c = (u @ d).double()
     minv = gram_pinv(gram_of(basis)) if d.dtype == torch.float64 else basis[2].to(c.device, torch.float64)
     w = minv.to(c.device) @ c
     if mode == "orthogonal":  # the rule is the identity on w (kappa 1): skip its small ops
-        return d - u.T @ w.to(d.dtype)
+        return d - u.T @ w.to(d.dtype), w.dot(c).clamp_min(0)
     v, kappa = mode_weights(w[None], c[None], mode, aligned_scale, torch.tensor([u.shape[0]]))
     out = d * kappa[0].to(d.dtype) if mode in ("plane", "threshold") else d.clone()
-    return out.sub_(u.T @ v[0].to(d.dtype))
+    return out.sub_(u.T @ v[0].to(d.dtype)), None
 
 
 def _sq64(x: Tensor) -> Tensor:
-    """``||x||^2`` accumulated in float64 (no float64 copy of x is kept)."""
-    return torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    """``||x||^2`` as a float64 scalar: one BLAS dot in x's dtype (measured on x itself, so no
+    cancellation however much of the direction was removed)."""
+    return x.dot(x).double()
 
 
 def _validate(items: list, mode: str, scope: str) -> None:
@@ -202,8 +205,10 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
             step = _update_moments(p, state, h)
             d = _direction(p, state, h, step, project_weight_decay)
             if basis is not None:
-                new = _project_one(d, basis, mode, aligned_scale)  # kappa d - U^T v
-                stats[i] = (_sq64(d), _sq64(d - new), _sq64(new))
+                new, removed = _project_one(d, basis, mode, aligned_scale)  # kappa d - U^T v
+                if removed is None:
+                    removed = _sq64(d - new)
+                stats[i] = (_sq64(d), removed, _sq64(new))
                 d = new
             _apply(p, d, h, project_weight_decay)
             if keep_updates:
@@ -220,9 +225,11 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
         removed_sq = torch.stack([stats[i][1].to(home, torch.float64) for i in pos]).clamp_min(0)
         # the torch path measures ||d'||^2 directly (exact when almost all of d is removed);
         # the fused paths report ||d||^2 and the removed part, from which it follows
-        sq_after = torch.stack([stats[i][2].to(home, torch.float64) if len(stats[i]) > 2
-                                else (stats[i][0].to(home, torch.float64) - stats[i][1].to(home, torch.float64))
-                                for i in pos]).clamp_min(0)
+        sq_after = sq_before - removed_sq
+        measured = [(j, stats[i][2]) for j, i in enumerate(pos) if len(stats[i]) > 2]
+        if measured:
+            sq_after[[j for j, _ in measured]] = torch.stack([t.to(home, torch.float64) for _, t in measured])
+        sq_after = sq_after.clamp_min(0)
         result = ProjectionStats(sq_before=sq_before, sq_after=sq_after, removed_sq=removed_sq,
                                  total_norm=sq_after.sum().sqrt(),
                                  clip_coef=torch.ones((), dtype=torch.float64, device=home), names=names,
