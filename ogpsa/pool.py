@@ -117,6 +117,8 @@ def collect_chunk_gradients(
 
     The model's ``.grad`` tensors are neither read nor written; an attached projector is
     paused. ``sync``: average over ranks when ``torch.distributed`` runs (see the module docs).
+    Memory: the K gradients are K x the trainable parameters in float32 (``info["rows"]`` holds
+    them as ``(name, shape, [K, N] rows)``, the same storage as the dicts).
     """
     if not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r} must be an integer >= 1")
@@ -221,6 +223,10 @@ def collect_chunk_gradients(
                 fallback=[n for n, _ in eng.fallback], world_size=world)
     if not math.isfinite(info["mean_loss"]):
         info["nonfinite"] = True
+    # the same K gradients as stacked rows [K, N] per tensor (views of the buffers, no copy), for
+    # Subspace.from_reference_rows: a full fine-tune holds K x its parameters once, not twice
+    info["rows"] = [(n, tuple(p.shape), eng.buffers[id(p)].view(num_chunks, -1)) for n, p in params
+                    if id(p) in eng.buffers]
     return grads, info
 
 
@@ -253,6 +259,7 @@ def build_chunked(og: Any, step: int) -> tuple[Any, dict[str, Any]]:
     if not any(grads):
         raise ValueError("no trainable parameter received a reference gradient; check the reference data")
     info["rebuild"] = rebuild
+    rows = info.pop("rows")
     info = _collect_info(grads, info, og.model)
     if config.stream_window:
         stream = getattr(og, "_stream", None)
@@ -263,6 +270,9 @@ def build_chunked(og: Any, step: int) -> tuple[Any, dict[str, Any]]:
                 seed_window(stream, current)
         stream.add(grads)
         return stream.subspace(), info
+    if config.basis_device is None:  # build from the stacked buffers themselves (no K x parameters copy)
+        names, shapes, refs = zip(*rows) if rows else ((), (), ())
+        return Subspace.from_reference_rows(list(names), list(shapes), list(refs), config), info
     return Subspace.from_gradients(grads, config), info
 
 

@@ -306,3 +306,13 @@ def test_resumed_streaming_run_seeds_its_window_with_the_saved_basis(model, tok,
     assert og2.refresh_steps == [0, 2, 4, 6] and og2.subspace.num_references == 4
     assert og2.last_collect.chunked["rebuild"] == 3  # the pool walk continues where it was
     og2.remove()
+
+
+def test_rows_view_builds_the_same_basis_without_a_copy(model, tok):
+    grads, info = collect_chunk_gradients(model, reference_pool([SET_A, SET_B], 12)[:8], 4, tokenizer=tok)
+    copies = [{n: t.clone() for n, t in d.items()} for d in grads]
+    names, shapes, refs = zip(*info["rows"])
+    assert all(r.data_ptr() == grads[0][n].data_ptr() for n, r in zip(names, refs))  # views, not copies
+    cfg = OGPSAConfig(chunks=4)
+    got = Subspace.from_reference_rows(list(names), list(shapes), list(refs), cfg)
+    assert got.equal(Subspace.from_gradients(copies, cfg))
