@@ -99,6 +99,27 @@ def rule_of(module: nn.Module) -> Optional[str]:
     return None
 
 
+class _Split:
+    """Which rows of one forward belong to which chunk, precomputed once per pass.
+
+    ``rows``: the chunk of every row (on the parameters' device), None when the whole forward
+    is one chunk (``groups[0][0]``). ``groups``: ``(chunk, row indices)`` pairs. ``perm`` /
+    ``gids``: rows sorted by chunk and the chunks present, when every present chunk has the same
+    number of rows (then a Linear forms all chunk products in one batched matmul); else None."""
+
+    def __init__(self, rows: Optional[Tensor], chunk: Optional[int], device: torch.device):
+        self.rows = self.perm = self.gids = None
+        if rows is None:
+            self.groups: list[tuple[int, Optional[Tensor]]] = [(int(chunk), None)]
+            return
+        self.rows = rows.to(device)
+        uniq, counts = torch.unique(rows, return_counts=True)
+        self.groups = [(int(g), (self.rows == g).nonzero().squeeze(1)) for g in uniq.tolist()]
+        if bool((counts == counts[0]).all()):
+            self.perm = torch.argsort(self.rows, stable=True)
+            self.gids = uniq.to(device)
+
+
 class ChunkGradients:
     """Accumulates K per-chunk gradients of ``params`` (float32, ``[K, *shape]`` each).
 
@@ -195,7 +216,7 @@ class ChunkGradients:
 
         return hook
 
-    def _on_delta(self, mod: nn.Module, rule: str, x: Tensor, d: Tensor, split: list) -> None:
+    def _on_delta(self, mod: nn.Module, rule: str, x: Tensor, d: Tensor, split: _Split) -> None:
         if not self._active:
             return
         if rule == "linear":
@@ -205,51 +226,62 @@ class ChunkGradients:
         else:
             self._norm(mod, x, d, split)
 
-    @staticmethod
-    def _split(rows: Optional[Tensor], chunk: Optional[int]) -> list[tuple[int, Optional[Tensor]]]:
-        """``(chunk, row indices or None for all rows)`` pairs of one forward."""
-        if rows is None:
-            return [(int(chunk), None)]
-        return [(int(g), (rows == g).nonzero().squeeze(1)) for g in torch.unique(rows).tolist()]
-
-    def _linear(self, mod: nn.Linear, x: Tensor, d: Tensor, split: list) -> None:
+    def _linear(self, mod: nn.Linear, x: Tensor, d: Tensor, split: _Split) -> None:
         w, b = mod.weight, mod.bias
-        for g, idx in split:
+        w_on, b_on = id(w) in self._covered_ids, b is not None and id(b) in self._covered_ids
+        if split.rows is not None and split.perm is not None:  # equal chunks: one batched product
+            n = len(split.gids)
+            xs = x.index_select(0, split.perm).reshape(n, -1, x.shape[-1]).float()
+            ds = d.index_select(0, split.perm).reshape(n, -1, d.shape[-1]).float()
+            if w_on:
+                self._buffer(w).index_add_(0, split.gids, torch.bmm(ds.transpose(1, 2), xs))
+            if b_on:
+                self._buffer(b).index_add_(0, split.gids, ds.sum(1))
+            return
+        for g, idx in split.groups:
             xg = x if idx is None else x.index_select(0, idx)
             dg = d if idx is None else d.index_select(0, idx)
             x2 = xg.reshape(-1, xg.shape[-1]).float()
             d2 = dg.reshape(-1, dg.shape[-1]).float()
-            if id(w) in self._covered_ids:
+            if w_on:
                 self._buffer(w)[g].addmm_(d2.t(), x2)
-            if b is not None and id(b) in self._covered_ids:
+            if b_on:
                 self._buffer(b)[g].add_(d2.sum(0))
 
-    def _embedding(self, mod: nn.Embedding, ids: Tensor, d: Tensor, split: list) -> None:
+    def _embedding(self, mod: nn.Embedding, ids: Tensor, d: Tensor, split: _Split) -> None:
         w = mod.weight
         if id(w) not in self._covered_ids:
             return
-        for g, idx in split:
-            ig = ids if idx is None else ids.index_select(0, idx)
-            dg = d if idx is None else d.index_select(0, idx)
-            flat_ids = ig.reshape(-1)
-            flat_d = dg.reshape(-1, dg.shape[-1]).float()
-            if mod.padding_idx is not None:  # F.embedding gives the padding row no gradient
-                keep = flat_ids != mod.padding_idx
-                flat_ids, flat_d = flat_ids[keep], flat_d[keep]
-            self._buffer(w)[g].index_add_(0, flat_ids, flat_d)
+        flat_ids = ids.reshape(-1)
+        flat_d = d.reshape(-1, d.shape[-1]).float()
+        buf = self._buffer(w)
+        if split.rows is None:
+            key, target = flat_ids, buf[split.groups[0][0]]
+        else:  # one index_add into the [K * vocab, dim] view: row b's tokens go to chunk rows[b]
+            per_row = flat_ids.numel() // ids.shape[0]
+            key = split.rows.repeat_interleave(per_row) * w.shape[0] + flat_ids
+            target = buf.view(-1, w.shape[1])
+        if mod.padding_idx is not None:  # F.embedding gives the padding row no gradient
+            keep = flat_ids != mod.padding_idx
+            key, flat_d = key[keep], flat_d[keep]
+        target.index_add_(0, key, flat_d)
 
-    def _norm(self, mod: nn.Module, x: Tensor, d: Tensor, split: list) -> None:
+    def _norm(self, mod: nn.Module, x: Tensor, d: Tensor, split: _Split) -> None:
         w = mod.weight
         b = getattr(mod, "bias", None)
         b = b if isinstance(b, Tensor) else None
-        base, slope = self._norm_probe(mod, x)
-        for g, idx in split:
-            dg = (d if idx is None else d.index_select(0, idx)).float()
-            sg = slope if idx is None else slope.index_select(0, idx)
-            if id(w) in self._covered_ids:
-                self._buffer(w)[g].add_((dg * sg).reshape(-1, w.shape[0]).sum(0))
-            if b is not None and id(b) in self._covered_ids:
-                self._buffer(b)[g].add_(dg.reshape(-1, b.shape[0]).sum(0))
+        _, slope = self._norm_probe(mod, x)
+        df = d.float()
+        parts = []
+        if id(w) in self._covered_ids:
+            parts.append((w, df * slope))
+        if b is not None and id(b) in self._covered_ids:
+            parts.append((b, df))
+        for p, val in parts:
+            if split.rows is None:
+                self._buffer(p)[split.groups[0][0]].add_(val.reshape(-1, p.shape[0]).sum(0))
+            else:  # per-row sums, added to each row's chunk in one index_add
+                self._buffer(p).index_add_(0, split.rows, val.reshape(val.shape[0], -1, p.shape[0]).sum(1))
 
     def _norm_probe(self, mod: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(y(w=0, b=0), dy/dw)`` of a norm whose output is affine in its weight; checked
@@ -332,11 +364,7 @@ class ChunkGradients:
         self._outputs: list[Tensor] = []
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         fallback_ids = {id(p) for _, p in self.fallback}
-        if rows is not None:
-            dev = next(iter(p for _, p in self.params)).device
-            split = [(g, idx.to(dev)) for g, idx in self._split(rows, None)]
-        else:
-            split = self._split(None, chunk)
+        split = _Split(rows, chunk, self.params[0][1].device)
         groups = {"rows": rows, "chunk": chunk, "split": split}
         try:
             # only fallback parameters keep requires_grad: autograd forms no other weight gradient
