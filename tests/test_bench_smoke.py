@@ -272,15 +272,26 @@ def test_loop_suite_smoke_reports_step_and_projection_ratios(loop_run):
         assert r["step_ratio_paired"] == pytest.approx((paired[1] + paired[2]) / 2, rel=1e-3)  # rounded raw
         # two repeats of 2 iterations, each with its own medians and load average
         assert len(r["repeat_results"]) == 2 and all("loadavg_1min" in x for x in r["repeat_results"])
-        # per iteration: one projection in the hooked step, one per explicit project(); the
-        # paused step and the steps after project() add none
-        assert r["projections"] == 3 * (r["warmup"] + r["repeats"] * r["steps"])
+        # per iteration: one projection in the hooked step, one per explicit project() (before the fused
+        # step, and the fresh/reused pair); the paused step and the steps after project() add none
+        per_iter = 4 if "fused_step_ms" in r else 3
+        assert r["projections"] == per_iter * (r["warmup"] + r["repeats"] * r["steps"])
+        # torch's fused AdamW (CPU too) and the whole training step beside the optimizer step
+        assert "step_ratio_fused" in r and r["fused_step_ms"] > 0
+        assert r["step_ratio_fused"] == pytest.approx(r["ogpsa_fused_step_ms"] / r["fused_step_ms"])
+        for kind in ("adamw", "ogpsa", "fused", "ogpsa_fused"):
+            # forward + backward + step >= the step alone, iteration by iteration
+            assert all(t >= s for t, s in zip(raw["train_" + kind], raw[kind]))
+        assert r["train_ratio"] == pytest.approx(r["train_ogpsa_ms"] / r["train_adamw_ms"])
+        assert r["train_ratio_min"] == pytest.approx(min(raw["train_ogpsa"]) / min(raw["train_adamw"]), rel=1e-3)
     if rows["lora"]["status"] == "ok":
         assert rows["lora"]["trainable_tensors"] == 14  # A and B of 7 linears in 1 layer
     md = (tmp_path / "loop.md").read_text()
     assert "step ratio" in md and "Targets" in md and "Per repeat" in md
     assert all(("met" in t or "short" in t) for t in data["targets"] if "target <=" in t)
     assert "optimizer.step() with OGPSA / AdamW alone" in out
+    assert "whole training step (zero_grad, forward, backward, step)" in "\n".join(data["targets"])
+    assert "| fused AdamW step ms |" in md and "| training step ratio (paired) |" in md
     assert (tmp_path / "loop.png").read_bytes()[:4] == b"\x89PNG" and "loop.png" in out
 
 

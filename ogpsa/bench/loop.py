@@ -9,8 +9,14 @@ baseline does not clip either). Per workload, after ``warmup`` untimed iteration
 ``steps`` timed iterations, each running the four kinds back to back so that a busy machine slows
 all alike (the 1-minute load average is recorded at the start of every repeat):
 
-* ``adamw_step_ms``: ``optimizer.step()`` with the projector paused (AdamW alone);
+* ``adamw_step_ms``: ``optimizer.step()`` with the projector paused (AdamW alone, torch's default
+  implementation: a for-loop on the CPU, foreach on CUDA);
 * ``ogpsa_step_ms``: ``optimizer.step()`` with OGPSA attached (its step pre-hook projects);
+* ``fused_step_ms``: a second AdamW with ``fused=True`` over the same parameters (its own state)
+  stepping alone, and ``ogpsa_fused_step_ms``: ``proj.project()`` then that fused step (what the
+  attached step pre-hook does before a fused AdamW), where torch has a fused AdamW for the device;
+* ``train_*_ms``: the whole training step of each of those four: ``zero_grad()``, forward,
+  backward and the step (``train_ratio`` = OGPSA / AdamW, ``train_ratio_fused`` likewise fused);
 * ``project_fresh_ms``: ``proj.project()`` on fresh gradients (after ``zero_grad()``);
 * ``project_reused_ms``: ``proj.project()`` on the same gradient buffers, zeroed in place
   (``zero_grad(set_to_none=False)``).
@@ -18,7 +24,7 @@ all alike (the 1-minute load average is recorded at the start of every repeat):
 Ratios of medians over all timed iterations: ``step_ratio`` = ogpsa / adamw step (target <= 1.5
 for LoRA, k=2) and ``fresh_over_reused`` = fresh / reused projection (target <= 1.2); the
 ``*_paired`` ratios are medians of the per-iteration ratios (robust to slow phases of a shared
-machine). Forward and backward are never timed.
+machine). The ``*_min`` ratios are ratios of the minima.
 """
 
 from __future__ import annotations
@@ -74,18 +80,38 @@ def _paired(num: Sequence[float], den: Sequence[float]) -> float:
 
 
 def _summary(times: dict[str, list[float]]) -> dict:
-    """Medians (ms) and ratios of one set of samples."""
+    """Medians (ms) and ratios of one set of samples (fused and train_* kinds when present)."""
     out = {"adamw_step_ms": _ms(times["adamw"]), "ogpsa_step_ms": _ms(times["ogpsa"]),
            "project_fresh_ms": _ms(times["fresh"]), "project_reused_ms": _ms(times["reused"])}
     out["step_ratio"] = out["ogpsa_step_ms"] / out["adamw_step_ms"]
     out["fresh_over_reused"] = out["project_fresh_ms"] / out["project_reused_ms"]
     out["step_ratio_paired"] = _paired(times["ogpsa"], times["adamw"])
     out["fresh_over_reused_paired"] = _paired(times["fresh"], times["reused"])
+    out["step_ratio_min"] = min(times["ogpsa"]) / min(times["adamw"])
+    # (ratio key, numerator kind, denominator kind): fused AdamW and the whole training step
+    pairs = [("step_ratio_fused", "ogpsa_fused", "fused"), ("train_ratio", "train_ogpsa", "train_adamw"),
+             ("train_ratio_fused", "train_ogpsa_fused", "train_fused")]
+    for kind in ("fused", "ogpsa_fused", "train_adamw", "train_ogpsa", "train_fused", "train_ogpsa_fused"):
+        if times.get(kind):
+            out[f"{kind}_step_ms" if not kind.startswith("train_") else f"{kind}_ms"] = _ms(times[kind])
+    for key, num, den in pairs:
+        if times.get(num) and times.get(den):
+            out[key] = statistics.median(times[num]) / statistics.median(times[den])
+            out[key + "_paired"] = _paired(times[num], times[den])
+            out[key + "_min"] = min(times[num]) / min(times[den])
     return out
 
 
 def _load1() -> Optional[float]:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _fused_adamw(params: list) -> Optional[torch.optim.Optimizer]:
+    """torch AdamW(fused=True) over ``params`` (its own state), or None where torch has none."""
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return None
 
 
 def run_workload(workload: str, *, device: Optional[torch.device] = None, hidden: int = 256, layers: int = 12,
@@ -125,22 +151,38 @@ def run_workload(workload: str, *, device: Optional[torch.device] = None, hidden
     del refs
     opt = torch.optim.AdamW([p for _, p in params], lr=1e-4)
     proj = ogpsa.attach(model, opt, subspace, config)
-    kinds = ("adamw", "ogpsa", "fresh", "reused")
+    fused = _fused_adamw([p for _, p in params])
+    kinds = ("adamw", "ogpsa", "fresh", "reused", "train_adamw", "train_ogpsa")
+    if fused is not None:
+        kinds += ("fused", "ogpsa_fused", "train_fused", "train_ogpsa_fused")
     per_repeat: list[dict] = []
     times: dict[str, list[float]] = {k: [] for k in kinds}
 
+    def fused_projected() -> None:
+        proj.project()  # what the attached pre-hook runs before the step
+        fused.step()
+
     def iteration(rec: Optional[dict]) -> None:
-        # AdamW alone, then AdamW with OGPSA: fresh gradients each (zero_grad default)
-        for kind in ("adamw", "ogpsa"):
+        # AdamW alone, then AdamW with OGPSA (default, then fused): fresh gradients each (zero_grad
+        # default); the whole training step (zero_grad, forward, backward, step) timed too
+        for kind in ("adamw", "ogpsa") + (("fused", "ogpsa_fused") if fused is not None else ()):
+            x = ids()
+            t0 = time.perf_counter()
             opt.zero_grad()
-            backward(ids())
+            backward(x)
+            fb = _timed(lambda: None, device) + time.perf_counter() - t0
             if kind == "adamw":
                 with proj.paused():
                     dt = _timed(opt.step, device)
-            else:
+            elif kind == "ogpsa":
                 dt = _timed(opt.step, device)
+            elif kind == "fused":
+                dt = _timed(fused.step, device)
+            else:
+                dt = _timed(fused_projected, device)
             if rec is not None:
                 rec[kind].append(dt)
+                rec["train_" + kind].append(fb + dt)
         # projection alone: fresh tensors, then the same buffers zeroed in place
         for kind, set_to_none in (("fresh", True), ("reused", False)):
             opt.zero_grad(set_to_none=set_to_none)
@@ -179,7 +221,12 @@ def run_workload(workload: str, *, device: Optional[torch.device] = None, hidden
     }
     log(f"  {workload}: {row['trainable_tensors']} tensors, {row['trainable_numel'] / 1e6:.2f}M elements: "
         f"AdamW step {row['adamw_step_ms']:.2f} ms, with OGPSA {row['ogpsa_step_ms']:.2f} ms "
-        f"({row['step_ratio']:.2f}x; paired {row['step_ratio_paired']:.2f}x); project fresh "
+        f"({row['step_ratio']:.2f}x; paired {row['step_ratio_paired']:.2f}x)"
+        + (f"; fused AdamW {row['fused_step_ms']:.2f} ms, with OGPSA {row['ogpsa_fused_step_ms']:.2f} ms "
+           f"({row['step_ratio_fused']:.2f}x)" if "step_ratio_fused" in row else "")
+        + f"; whole training step {row['train_ratio']:.2f}x"
+        + (f" (fused {row['train_ratio_fused']:.2f}x)" if "train_ratio_fused" in row else "")
+        + "; project fresh "
         f"{row['project_fresh_ms']:.2f} ms vs reused {row['project_reused_ms']:.2f} ms "
         f"({row['fresh_over_reused']:.2f}x; paired {row['fresh_over_reused_paired']:.2f}x)")
     return row
@@ -220,13 +267,54 @@ def loop_targets(rows: Sequence[dict]) -> list[str]:
         out.append(f"{r['workload']}: optimizer.step() with OGPSA / AdamW alone = {r['step_ratio']:.2f}x "
                    f"(paired {r['step_ratio_paired']:.2f}x)"
                    + (f" (target <= 1.5x: {_verdict(r['step_ratio'], 1.5)})" if step_goal else " (no target)"))
+        if "step_ratio_fused" in r:
+            out.append(f"{r['workload']}: optimizer.step() with OGPSA / AdamW alone, both fused=True = "
+                       f"{r['step_ratio_fused']:.2f}x (paired {r['step_ratio_fused_paired']:.2f}x, minima "
+                       f"{r['step_ratio_fused_min']:.2f}x) (no target)")
+        if "train_ratio" in r:
+            out.append(f"{r['workload']}: whole training step (zero_grad, forward, backward, step) with OGPSA / "
+                       f"without = {r['train_ratio']:.2f}x (paired {r['train_ratio_paired']:.2f}x)"
+                       + (f", with fused AdamW {r['train_ratio_fused']:.2f}x (paired "
+                          f"{r['train_ratio_fused_paired']:.2f}x)" if "train_ratio_fused" in r else "")
+                       + " (no target)")
         out.append(f"{r['workload']}: projection with fresh gradients / reused buffers = "
                    f"{r['fresh_over_reused']:.2f}x (paired {r['fresh_over_reused_paired']:.2f}x) "
                    f"(target <= 1.2x: {_verdict(r['fresh_over_reused'], 1.2)})")
     return out
 
 
+def _r(r: dict, key: str, paired: bool = True) -> str:
+    """A ratio and, in brackets, its paired version; n/a when the row lacks it."""
+    if key not in r:
+        return "n/a"
+    return f"{r[key]:.2f} ({r[key + '_paired']:.2f})" if paired else f"{r[key]:.2f}"
+
+
+def _v(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}" if key in r else "n/a"
+
+
 def _loop_table(results: Sequence[dict]) -> list[str]:
+    if not any("train_ratio" in r for r in results):
+        return _loop_table_v1(results)
+    out = ["| workload | tensors | elements | AdamW step ms | OGPSA step ms | step ratio (paired) | fused AdamW step ms "
+           "| OGPSA + fused step ms | fused step ratio (paired) | training step ratio (paired) | fused training step "
+           "ratio (paired) | project fresh ms | project reused ms | fresh / reused (paired) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        if r.get("status") != "ok":
+            out.append(f"| {r['workload']} | {r['status']}: {r.get('reason', '')} |" + " |" * 12)
+            continue
+        out.append(f"| {r['workload']} | {r['trainable_tensors']} | {r['trainable_numel'] / 1e6:.2f}M | "
+                   f"{r['adamw_step_ms']:.2f} | {r['ogpsa_step_ms']:.2f} | {_r(r, 'step_ratio')} | "
+                   f"{_v(r, 'fused_step_ms')} | {_v(r, 'ogpsa_fused_step_ms')} | {_r(r, 'step_ratio_fused')} | "
+                   f"{_r(r, 'train_ratio')} | {_r(r, 'train_ratio_fused')} | "
+                   f"{r['project_fresh_ms']:.2f} | {r['project_reused_ms']:.2f} | {_r(r, 'fresh_over_reused')} |")
+    return out
+
+
+def _loop_table_v1(results: Sequence[dict]) -> list[str]:
+    """The table of result files written before the fused and training-step columns existed."""
     out = ["| workload | tensors | elements | AdamW step ms | OGPSA step ms | step ratio (paired) | project fresh ms "
            "| project reused ms | fresh / reused (paired) |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -246,10 +334,12 @@ def _conditions(data: dict) -> str:
     rows = [r for r in data["results"] if r.get("status") == "ok"]
     r = rows[0] if rows else {}
     steps, repeats = r.get("steps", s.get("steps")), r.get("repeats", s.get("repeats", 1))
-    return (f"AdamW (torch default implementation), `optimizer.zero_grad()` default (set_to_none=True), k=2, tensor "
+    new = any("train_ratio" in x for x in rows)
+    return (f"AdamW (torch default implementation{', and fused=True where torch has it' if new else ''}), "
+            f"`optimizer.zero_grad()` default (set_to_none=True), k=2, tensor "
             f"scope, no clipping, batch {r.get('batch', s.get('batch'))} x {r.get('seq', s.get('seq'))} tokens; "
             f"{r.get('warmup', s.get('warmup'))} untimed iterations, then {repeats} x {steps} timed iterations, the "
-            "four kinds interleaved in every iteration; medians over all timed iterations (ratio of medians; in "
+            f"{'' if new else 'four '}kinds interleaved in every iteration; medians over all timed iterations (ratio of medians; in "
             "brackets the median of per-iteration ratios)")
 
 
