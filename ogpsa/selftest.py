@@ -13,9 +13,9 @@ Spaces: ``gradient`` (the projection ops: dots, update_, fused_project_, gram, c
 against the torch backend) and ``update`` (the fused projected AdamW op of the ``cpu`` and
 ``cuda`` backends, against :func:`ogpsa.reference.projected_adamw_step_`; the Triton AdamW
 kernels have no single op to call and are covered by their own tests). The first-contact
-hook sits in :func:`ogpsa.ops.select_backend`, which routes the gradient space; the update
-space's routing (:func:`ogpsa.optim.backends.route`) can call :func:`passes` with
-``space="update"`` the same way (not wired yet); ``ogpsa info --selftest`` checks both.
+hook sits in :func:`ogpsa.ops.select_backend`, which routes the gradient space, and in the
+update space's routing (:func:`ogpsa.optim.backends.route`, ``space="update"``, same rule:
+skip and warn under auto, raise when named); ``ogpsa info --selftest`` checks both.
 
 The result is cached per key, so the hot path pays one dict lookup per plan build and nothing
 per step. ``OGPSA_SELFTEST=0`` (or ``false``/``off``/``no``) turns the check off;

@@ -24,6 +24,10 @@ tensor the chosen kernel cannot take (a dtype above, ``keep_updates``, or for th
 global scope, another mode or ``reduce_dots``) takes the next one that can, finally ``torch``.
 A backend named explicitly that is unavailable is an error; one that is available takes the
 tensors it supports and ``torch`` the rest (``cuda`` hands what it cannot do to ``triton``).
+First contact (:mod:`ogpsa.selftest`, ``space="update"``): a compiled kernel the self-test
+checks is tested once per (backend, device, dtype, basis dtype) before it steps anything;
+one that fails warns once and is skipped under ``auto``, and raises
+:class:`~ogpsa.errors.BackendUnavailableError` when named, as in gradient space.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import OrderedDict
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from .. import ops as _ops
+from .. import selftest
+from ..errors import BackendUnavailableError
 from ..ops import requested_backend
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -152,17 +160,37 @@ def route(item: tuple, name: str, *, scope: str, mode: str, reduce_dots: Optiona
     op_ok = scope == "tensor" and mode == "orthogonal" and reduce_dots is None
     if p.device.type == "cpu":
         # the fused op (per-tensor orthogonal) or its pass1_/pass2_ ops (every mode and scope)
-        if name in ("auto", "cpu") and cpu_kernel_available():
+        if name in ("auto", "cpu") and cpu_kernel_available() and _trusted("cpu", name, p, basis):
             return "cpu"
         if name == "triton" and _interpreted():  # CPU tensors: the interpreter only, and only by name
             return "triton"
         return "torch"
     if p.device.type == "cuda":
-        if name in ("auto", "cuda") and op_ok and cuda_kernel_available():
+        if name in ("auto", "cuda") and op_ok and cuda_kernel_available() and _trusted("cuda", name, p, basis):
             return "cuda"
-        if name in ("auto", "cuda", "triton") and triton_status()[0] and not _interpreted():
+        if (name in ("auto", "cuda", "triton") and triton_status()[0] and not _interpreted()
+                and _trusted("triton", name, p, basis)):
             return "triton"
     return "torch"
+
+
+def _trusted(kernel: str, name: str, p: Tensor, basis: Optional[tuple]) -> bool:
+    """The first-contact self-test of :mod:`ogpsa.selftest` in update space, as
+    :func:`ogpsa.ops.select_backend` runs it in gradient space: whether ``kernel`` may step
+    ``p`` (checked once per (backend, device, dtype, basis dtype); a dict lookup afterwards).
+    Under ``auto`` a failing kernel warns once and the caller takes the next one; a kernel the
+    user named raises :class:`~ogpsa.errors.BackendUnavailableError` (``route`` runs before
+    anything is written, so nothing is modified)."""
+    if kernel not in selftest.checked_backends():  # the default cpu, OGPSA_SELFTEST=0: nothing to look up
+        return True
+    be = _ops._load(kernel) or SimpleNamespace(name=kernel)  # the update-space check calls the op by name
+    u_dtype = basis[1].dtype if basis is not None else torch.float32
+    if name == "auto":
+        return selftest.passes(be, p.device, p.dtype, u_dtype, space="update")
+    why = selftest.failure(be, p.device, p.dtype, u_dtype, space="update")
+    if why is not None:  # never silently wrong, never silently replaced
+        raise BackendUnavailableError(why)
+    return True
 
 
 def _interpreted() -> bool:
