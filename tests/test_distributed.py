@@ -192,6 +192,33 @@ def test_sharded_subspace_from_subspace_checks_names_and_shapes():
         ShardedSubspace.from_subspace(sub, {})
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_sharded_from_gradients_takes_the_build_gram_path(backend, monkeypatch):
+    """One process, whole-tensor slices: ShardedSubspace.from_gradients runs the Gram pass of
+    Subspace.from_gradients (ogpsa.basis_build.reference_grams: no full-size inf-norm pass, only
+    out-of-range rows rescued) and gives its bases, also for rows that need the rescue."""
+    if backend == "cpu" and not ogpsa.ops.backends()["cpu"][0]:
+        pytest.skip("ogpsa._C not built")
+    gen = torch.Generator().manual_seed(17)
+    shapes = {"a": (37, 11), "b": (1001,), "c": (9, 5, 3)}
+    refs = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(4)]
+    refs[1]["a"] = refs[1]["a"] * 2.0 ** -90  # squares underflow float32: rescued by a rescale
+    refs[2]["c"] = refs[2]["c"] * 2.0 ** 70  # squares overflow float32
+    config = ogpsa.OGPSAConfig(allow_partial=True)
+    want = ogpsa.Subspace.from_gradients(refs, config, backend=backend)
+    slices = {n: LocalSlice(s, "flat", 0, 0, int(torch.Size(s).numel())) for n, s in shapes.items()}
+
+    def full_size_pass(*a, **kw):
+        raise AssertionError("ops.gram (full-size inf-norm pass) called")
+
+    monkeypatch.setattr(ogpsa.ops, "gram", full_size_pass)
+    got = ShardedSubspace.from_gradients(refs, slices, config, backend=backend)
+    for n in shapes:
+        u, w = got.basis(n).double(), want.basis(n).double()
+        assert u.shape == w.shape and float((u - w).norm() / w.norm()) <= 1e-5, n
+        assert float((got.gram(n).double() - want.gram(n).double()).norm() / want.gram(n).double().norm()) <= 1e-5
+
+
 def test_attach_without_dtensors_is_the_plain_projector():
     model = torch.nn.Linear(3, 2)
     g = {n: torch.randn_like(p) for n, p in model.named_parameters()}

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import ops
+from .. import basis_build, ops
 from ..config import OGPSAConfig
 from ..subspace import _DTYPES, NamedBases, Subspace, SubspaceMismatchError, coefficients_from_grams
 from .layout import LocalSlice, _all_gather_via, _all_reduce, _comm, _first_device, _local, fsdp_layout, is_dtensor
@@ -83,7 +83,8 @@ class ShardedSubspace(NamedBases):
 
         ``grads``: m dicts ``{name: gradient}``; a value may be a DTensor (its local shard
         is used), this rank's local piece, or the full tensor (sliced here). Each rank
-        computes the Gram matrices of its pieces; ONE all_reduce sums them (the Gram matrix
+        computes the Gram matrices of its pieces (:func:`ogpsa.basis_build.reference_grams`,
+        the Gram pass of :meth:`Subspace.from_gradients`); ONE all_reduce sums them (the Gram matrix
         of a split vector is the sum of its pieces'), the host factorises them exactly as
         :meth:`Subspace.from_gradients` does, then ``U = A R`` runs locally and a second
         all_reduce sums the local ``U U^T`` into the full k x k matrices.
@@ -122,7 +123,9 @@ class ShardedSubspace(NamedBases):
         nonempty = [i for i, r in enumerate(refs) if r.shape[1]]
         gram = torch.zeros(len(refs), m, m, dtype=torch.float64)
         if nonempty:
-            gram[nonempty] = ops.gram([refs[i] for i in nonempty], backend=backend)
+            # the build's Gram pass (as Subspace.from_gradients): one backend pass, only rows
+            # out of float32 range get an inf-norm (no full-size inf-norm pass over every shard)
+            gram[nonempty] = basis_build.reference_grams([refs[i] for i in nonempty], backend=backend)
         _all_reduce(gram, process_group)
         coefficients = coefficients_from_grams(gram, refs, config)
         out_dtype = _DTYPES[config.basis_dtype]
