@@ -18,12 +18,16 @@ their ``M_i = U_i U_i^T``. Everything else works on the [T, m, m] Gram table:
   ``method="eigen"`` uses the per-tensor reference (its selection rules are per spectrum).
 * Only non-finite rows are zeroed before the combine pass (a finite row with a zero
   coefficient contributes exactly zero), so an all-zero LoRA adapter is never rewritten.
-* M = U U^T of the stored bases comes from the backend's Gram op (float32 products,
+* M = U U^T of the stored bases: ``A G A^T`` on the host where the float32 rounding estimate
+  (:func:`rounding_estimates`) proves it accurate, else (nearly dependent kept rows) from the
+  stored bases, re-orthonormalised once more when visibly off (:func:`repair_ill_conditioned`);
+  :func:`basis_grams` is the backend's Gram op (float32 products,
   float64 across chunks), whose diagonal also proves every basis element finite.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -216,3 +220,75 @@ def _checked_gram64(name: str, u: Tensor) -> Tensor:
     if not bool(torch.isfinite(u).all()):
         raise ValueError(f"basis for {name!r} contains NaN or Inf")
     return gram64(u)
+
+
+#: float32 unit roundoff
+_U32 = 2.0 ** -24
+#: largest estimated error of the entries of M = A G A^T accepted as M of the stored bases
+CHEAP_TOL = 2.0 ** -20
+#: largest estimated departure of the stored U U^T from M (~ I) kept without re-orthonormalising
+REORTHO_TOL = 2.0 ** -12
+
+
+def rounding_estimates(grams: Tensor, coefficients: Sequence[Tensor]) -> Tensor:
+    """[T] float64: estimated float32 error of the entries of ``M_i = A_i G_i A_i^T`` as the
+    Gram matrix of the stored ``U_i = fl(A32_i R_i)``, about ``u32 * amp_i^2`` with
+    ``amp_i = max_a sum_l |A32_al| ||r_l||``.
+
+    Why: each stored element of U errs by up to about ``u32 * sum_l |A_al| |R_lj|`` (float32
+    combine) and each Gram entry by about ``u32 ||r_l|| ||r_m||`` (float32 products), so row a
+    of U errs by ``u32 amp_a`` and ``A dG A^T`` by ``u32 amp_a amp_b``. For orthonormal rows
+    amp = 1; with nearly dependent kept rows amp^2 grows like the condition number of the
+    kept part of G (cancellation in A). Measured errors track this estimate within a factor
+    ~2 (tests/test_basis_build.py). A tensor whose A or G is not finite gets 0 here: its
+    M is handled (and a non-finite basis rejected) by :func:`combined_grams`."""
+    g = grams.to(torch.float64)
+    diag = torch.diagonal(g, dim1=1, dim2=2)
+    norms = torch.where(torch.isfinite(diag) & (diag > 0), diag, torch.zeros((), dtype=g.dtype)).sqrt()
+    out = torch.zeros(g.shape[0], dtype=torch.float64)
+    for i, a in enumerate(coefficients):
+        if a.shape[0]:
+            amp = float((a.to(torch.float32).to(torch.float64).abs() @ norms[i]).max())
+            if math.isfinite(amp):
+                out[i] = _U32 * amp * amp
+    return out
+
+
+def repair_ill_conditioned(names: Sequence[str], bases: list[Tensor], grams: list[Tensor], estimates: Tensor,
+                           config: OGPSAConfig, *, backend: Optional[str] = None) -> None:
+    """Make ``grams[i]`` the Gram matrix of the stored ``bases[i]`` where the cheap
+    ``A G A^T`` is not provably accurate (``estimates[i] > CHEAP_TOL``), in place.
+
+    * ``CHEAP_TOL < est <= REORTHO_TOL`` (or ``scope="global"``, whose per-tensor pieces are not
+      orthonormal by design): M from the backend Gram op over the stored basis (one read of
+      it; the basis is kept bit for bit).
+    * ``est > REORTHO_TOL``, per-tensor scope: the stored rows are visibly non-orthonormal;
+      they are orthonormalised once more ("twice is enough"): G2 = U U^T (one read, float64
+      across chunks), Gram-Schmidt on G2 in float64, U' = A2 U (one more read), and M' of U'
+      from ``A2 G2 A2^T`` when that is now provably accurate (A2 ~ I), else from U' itself.
+    Well-conditioned tensors are untouched (bit-identical bases and M)."""
+    mid, high = [], []
+    for i, est in enumerate(estimates.tolist()):
+        if est <= CHEAP_TOL or not bases[i].shape[0]:
+            continue
+        (high if est > REORTHO_TOL and config.scope != "global" else mid).append(i)
+    by_rank: dict[int, list[int]] = {}
+    for i in high:
+        by_rank.setdefault(int(bases[i].shape[0]), []).append(i)
+    for idx in by_rank.values():
+        group = [bases[i] for i in idx]
+        g2 = reference_grams(group, backend=backend)
+        a2 = gram_schmidt_batched(g2, rank=None, normalize=True, rank_tol=config.rank_tol)
+        new = ops.combine(group, a2, out_dtype=torch.float32, backend=backend)
+        new_m = combined_grams([names[i] for i in idx], g2, a2, new, backend=backend)
+        again = rounding_estimates(g2, a2)
+        for j, i in enumerate(idx):
+            bases[i] = new[j]
+            if float(again[j]) <= CHEAP_TOL:
+                grams[i] = new_m[j]
+            else:
+                mid.append(i)
+    if mid:
+        fixed = basis_grams([names[i] for i in mid], [bases[i] for i in mid], backend=backend)
+        for i, m in zip(mid, fixed):
+            grams[i] = m

@@ -155,8 +155,13 @@ class Subspace(NamedBases):
         coefficients = coefficients_from_grams(gram, refs, config)
         out_dtype = _DTYPES[config.basis_dtype]
         bases = ops.combine(refs, coefficients, out_dtype=out_dtype, backend=backend)
-        if out_dtype == torch.float32:  # M = A G A^T: no pass over the new bases
+        if out_dtype == torch.float32:  # M = A G A^T: no pass over the new bases...
             grams = basis_build.combined_grams(list(names), gram, coefficients, bases, backend=backend)
+            # ...where provably accurate: ill-conditioned kept rows amplify float32 rounding of U
+            estimates = basis_build.rounding_estimates(gram, coefficients)
+            if bool((estimates > basis_build.CHEAP_TOL).any()):
+                bases = list(bases)
+                basis_build.repair_ill_conditioned(list(names), bases, grams, estimates, config, backend=backend)
         else:  # bf16: M from the rounded values as stored, one read of them (checks finiteness too)
             grams = basis_build.basis_grams(list(names), bases, backend=backend)
         return cls(names, shapes, bases, config, grams, num_references=refs[0].shape[0] if refs else 0, checked=True)

@@ -9,6 +9,7 @@ import torch
 
 import ogpsa
 from ogpsa import OGPSAConfig, Subspace, basis_build, ops, plan, reference
+from ogpsa.streaming import StreamingBasis
 
 BACKENDS = ["torch"] + (["cpu"] if ops.backends()["cpu"][0] else [])
 SHAPES = [(33, 7), (4097,), (3, 5, 11), (1000,), (129, 65)]
@@ -252,3 +253,98 @@ def test_same_basis_and_gram_as_the_previous_build(cfg, backend):
             ulp = 2.0 ** -23 if u_old.dtype == torch.float32 else 2.0 ** -8
             assert float((u_new.double() - u_old.double()).abs().max()) <= 4 * ulp * float(u_old.abs().max())
             assert float((m_new.double() - m_old).abs().max()) <= 1e-5
+
+
+# -- nearly dependent reference rows: M must be the Gram matrix of the STORED basis ---------------
+
+ILL_SHAPES = [(33, 7), (4097,), (3, 5, 11), (1000,), (129, 65), (257,)]
+# per tensor: relative size of the noise separating rows 1.. from row 0. 1e-4 gives squared
+# residuals ~1e-8 < rank_tol=1e-6 (rows dropped: rank 1); 2e-3..3e-2 are kept but ill-conditioned.
+ILL_NOISE = [1e-4, 2e-3, 5e-3, 1.5e-3, 3e-2, 2.0]
+
+
+def _ill_grads(m=5, seed=17):
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen) for s in ILL_SHAPES]
+    return [{f"t{i}": base[i] + (eps * torch.randn(s, generator=gen) if j else 0.0)
+             for i, (s, eps) in enumerate(zip(ILL_SHAPES, ILL_NOISE))} for j in range(m)]
+
+
+def _check_consistent(sub, tmp_path, seed=23):
+    """Stored M = U64 U64^T (float64 of the stored U), save/load round trip, and a projected
+    gradient orthogonal to the stored rows (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, u, m in zip(sub.names, sub.bases, sub.grams):
+        if not u.shape[0]:
+            continue
+        want = u.double() @ u.double().T
+        err = float((m.double() - want).norm() / want.norm())
+        assert err <= 1e-6, (name, err)
+        # orthonormal to float32 accuracy (re-orthonormalised where the first pass was not)
+        assert float((want - torch.eye(u.shape[0], dtype=torch.float64)).abs().max()) <= 1e-4, name
+    path = tmp_path / "ill.safetensors"
+    sub.save(path)
+    back = Subspace.load(path)
+    assert back.equal(sub)
+    for name in sub.names:
+        u = back.basis(name)
+        if not u.shape[0]:
+            continue
+        # a gradient with a large component inside the span, where an inconsistent M shows
+        g = (torch.randn(u.shape[1], generator=gen, dtype=torch.float64)
+             + 10 * u.double().T @ torch.randn(u.shape[0], generator=gen, dtype=torch.float64)).float()
+        g0 = g.clone()
+        ogpsa.project_([g], [u], grams=[back.gram(name)])
+        inside = float((u.double() @ g.double()).norm() / (u.double().norm() * g0.double().norm()))
+        assert inside <= 1e-5, (name, inside)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearly_dependent_rows_store_the_gram_of_the_stored_basis(backend, tmp_path):
+    cfg = OGPSAConfig()
+    grads = _ill_grads()
+    sub = Subspace.from_gradients(grads, cfg, backend=backend)
+    ranks = sub.ranks()
+    assert ranks["t0"] == 1 and ranks["t5"] == 5, ranks  # rank decided by rank_tol
+    want = [torch.linalg.matrix_rank(torch.stack([d[n].reshape(-1).double() for d in grads])) for n in sub.names]
+    assert all(1 <= k <= int(w) for k, w in zip(ranks.values(), want))
+    _check_consistent(sub, tmp_path)
+    # the same from stacked rows (Subspace.from_reference_rows)
+    refs = [torch.stack([d[n].reshape(-1) for d in grads]).contiguous() for n in sub.names]
+    direct = Subspace.from_reference_rows(sub.names, sub.shapes, refs, cfg, backend=backend)
+    _check_consistent(direct, tmp_path)
+    # and from an incremental streaming window over the same rows
+    stream = StreamingBasis(cfg, window=len(grads), backend=backend)
+    stream.add(grads[:2])
+    stream.add(grads[2:])
+    _check_consistent(stream.subspace(), tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_well_conditioned_bases_keep_the_cheap_gram(backend, monkeypatch):
+    """Orthogonal-ish rows: the estimate stays below CHEAP_TOL, no second pass over the bases."""
+    gen = torch.Generator().manual_seed(29)
+    grads = [{f"t{i}": torch.randn(s, generator=gen) for i, s in enumerate(ILL_SHAPES)} for _ in range(4)]
+    calls = []
+    monkeypatch.setattr(basis_build, "repair_ill_conditioned", lambda *a, **k: calls.append(a))
+    sub = Subspace.from_gradients(grads, OGPSAConfig(), backend=backend)
+    assert not calls
+    for u, m in zip(sub.bases, sub.grams):
+        want = plan.gram64(u)
+        assert float((m.double() - want).norm() / want.norm()) <= 1e-6
+
+
+def test_rounding_estimate_tracks_the_error():
+    """The estimate u32 * amp^2 bounds the M error of the cheap path within a small factor."""
+    grads = _ill_grads()
+    names = [f"t{i}" for i in range(len(ILL_SHAPES))]
+    refs = [torch.stack([d[n].reshape(-1) for d in grads]).contiguous() for n in names]
+    g = basis_build.reference_grams(refs, backend=BACKENDS[-1])
+    coef = basis_build.coefficients(g, OGPSAConfig())
+    est = basis_build.rounding_estimates(g, coef)
+    bases = ops.combine(refs, coef, backend=BACKENDS[-1])
+    cheap = basis_build.combined_grams(names, g, coef, bases)
+    for i, (u, m) in enumerate(zip(bases, cheap)):
+        err = float((m.double() - plan.gram64(u)).abs().max())
+        assert err <= 8 * float(est[i]) + 2.0 ** -22, (i, err, float(est[i]))
+    assert float(est[5]) <= basis_build.CHEAP_TOL < float(est[1])
