@@ -260,7 +260,7 @@ def test_same_basis_and_gram_as_the_previous_build(cfg, backend):
 ILL_SHAPES = [(33, 7), (4097,), (3, 5, 11), (1000,), (129, 65), (257,)]
 # per tensor: relative size of the noise separating rows 1.. from row 0. 1e-4 gives squared
 # residuals ~1e-8 < rank_tol=1e-6 (rows dropped: rank 1); 2e-3..3e-2 are kept but ill-conditioned.
-ILL_NOISE = [1e-4, 2e-3, 5e-3, 1.5e-3, 3e-2, 2.0]
+ILL_NOISE = [1e-4, 2e-3, 5e-3, 1.5e-3, 6e-2, 2.0]
 
 
 def _ill_grads(m=5, seed=17):
@@ -280,8 +280,9 @@ def _check_consistent(sub, tmp_path, seed=23):
         want = u.double() @ u.double().T
         err = float((m.double() - want).norm() / want.norm())
         assert err <= 1e-6, (name, err)
-        # orthonormal to float32 accuracy (re-orthonormalised where the first pass was not)
-        assert float((want - torch.eye(u.shape[0], dtype=torch.float64)).abs().max()) <= 1e-4, name
+        # nearly orthonormal: rows visibly off (estimate > REORTHO_TOL) were orthonormalised again
+        off = float((want - torch.eye(u.shape[0], dtype=torch.float64)).abs().max())
+        assert off <= 2 * basis_build.REORTHO_TOL, (name, off)
     path = tmp_path / "ill.safetensors"
     sub.save(path)
     back = Subspace.load(path)
@@ -311,6 +312,14 @@ def test_nearly_dependent_rows_store_the_gram_of_the_stored_basis(backend, tmp_p
     _check_consistent(sub, tmp_path)
     # the same from stacked rows (Subspace.from_reference_rows)
     refs = [torch.stack([d[n].reshape(-1) for d in grads]).contiguous() for n in sub.names]
+    # below REORTHO_TOL the bases are those of the single pass, bit for bit (only M is redone)
+    gram = basis_build.reference_grams(refs, backend=backend)
+    coef = basis_build.coefficients(gram, cfg)
+    est = basis_build.rounding_estimates(gram, coef).tolist()
+    assert any(basis_build.CHEAP_TOL < e <= basis_build.REORTHO_TOL for e in est), est
+    assert any(e > basis_build.REORTHO_TOL for e in est), est
+    for e, u, u1 in zip(est, sub.bases, ops.combine(refs, coef, backend=backend)):
+        assert (e > basis_build.REORTHO_TOL) or torch.equal(u, u1)
     direct = Subspace.from_reference_rows(sub.names, sub.shapes, refs, cfg, backend=backend)
     _check_consistent(direct, tmp_path)
     # and from an incremental streaming window over the same rows
