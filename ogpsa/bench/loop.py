@@ -4,7 +4,8 @@ A tiny Llama (:func:`ogpsa.tiny.tiny_llama`) trained with AdamW in a plain loop 
 ``optimizer.zero_grad()`` with its default ``set_to_none=True`` (as the HF Trainer does), so
 every step has new gradient tensors. Two workloads: PEFT LoRA adapters on every linear
 (``lora``; the adapters' B matrices start random so every adapter has a direction) and a full
-fine-tune (``full``). k=2 (two reference gradients), tensor scope, no clipping (the AdamW
+fine-tune (``full``). Gradient space (``space="gradient"``; the update-space step is timed by
+the adamw suite), k=2 (two reference gradients), tensor scope, no clipping (the AdamW
 baseline does not clip either). Per workload, after ``warmup`` untimed iterations, ``repeats`` x
 ``steps`` timed iterations, each running the four kinds back to back so that a busy machine slows
 all alike (the 1-minute load average is recorded at the start of every repeat):
@@ -146,7 +147,9 @@ def run_workload(workload: str, *, device: Optional[torch.device] = None, hidden
         backward(ids())
         refs.append({n: p.grad.detach().clone() for n, p in params})
     model.zero_grad(set_to_none=True)
-    config = ogpsa.OGPSAConfig(rank=2, max_norm=None)
+    # gradient space, said explicitly (the default preset projects AdamW's update instead, inside the
+    # step, where proj.project() has nothing to do): the update-space step is the adamw suite's
+    config = ogpsa.OGPSAConfig(rank=2, max_norm=None, space="gradient")
     subspace = ogpsa.Subspace.from_gradients(refs, config)
     del refs
     opt = torch.optim.AdamW([p for _, p in params], lr=1e-4)
