@@ -67,6 +67,7 @@ from .sequences import (  # noqa: F401  (example_to_sequences, lm_loss_per_seque
     _check_datasets,
     _first,
     _sequence_weights,
+    encode_reference_example,
     example_to_sequences,
     lm_loss_per_sequence,
     lm_token_loss_sums,
@@ -237,15 +238,9 @@ def collect_reference_gradients(
             raise ValueError(f"reference dataset {j} is empty")
         examples.append(ex)
         if loss_fn is None:
-            seqs = []
-            for i, e in enumerate(ex):
-                s = example_to_sequences(e, tokenizer, where=f"reference dataset {j}, example {i}")
-                if max_length is not None:
-                    s = [(ids[:max_length], lab[:max_length]) for ids, lab in s]
-                if any(len(ids) == 0 for ids, _ in s):
-                    raise ValueError(f"reference dataset {j}, example {i} tokenizes to an empty sequence")
-                seqs.append(s)
-            encoded.append(seqs)
+            encoded.append([encode_reference_example(e, tokenizer, max_length,
+                                                     where=f"reference dataset {j}, example {i}")
+                            for i, e in enumerate(ex)])
         else:
             encoded.append(None)
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from .chunkgrad import ChunkGradients
 from .config import DEFAULT_REFERENCE_BATCH_SIZE, OGPSAConfig
 from .errors import UnsupportedSetupError
-from .sequences import _SEQ, _check_datasets, _first, example_to_sequences, lm_token_loss_sums
+from .sequences import _SEQ, _check_datasets, _first, encode_reference_example, lm_token_loss_sums
 
 logger = logging.getLogger("ogpsa")
 
@@ -148,12 +148,7 @@ def collect_chunk_gradients(
     if loss_fn is None:  # validate and tokenize everything before the model is touched
         seqs = []
         for i, e in enumerate(examples):
-            s = example_to_sequences(e, tokenizer, where=f"reference example {i}")
-            if max_length is not None:
-                s = [(ids[:max_length], lab[:max_length]) for ids, lab in s]
-            if any(len(ids) == 0 for ids, _ in s):
-                raise ValueError(f"reference example {i} tokenizes to an empty sequence")
-            seqs.append(s)
+            seqs.append(encode_reference_example(e, tokenizer, max_length, where=f"reference example {i}"))
         # sorted by length: batches hold similar lengths (little padding); exact, chunks are index sets
         order = sorted(range(len(examples)), key=lambda i: max(len(ids) for ids, _ in seqs[i]))
     else:

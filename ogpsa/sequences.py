@@ -136,6 +136,17 @@ def example_to_sequences(example: Any, tokenizer: Any = None, where: str = "exam
                     "(use a string, token ids, a dict, or pass loss_fn=)")
 
 
+def encode_reference_example(example: Any, tokenizer: Any, max_length: Optional[int], where: str) -> list[_SEQ]:
+    """:func:`example_to_sequences`, each sequence cut to ``max_length`` tokens; an example that
+    tokenizes to an empty sequence is an error naming ``where`` (it would give no gradient)."""
+    seqs = example_to_sequences(example, tokenizer, where=where)
+    if max_length is not None:
+        seqs = [(ids[:max_length], lab[:max_length]) for ids, lab in seqs]
+    if any(len(ids) == 0 for ids, _ in seqs):
+        raise ValueError(f"{where} tokenizes to an empty sequence")
+    return seqs
+
+
 def _pad(seqs: Sequence[_SEQ], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     width = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

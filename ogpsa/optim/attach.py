@@ -76,7 +76,28 @@ class LiveAdamW(ProjectedAdamW):
         return self._target.defaults
 
 
-class UpdateSpaceProjector(PauseMixin):
+class _HidesGradients:
+    """For projectors that run the projected step in the optimizer's step pre-hook: the
+    gradients are then hidden, so that the optimizer's own step (torch optimizers skip
+    parameters without a gradient) changes nothing, and the post-hook gives them back."""
+
+    _hidden: dict
+
+    def _hide_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hidden = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._hidden[p] = p.grad
+                    p.grad = None
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for p, g in self._hidden.items():
+            p.grad = g
+        self._hidden = {}
+
+
+class UpdateSpaceProjector(PauseMixin, _HidesGradients):
     """Projector for ``space="update"`` (:class:`ogpsa.interface.ProjectorLike`, as
     :class:`ogpsa.Projector`); the projection itself happens in the optimizer step."""
 
@@ -133,18 +154,7 @@ class UpdateSpaceProjector(PauseMixin):
             raise RuntimeError("ogpsa space='update' on torch.optim.AdamW does not support step(closure); "
                                "call the closure yourself before step(), or use ogpsa.optim.ProjectedAdamW")
         self.engine._projected_step()
-        # AdamW skips parameters without a gradient: its own step becomes a no-op.
-        self._hidden = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._hidden[p] = p.grad
-                    p.grad = None
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        for p, g in self._hidden.items():
-            p.grad = g
-        self._hidden = {}
+        self._hide_gradients(optimizer)
 
     # -- Projector surface ------------------------------------------------------------------
 
@@ -196,7 +206,7 @@ class UpdateSpaceProjector(PauseMixin):
         release_optimizer(self.optimizer, self)
 
 
-class RuleUpdateProjector(PauseMixin):
+class RuleUpdateProjector(PauseMixin, _HidesGradients):
     """Update space for an optimizer with a rule in :mod:`ogpsa.optim.rules` (e.g.
     ``torch.optim.SGD``), on the torch backend: a step pre-hook runs :func:`rule_step` on the
     optimizer's LIVE ``param_groups`` and ``state`` (keys as the torch optimizer's) and hides the
@@ -264,17 +274,7 @@ class RuleUpdateProjector(PauseMixin):
         if stats is not None:
             self.last_stats = stats
             self._count += 1
-        self._hidden = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._hidden[p] = p.grad
-                    p.grad = None
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        for p, g in self._hidden.items():
-            p.grad = g
-        self._hidden = {}
+        self._hide_gradients(optimizer)
 
     def project(self, max_norm: Optional[float] = None) -> None:
         """Nothing to do on the gradient (the step projects); clips the raw gradient with ``max_norm``."""
