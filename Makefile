@@ -42,7 +42,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-# demo: the default run (SFT, 6 arms, 3 seeds; measured 3 min 33 s on 2 cores shared at load average ~10)
+# demo: the default run (SFT, 6 arms, 3 seeds). In a fresh clone (`git clone`, then `time make demo`)
+# it took 5 min 29 s on 2 shared cores at 1-minute load average 2.4-4.2 (2026-12-08, a6b2e0a; pip's
+# wheel cache warm): venv 5 s, dependencies 34 s, compiling ogpsa._C 168 s, demo 122 s.
 # into the untracked demo_out/default, table printed.
 # demo-full: the full study (SFT, DPO, SFT->DPO x 16 arms x 3 seeds; measured 32 min with 13 arms) into demo_out/full/.
 # demo-publish: copy every finished run under demo_out/ into docs/demo/<run>/ for the README.
