@@ -15,7 +15,7 @@ cddc63f9. Its math is restated below in a few readable float64 lines, from
   examples, ``loss = outputs.loss / num_batches`` (the model's token-mean loss per batch,
   right-padded, labels -100 on padding), gradients summed over batches.
 
-Each test checks one claim of the README section "Fidelity to the original implementation"
+Each test checks one claim of docs/fidelity.md
 against that restatement on fresh seeded random inputs, and each option (reference
 averaging, threshold mode, per-micro-batch hooks) on every backend that runs here.
 """

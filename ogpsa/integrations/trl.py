@@ -36,7 +36,7 @@ subclass), through the same :class:`ogpsa.OGPSA` object hand-written loops use (
 * SFT -> DPO: pass ``subspace=<SFT output dir or file>`` to the DPO trainer to start from
   the SFT stage's basis; it keeps refreshing every ``refresh_every`` steps.
 
-Multi-GPU (README, Multi-GPU):
+Multi-GPU (docs/distributed.md):
 
 * DDP (``accelerate launch`` / ``torchrun``): nothing changes; the Trainer's clipping step
   runs on the averaged gradient, so every rank projects the same gradient.
@@ -167,7 +167,7 @@ class OGPSATrainerMixin:
             raise UnsupportedSetupError(
                 "OGPSA trainers do not support FSDP: the Trainer's FSDP path is not wired to OGPSA's sharded "
                 "projector. Use DDP or DeepSpeed ZeRO-2 with these trainers, or a hand-written FSDP2 loop with "
-                "ogpsa.distributed (README, Multi-GPU)")
+                "ogpsa.distributed (docs/distributed.md)")
         if not hasattr(type(self), "_clip_grad_norm") or not hasattr(type(self), "_get_grad_norm"):
             warnings.warn("this transformers version has no overridable Trainer._clip_grad_norm: OGPSA projects in "
                           "the optimizer's step pre-hook, i.e. after gradient clipping", stacklevel=3)

@@ -1,6 +1,6 @@
 """Update-space OGPSA: :class:`ProjectedAdamW` projects AdamW's final update, not the gradient.
 
-See :mod:`ogpsa.optim.adamw` and README "Update-space projection (projected AdamW)".
+See :mod:`ogpsa.optim.adamw` and docs/update-space.md.
 """
 
 from .adamw import ProjectedAdamW
