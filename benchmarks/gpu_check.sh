@@ -11,6 +11,8 @@
 #   install     300    150 s    pip install -e . with the CUDA extension for this GPU's arch
 #                               (ops_cuda.cu alone: 114 s for sm_80+sm_90 on 2 shared cores here)
 #   info         30      5 s    ogpsa info --json (are the cuda and triton backends available?)
+#   selftest     30      5 s    ogpsa info --selftest: every backend x device x dtype x space against
+#                               the torch backend on a small random problem (selftest.txt)
 #   warmup      120     30 s    benchmarks/gpu_warmup.py: every Triton variant the tests and the
 #                               benchmark use (180 compiles: 40 (k, dtypes, aligned) items x 4
 #                               projection kernels + 20 others; configs are fixed, nothing is
@@ -177,6 +179,11 @@ PYEOF
 }
 export -f info_json
 RESERVE=320 run_stage info 30 info_json
+
+# ---- first contact: every compiled backend checked against the torch backend (exit 1 on a mismatch)
+selftest_table() { set -o pipefail; "$PY" -m ogpsa.cli info --selftest | tee "$OUTDIR/selftest.txt"; }
+export -f selftest_table
+RESERVE=300 run_stage selftest 30 selftest_table
 
 # ---- compile every kernel variant once, in parallel, before anything is timed ---------------
 RESERVE=290 run_stage warmup 120 "$PY" benchmarks/gpu_warmup.py

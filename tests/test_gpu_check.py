@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-STAGES = ["env", "install", "info", "warmup", "tests", "memcheck", "racecheck", "initcheck", "deepspeed", "bench",
+STAGES = ["env", "install", "info", "selftest", "warmup", "tests", "memcheck", "racecheck", "initcheck", "deepspeed", "bench",
           "loop", "adamw"]
 
 
