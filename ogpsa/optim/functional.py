@@ -30,6 +30,7 @@ from ..stats import ProjectionStats
 from . import backends as _be
 from .backends import gram_of
 from .rule import compute_dtype
+from .triton_groups import triton_groups
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def projected_step(items: list, *, mode: str = "orthogonal", scope: str = "tenso
     name = _be.requested(backend)
     routes = [_be.route(it, name, scope=scope, mode=mode, reduce_dots=reduce_dots, keep_updates=keep_updates)
               for it in items]
-    groups = _be.triton_groups([(i, it) for i, (it, r) in enumerate(zip(items, routes)) if r == "triton"],
+    groups = triton_groups([(i, it) for i, (it, r) in enumerate(zip(items, routes)) if r == "triton"],
                                project_weight_decay)
     updates: dict = {}
     stats: dict = {}  # item position -> (||d||^2, removed), float64 0-d tensors
