@@ -41,9 +41,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import atomic
 from .process import policy_text
-from .timing import _free, environment, peak_copy_bandwidth, time_fn
+from .timing import _free, environment, peak_copy_bandwidth, time_fn, write_suite_files
 from .workloads import Workload, gpt2_125m_workload, lora_workload, make_tensors, tiny_workload
 
 ADAMW_WORKLOADS = ("lora", "125m")
@@ -297,7 +296,6 @@ def run_adamw_suite(device: torch.device, out_dir, *, workloads: Optional[Sequen
                     budget_s: Optional[float] = None, rounds: int = 2, max_minutes: float = 9.0,
                     log: Callable[[str], object] = print) -> dict:
     """Run the suite; write adamw.json and adamw.md into ``out_dir``; ``data["files"]`` lists them."""
-    import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,13 +323,8 @@ def run_adamw_suite(device: torch.device, out_dir, *, workloads: Optional[Sequen
             data["results"] += run_case(n, wls[n], k, device, budget_s=budget_s, rounds=rounds, only=only,
                                         peak_copy_gbps=data.get("peak_copy_gbps"), log=log)
             _free(device)
-    if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     env["wall_s"] = time.perf_counter() - start
-    data["files"] = ["adamw.json", "adamw.md"]
-    atomic.write_text(out_dir / "adamw.json", json.dumps(data, indent=1, default=str) + "\n")
-    atomic.write_text(out_dir / "adamw.md", adamw_markdown(data))
-    return data
+    return write_suite_files(data, out_dir, "adamw", adamw_markdown)
 
 
 def _f(x, spec: str) -> str:

@@ -26,10 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import atomic
 from ..chunkgrad import ChunkGradients
 from ..sequences import lm_token_loss_sums
-from .timing import environment, time_fn
+from .timing import environment, time_fn, write_suite_files
 
 DEFAULT_KS = (4, 8, 16)
 FORMULA = {
@@ -120,7 +119,6 @@ def run_chunks_suite(device: torch.device, out_dir: Path, *, ks: Optional[Sequen
                      budget_s: Optional[float] = None, max_minutes: float = 9.0, hidden: int = 128, layers: int = 2,
                      log=print) -> dict:
     """Run the suite; write chunks.json and chunks.md into ``out_dir``."""
-    import json
 
     start = time.time()
     data = {"suite": "chunks", "env": environment(device), "formula": FORMULA, "results": []}
@@ -131,14 +129,7 @@ def run_chunks_suite(device: torch.device, out_dir: Path, *, ks: Optional[Sequen
         data["results"].append(run_case(int(k), hidden=hidden, layers=layers, rounds=rounds, device=device,
                                         budget_s=budget_s if budget_s is not None else 1.0, log=log))
     data["env"]["wall_s"] = time.time() - start
-    if hasattr(os, "getloadavg"):
-        data["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data["files"] = ["chunks.json", "chunks.md"]
-    atomic.write_text(out_dir / "chunks.json", json.dumps(data, indent=1, default=str) + "\n")
-    atomic.write_text(out_dir / "chunks.md", chunks_markdown(data))
-    return data
+    return write_suite_files(data, out_dir, "chunks", chunks_markdown)
 
 
 def chunks_markdown(data: dict) -> str:

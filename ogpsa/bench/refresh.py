@@ -39,8 +39,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import atomic
-from .timing import _free, environment, time_fn
+from .timing import _free, environment, time_fn, write_suite_files
 from .workloads import Workload, gpt2_125m_workload, lora_workload, tiny_workload
 
 #: workload -> numbers of reference gradients m timed by default (125m: 1 GB per m in float32
@@ -172,7 +171,6 @@ def run_refresh_suite(device: torch.device, out_dir: Path, *, workloads: Optiona
                       ms: Optional[Sequence[int]] = None, rounds: int = 3, budget_s: Optional[float] = None,
                       max_minutes: float = 9.0, log=print) -> dict:
     """Run the suite; write refresh.json and refresh.md into ``out_dir``."""
-    import json
 
     start = time.time()
     known = refresh_workloads()
@@ -190,14 +188,7 @@ def run_refresh_suite(device: torch.device, out_dir: Path, *, workloads: Optiona
                                             budget_s=budget_s if budget_s is not None else 1.0, log=log))
             _free(device)  # the case's gradients, bases and model are gone once it returns
     data["env"]["wall_s"] = time.time() - start
-    if hasattr(os, "getloadavg"):
-        data["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data["files"] = ["refresh.json", "refresh.md"]
-    atomic.write_text(out_dir / "refresh.json", json.dumps(data, indent=1, default=str) + "\n")
-    atomic.write_text(out_dir / "refresh.md", refresh_markdown(data))
-    return data
+    return write_suite_files(data, out_dir, "refresh", refresh_markdown)
 
 
 def refresh_markdown(data: dict) -> str:

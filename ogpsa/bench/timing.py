@@ -217,3 +217,21 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def write_suite_files(data: dict, out_dir, name: str, markdown: Callable[[dict], str]) -> dict:
+    """Finish a suite's result: the load average at the end into ``data["env"]``, then
+    ``<name>.json`` and ``<name>.md`` (from ``markdown(data)``) written atomically into
+    ``out_dir`` (created), listed in ``data["files"]``. Returns ``data``."""
+    import json
+
+    from .. import atomic
+
+    if hasattr(os, "getloadavg"):
+        data["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data["files"] = [f"{name}.json", f"{name}.md"]
+    atomic.write_text(out_dir / f"{name}.json", json.dumps(data, indent=1, default=str) + "\n")
+    atomic.write_text(out_dir / f"{name}.md", markdown(data))
+    return data
